@@ -1,0 +1,153 @@
+"""DPM-Solver++ multistep (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler with
+``algorithm_type="dpmsolver++"``; SAMPLERS.md §6.
+
+With ``alpha_k = sqrt(ab[tau_k])``, ``sigma_k = sqrt(1 - ab[tau_k])``,
+``lambda_k = log(alpha_k / sigma_k)``, ``h = lambda_{k+1} - lambda_k`` and the data prediction
+``m_k`` (x0 from the model output, optionally dynamically thresholded):
+
+    first order (= DDIM eta 0):  x_{k+1} = (sigma_{k+1}/sigma_k) x_k - alpha_{k+1} (e^{-h} - 1) m_k
+    second order, D1 = (m_k - m_{k-1}) / r,  r = h_{k-1} / h:
+      midpoint: ... - 0.5 alpha_{k+1} (e^{-h} - 1) D1
+      heun:     ... + alpha_{k+1} ((e^{-h} - 1)/h + 1) D1
+
+All coefficients are precomputed on the host in float64, so each step is
+``x' = A x + B m_k + C (m_k - m_{k-1})``. ``final_sigma="zero"`` (diffusers >= 0.26 default)
+ends at sigma 0 with a first-order step that returns m exactly (A = 0, B = 1, no log 0 inside
+jit); ``"sigma_min"`` ends at ab[0]. The first step is first order; the last is first order
+if ``lower_order_final`` and S < 15, or ``final_sigma="zero"``, or ``euler_at_final``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ddx import diffusion
+from ddx.samplers import base, grids
+from ddx.schedules import Schedule
+
+SOLVER_TYPES = ("midpoint", "heun")
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+class DPMState(NamedTuple):
+  x: jax.Array
+  x0: jax.Array     # m_k of the latest call (the previous one's inside step)
+
+
+@struct.dataclass
+class DPMSolverPP:
+  timesteps: jax.Array  # int32 [N]
+  alpha: jax.Array      # ab[tau_k] for the output conversion
+  coef_x: jax.Array     # A_k
+  coef_m: jax.Array     # B_k
+  coef_d: jax.Array     # C_k (0 for first-order steps)
+  prediction: str = struct.field(pytree_node=False, default="eps")
+  thresholding: bool = struct.field(pytree_node=False, default=False)
+  threshold_ratio: float = struct.field(pytree_node=False, default=0.995)
+  threshold_max: float = struct.field(pytree_node=False, default=1.0)
+  stochastic: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def num_calls(self) -> int:
+    return int(self.timesteps.shape[0])
+
+  def init(self, x_T: jax.Array) -> DPMState:
+    x = x_T.astype(jnp.float32)
+    return DPMState(x=x, x0=jnp.zeros_like(x))
+
+  def step(self, state: DPMState, model_output: jax.Array, i, noise=None) -> DPMState:
+    del noise
+    out, _ = base.split_output(model_output, state.x)
+    m, _ = diffusion.to_x0_eps(out, state.x, self.alpha[i], self.prediction)
+    if self.thresholding:
+      m = base.dynamic_threshold(m, self.threshold_ratio, self.threshold_max)
+    # state.x0 holds m_{k-1}; C_k = 0 on first-order steps, so its initial zeros never matter.
+    x_next = self.coef_x[i] * state.x + self.coef_m[i] * m + self.coef_d[i] * (m - state.x0)
+    return DPMState(x=x_next, x0=m)
+
+
+def make(
+    sched: Schedule,
+    num_steps: int,
+    *,
+    solver_order: int = 2,
+    solver_type: str = "midpoint",
+    spacing: str = "linspace",
+    steps_offset: int = 0,
+    timesteps=None,
+    lower_order_final: bool = True,
+    euler_at_final: bool = False,
+    final_sigma: str = "zero",
+    prediction: str = "eps",
+    thresholding: bool = False,
+    threshold_ratio: float = 0.995,
+    threshold_max: float = 1.0,
+    eta: float = 0.0,
+) -> DPMSolverPP:
+  """Build a DPM-Solver++ (1S / 2M) sampler with S model calls.
+
+  Defaults follow diffusers' DPMSolverMultistepScheduler (order 2, midpoint, linspace spacing
+  over S+1 points dropping 0, lower_order_final, final sigma zero). ``eta`` must be 0.
+  """
+  if eta != 0:
+    raise ValueError(f"eta: DPM-Solver++ (multistep ODE solver) is deterministic; eta must be 0, got {eta!r}")
+  if solver_order not in (1, 2):
+    raise ValueError(f"solver_order: must be 1 or 2, got {solver_order!r}")
+  if solver_type not in SOLVER_TYPES:
+    raise ValueError(f"solver_type: unknown {solver_type!r}; expected one of {SOLVER_TYPES}")
+  if final_sigma not in FINAL_SIGMAS:
+    raise ValueError(f"final_sigma: unknown {final_sigma!r}; expected one of {FINAL_SIGMAS}")
+  base.check_prediction(prediction)
+  base.check_threshold_args(1.0, threshold_ratio, threshold_max)
+  T = sched.num_timesteps
+  ts = grids.validate(timesteps, T) if timesteps is not None else grids.dpm_solver(spacing, T, num_steps, steps_offset)
+  ab = sched.f64.alphas_cumprod
+  a = ab[ts]
+  base.check_zero_snr(prediction, a, "the DPM-Solver grid")
+  n = ts.shape[0]
+  alpha = np.sqrt(a)
+  sigma = np.sqrt(1.0 - a)
+  lam = np.log(alpha) - np.log(sigma)
+  if final_sigma == "zero":
+    alpha_next = np.concatenate([alpha[1:], [1.0]])
+    sigma_next = np.concatenate([sigma[1:], [0.0]])
+  else:
+    alpha_next = np.concatenate([alpha[1:], [np.sqrt(ab[0])]])
+    sigma_next = np.concatenate([sigma[1:], [np.sqrt(1.0 - ab[0])]])
+  coef_x = np.zeros(n)
+  coef_m = np.zeros(n)
+  coef_d = np.zeros(n)
+  for k in range(n):
+    last = k == n - 1
+    if last and final_sigma == "zero":
+      coef_x[k], coef_m[k], coef_d[k] = 0.0, 1.0, 0.0  # exp(-inf) = 0: return m exactly
+      continue
+    lam_next = np.log(alpha_next[k]) - np.log(sigma_next[k])
+    h = lam_next - lam[k]
+    em1 = np.exp(-h) - 1.0
+    coef_x[k] = sigma_next[k] / sigma[k]
+    coef_m[k] = -alpha_next[k] * em1
+    lower_final = last and (euler_at_final or (lower_order_final and n < 15))
+    second = solver_order == 2 and k >= 1 and not lower_final
+    if second:
+      r = (lam[k] - lam[k - 1]) / h
+      if solver_type == "midpoint":
+        coef_d[k] = -0.5 * alpha_next[k] * em1 / r
+      else:
+        coef_d[k] = alpha_next[k] * (em1 / h + 1.0) / r
+  return DPMSolverPP(
+      timesteps=jnp.asarray(ts, jnp.int32),
+      alpha=base.f32(a),
+      coef_x=base.f32(coef_x),
+      coef_m=base.f32(coef_m),
+      coef_d=base.f32(coef_d),
+      prediction=prediction,
+      thresholding=bool(thresholding),
+      threshold_ratio=float(threshold_ratio),
+      threshold_max=float(threshold_max),
+  )

@@ -1,0 +1,55 @@
+"""Closed-form optimal predictors (SAMPLERS.md §8.1) used as oracle models.
+
+For data ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` (d dims) and ``x_t = sqrt(a) x0 + sqrt(1-a) eps``,
+the exact posterior-mean predictors are, with ``v_k = a s_k^2 + 1 - a``,
+``r_k ∝ w_k N(x; sqrt(a) mu_k, v_k I)``,
+``eps*(x) = sum_k r_k sqrt(1-a) (x - sqrt(a) mu_k) / v_k`` and
+``x0*(x) = sum_k r_k [mu_k + sqrt(a) s_k^2 (x - sqrt(a) mu_k) / v_k]``.
+A single component is the Gaussian oracle; s_k = 0 gives point masses.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Mixture:
+  """Model functions ``(x, t) -> eps* | x0* | v*`` for a Gaussian mixture; x is [B, d]."""
+
+  def __init__(self, sched, weights, means, stds):
+    self.ab = sched.alphas_cumprod
+    self.w = jnp.asarray(weights, jnp.float32)
+    self.mu = jnp.asarray(means, jnp.float32).reshape(len(weights), -1)   # [K, d]
+    self.s2 = jnp.asarray(stds, jnp.float32) ** 2                          # [K]
+
+  def _parts(self, x, t):
+    a = self.ab[t][:, None, None]                       # [B, 1, 1]
+    d = x.shape[-1]
+    diff = x[:, None, :] - jnp.sqrt(a) * self.mu[None]   # [B, K, d]
+    v = a * self.s2[None, :, None] + 1 - a               # [B, K, 1]
+    logr = jnp.log(self.w)[None] - jnp.sum(diff**2 / (2 * v), -1) - 0.5 * d * jnp.log(v[..., 0])
+    r = jax.nn.softmax(logr, axis=-1)[..., None]         # [B, K, 1]
+    return a, diff, v, r
+
+  def eps(self, x, t):
+    a, diff, v, r = self._parts(x, t)
+    return jnp.sum(r * jnp.sqrt(1 - a) * diff / v, axis=1)
+
+  def x0(self, x, t):
+    a, diff, v, r = self._parts(x, t)
+    return jnp.sum(r * (self.mu[None] + jnp.sqrt(a) * self.s2[None, :, None] * diff / v), axis=1)
+
+  def v(self, x, t):
+    a = self.ab[t][:, None]
+    return jnp.sqrt(a) * self.eps(x, t) - jnp.sqrt(1 - a) * self.x0(x, t)
+
+  def fn(self, prediction):
+    return {"eps": self.eps, "x0": self.x0, "v": self.v}[prediction]
+
+
+def gaussian_ddim_gain(ab: np.ndarray, ts: np.ndarray, final: float, s2: float) -> float:
+  """prod over DDIM eta=0 steps of g = (sqrt(a a') s^2 + sqrt((1-a)(1-a'))) / (a s^2 + 1 - a)."""
+  a = ab[ts]
+  ap = np.r_[a[1:], final]
+  g = (np.sqrt(a * ap) * s2 + np.sqrt((1 - a) * (1 - ap))) / (a * s2 + 1 - a)
+  return float(np.prod(g))
