@@ -80,6 +80,15 @@ def check_zero_snr(prediction: str, alphas: np.ndarray, what: str) -> None:
                      "timestep); use prediction='v' or 'x0', or a grid that avoids T-1")
 
 
+# diffusers' DPMSolverMultistepScheduler replaces ab[T-1] = 0 of a zero-terminal-SNR schedule by
+# 2^-24 so that log-SNR stays finite; ddx's ODE samplers (PLMS, DPM-Solver++) do the same.
+ZERO_SNR_ALPHA = 2.0**-24
+
+
+def clamp_zero_snr(alphas: np.ndarray) -> np.ndarray:
+  return np.where(np.asarray(alphas) <= 0.0, ZERO_SNR_ALPHA, alphas)
+
+
 def check_threshold_args(clip_range: float, threshold_ratio: float, threshold_max: float) -> None:
   if not clip_range > 0:
     raise ValueError(f"clip_range: must be > 0, got {clip_range}")

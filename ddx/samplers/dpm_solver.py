@@ -106,9 +106,9 @@ def make(
   base.check_threshold_args(1.0, threshold_ratio, threshold_max)
   T = sched.num_timesteps
   ts = grids.validate(timesteps, T) if timesteps is not None else grids.dpm_solver(spacing, T, num_steps, steps_offset)
-  ab = sched.f64.alphas_cumprod
+  base.check_zero_snr(prediction, sched.f64.alphas_cumprod[ts], "the DPM-Solver grid")
+  ab = base.clamp_zero_snr(sched.f64.alphas_cumprod)
   a = ab[ts]
-  base.check_zero_snr(prediction, a, "the DPM-Solver grid")
   n = ts.shape[0]
   alpha = np.sqrt(a)
   sigma = np.sqrt(1.0 - a)

@@ -129,11 +129,11 @@ def make(
   base.check_prediction(prediction)
   T = sched.num_timesteps
   ts = grids.validate(timesteps, T) if timesteps is not None else grids.make(spacing, T, num_steps, steps_offset)
-  ab = sched.f64.alphas_cumprod
+  ab = base.clamp_zero_snr(sched.f64.alphas_cumprod)
+  base.check_zero_snr(prediction, sched.f64.alphas_cumprod[ts], "the PLMS grid")
   final = 1.0 if set_alpha_to_one else ab[0]
   a = ab[ts]
   a_next = np.concatenate([a[1:], [final]])
-  base.check_zero_snr(prediction, a, "the PLMS grid")
   S = ts.shape[0]
   if S == 1:
     t_call, modes, src, dst, ev = ts, [_MULTISTEP], a, a_next, a
