@@ -36,7 +36,8 @@ class DDIMState(NamedTuple):
 @struct.dataclass
 class DDIM:
   timesteps: jax.Array      # int32 [N]
-  alpha: jax.Array          # ab[t]            float32 [N]
+  sqrt_alpha: jax.Array     # sqrt(ab[t])      float32 [N]
+  sqrt_one_minus_alpha: jax.Array  # sqrt(1 - ab[t])
   sqrt_alpha_prev: jax.Array  # sqrt(a')       float32 [N]
   dir_coef: jax.Array       # sqrt(1 - a' - sigma^2)
   sigma: jax.Array
@@ -60,13 +61,13 @@ class DDIM:
   def step(self, state: DDIMState, model_output: jax.Array, i, noise: jax.Array | None) -> DDIMState:
     x = state.x
     out, _ = base.split_output(model_output, x)
-    a = self.alpha[i]
-    x0, eps = diffusion.to_x0_eps(out, x, a, self.prediction)
+    sa, s1a = self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i]
+    x0, eps = diffusion.to_x0_eps_sqrt(out, x, sa, s1a, self.prediction)
     x0 = base.process_x0(x0, clip_sample=self.clip_sample, clip_range=self.clip_range,
                          thresholding=self.thresholding, threshold_ratio=self.threshold_ratio,
                          threshold_max=self.threshold_max)
     if self.use_clipped_model_output:
-      eps = diffusion.eps_from_x0(x, x0, a)
+      eps = (x - sa * x0) / s1a
     x_prev = self.sqrt_alpha_prev[i] * x0 + self.dir_coef[i] * eps
     if self.stochastic:
       x_prev = x_prev + self.sigma[i] * noise
@@ -124,7 +125,8 @@ def make(
   dir_coef = np.sqrt(np.maximum(1.0 - a_prev - sigma**2, 0.0))
   return DDIM(
       timesteps=jnp.asarray(ts, jnp.int32),
-      alpha=base.f32(a),
+      sqrt_alpha=base.f32(np.sqrt(a)),
+      sqrt_one_minus_alpha=base.f32(np.sqrt(1.0 - a)),
       sqrt_alpha_prev=base.f32(np.sqrt(a_prev)),
       dir_coef=base.f32(dir_coef),
       sigma=base.f32(sigma),

@@ -39,7 +39,8 @@ class DDPMState(NamedTuple):
 @struct.dataclass
 class DDPM:
   timesteps: jax.Array   # int32 [N]
-  alpha: jax.Array       # ab[t]
+  sqrt_alpha: jax.Array  # sqrt(ab[t])
+  sqrt_one_minus_alpha: jax.Array
   coef_x0: jax.Array     # sqrt(a') beta' / (1 - a)
   coef_x: jax.Array      # sqrt(alpha') (1 - a') / (1 - a)
   std: jax.Array         # fixed std (fixed_small / fixed_large), 0 where t == 0
@@ -69,7 +70,7 @@ class DDPM:
     if self.variance == "learned_range" and var_out is None:
       raise ValueError("model_output: variance='learned_range' needs twice the sample's channels "
                        f"(got shape {model_output.shape} for sample {x.shape})")
-    x0, _ = diffusion.to_x0_eps(out, x, self.alpha[i], self.prediction)
+    x0, _ = diffusion.to_x0_eps_sqrt(out, x, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i], self.prediction)
     x0 = base.process_x0(x0, clip_sample=self.clip_sample, clip_range=self.clip_range,
                          thresholding=self.thresholding, threshold_ratio=self.threshold_ratio,
                          threshold_max=self.threshold_max)
@@ -122,7 +123,8 @@ def make(
   std = np.sqrt(var_small if variance == "fixed_small" else beta_t) * mask
   return DDPM(
       timesteps=jnp.asarray(ts, jnp.int32),
-      alpha=base.f32(a),
+      sqrt_alpha=base.f32(np.sqrt(a)),
+      sqrt_one_minus_alpha=base.f32(np.sqrt(1.0 - a)),
       coef_x0=base.f32(np.sqrt(a_prev) * beta_t / (1.0 - a)),
       coef_x=base.f32(np.sqrt(alpha_t) * (1.0 - a_prev) / (1.0 - a)),
       std=base.f32(std),

@@ -42,7 +42,8 @@ class DPMState(NamedTuple):
 @struct.dataclass
 class DPMSolverPP:
   timesteps: jax.Array  # int32 [N]
-  alpha: jax.Array      # ab[tau_k] for the output conversion
+  sqrt_alpha: jax.Array  # alpha_k = sqrt(ab[tau_k]) for the output conversion
+  sqrt_one_minus_alpha: jax.Array  # sigma_k
   coef_x: jax.Array     # A_k
   coef_m: jax.Array     # B_k
   coef_d: jax.Array     # C_k (0 for first-order steps)
@@ -63,7 +64,7 @@ class DPMSolverPP:
   def step(self, state: DPMState, model_output: jax.Array, i, noise=None) -> DPMState:
     del noise
     out, _ = base.split_output(model_output, state.x)
-    m, _ = diffusion.to_x0_eps(out, state.x, self.alpha[i], self.prediction)
+    m, _ = diffusion.to_x0_eps_sqrt(out, state.x, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i], self.prediction)
     if self.thresholding:
       m = base.dynamic_threshold(m, self.threshold_ratio, self.threshold_max)
     # state.x0 holds m_{k-1}; C_k = 0 on first-order steps, so its initial zeros never matter.
@@ -142,7 +143,8 @@ def make(
         coef_d[k] = alpha_next[k] * (em1 / h + 1.0) / r
   return DPMSolverPP(
       timesteps=jnp.asarray(ts, jnp.int32),
-      alpha=base.f32(a),
+      sqrt_alpha=base.f32(alpha),
+      sqrt_one_minus_alpha=base.f32(sigma),
       coef_x=base.f32(coef_x),
       coef_m=base.f32(coef_m),
       coef_d=base.f32(coef_d),

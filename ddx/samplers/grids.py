@@ -56,8 +56,12 @@ def leading(num_train: int, num_steps: int, steps_offset: int = 0) -> np.ndarray
 def trailing(num_train: int, num_steps: int) -> np.ndarray:
   """diffusers ``trailing``: ``round(T - k T / S) - 1`` for k = 0..S-1 (starts at T-1)."""
   _check_counts(num_train, num_steps)
-  # Same float64 values as diffusers' np.arange(T, 0, -T/S), but exactly S of them.
-  ts = np.round(num_train + np.arange(num_steps, dtype=np.float64) * (-num_train / num_steps)).astype(np.int64) - 1
+  # diffusers' exact float64 values: np.arange fills ``start + k * delta`` with
+  # ``delta = (start + step) - start``, which differs from ``step`` in the last bits, so
+  # ``T + k * step`` lands on the other side of a .5 for some S (T=1000: S = 48, 96, 112, ...
+  # give 937 instead of diffusers' 936). Keep arange, and only its first S entries: for some S
+  # its float length overshoots to S+1 with a trailing -1 (the reference's anomaly).
+  ts = np.round(np.arange(num_train, 0, -num_train / num_steps))[:num_steps].astype(np.int64) - 1
   return validate(ts, num_train, "timesteps (trailing)")
 
 

@@ -54,7 +54,8 @@ class PLMSState(NamedTuple):
 class PLMS:
   timesteps: jax.Array   # int32 [N] model timestep per call
   mode: jax.Array        # int32 [N]
-  alpha_eval: jax.Array  # ab at the evaluation point (output -> eps and x0)
+  sqrt_alpha_eval: jax.Array  # sqrt(ab) at the evaluation point (output -> eps and x0)
+  sqrt_one_minus_alpha_eval: jax.Array
   coef_x: jax.Array      # sqrt(a'/a)
   coef_e: jax.Array      # (a' - a) / (a sqrt(1-a') + sqrt(a (1-a) a'))
   prediction: str = struct.field(pytree_node=False, default="eps")
@@ -72,8 +73,8 @@ class PLMS:
   def step(self, state: PLMSState, model_output: jax.Array, i, noise=None) -> PLMSState:
     del noise
     out, _ = base.split_output(model_output, state.x)
-    a_eval = self.alpha_eval[i]
-    x0_eval, out = diffusion.to_x0_eps(out, state.x, a_eval, self.prediction)
+    x0_eval, out = diffusion.to_x0_eps_sqrt(out, state.x, self.sqrt_alpha_eval[i],
+                                            self.sqrt_one_minus_alpha_eval[i], self.prediction)
     mode = self.mode[i]
     ring, count = state.ring, state.count
 
@@ -150,7 +151,8 @@ def make(
   return PLMS(
       timesteps=jnp.asarray(t_call, jnp.int32),
       mode=jnp.asarray(modes, jnp.int32),
-      alpha_eval=base.f32(ev),
+      sqrt_alpha_eval=base.f32(np.sqrt(ev)),
+      sqrt_one_minus_alpha_eval=base.f32(np.sqrt(1.0 - ev)),
       coef_x=base.f32(coef_x),
       coef_e=base.f32(coef_e),
       prediction=prediction,

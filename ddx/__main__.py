@@ -1,0 +1,6 @@
+"""``python -m ddx <command>``: see `ddx.cli`."""
+
+from ddx.cli import run
+
+if __name__ == "__main__":
+  run()

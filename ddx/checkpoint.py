@@ -1,0 +1,340 @@
+"""Workdir layout and orbax checkpoints.
+
+Layout of a workdir::
+
+    <workdir>/config.json              the run config (JSON). Required sections:
+        "model":     exactly the `ddx.models.UNet` constructor kwargs (complete, normalised)
+        "diffusion": {"num_timesteps", "beta_schedule", "beta_start", "beta_end",
+                      "prediction": "eps"|"x0"|"v",
+                      "variance": "fixed_small"|"fixed_large"|"learned_range", ...}
+      other sections (training, data, ...) are free-form.
+    <workdir>/checkpoints/<step>/      one orbax CheckpointManager step, Composite items:
+        "params"      pure dict of the UNet's nnx.Param values (``nnx.to_pure_dict(state)``)
+        "ema_params"  same structure (EMA weights; used for sampling)
+        "opt_state"   optional, any pytree (optax state)           -- StandardSave
+        "train"       optional, JSON dict (e.g. {"step": 10, "key": [..uint32 key data..]})
+                                                                    -- JsonSave
+
+``save`` writes both; ``restore`` / ``restore_params`` read them back. Errors about a
+missing or broken workdir / checkpoint are one line naming the path: FileNotFoundError for
+missing paths, ValueError for invalid or corrupt content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+CONFIG_NAME = "config.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+JSON_ITEMS = ("train",)  # items saved with JsonSave; everything else uses StandardSave
+PARAM_ITEMS = ("params", "ema_params")
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
+
+
+def _to_jsonable(obj: Any, where: str) -> Any:
+  if isinstance(obj, Mapping):
+    return {str(k): _to_jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_to_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+  if isinstance(obj, (np.ndarray, jax.Array)):
+    return np.asarray(obj).tolist()
+  if isinstance(obj, np.generic):
+    return obj.item()
+  if obj is None or isinstance(obj, (bool, int, float, str)):
+    return obj
+  raise ValueError(f"{where}: value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+# ---------------------------------------------------------------- config.json
+
+
+def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> dict:
+  """Validate and (atomically) write ``<workdir>/config.json``; returns what was written.
+
+  The ``"model"`` section is normalised to the complete UNet kwargs. If a config.json
+  already exists, its ``"model"`` section must be identical (a workdir holds one
+  architecture); the other sections are replaced.
+  """
+  from ddx.models.unet import unet_kwargs  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(config, Mapping):
+    raise ValueError(f"config: must be a mapping, got {type(config).__name__}")
+  for section in ("model", "diffusion"):
+    if not isinstance(config.get(section), Mapping):
+      raise ValueError(f"config: missing the {section!r} section")
+  cfg = _to_jsonable(dict(config), "config")
+  cfg["model"] = unet_kwargs(**cfg["model"])
+  workdir = os.path.abspath(os.fspath(workdir))
+  fname = os.path.join(workdir, CONFIG_NAME)
+  if os.path.isfile(fname):
+    old = read_config(workdir)
+    if old.get("model") != cfg["model"]:
+      raise ValueError(f"{fname}: holds a different model config; use a fresh workdir")
+  os.makedirs(workdir, exist_ok=True)
+  tmp = fname + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, fname)
+  return cfg
+
+
+def read_config(workdir: str | os.PathLike) -> dict:
+  """Read ``<workdir>/config.json`` (FileNotFoundError / ValueError naming the path)."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir does not exist: {workdir}")
+  fname = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.isfile(fname):
+    raise FileNotFoundError(f"no {CONFIG_NAME} in workdir {workdir}")
+  try:
+    with open(fname) as f:
+      cfg = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{fname}: invalid JSON ({e.msg} at line {e.lineno})") from None
+  if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+    raise ValueError(f"{fname}: missing the 'model' section")
+  return cfg
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _manager(workdir, *, read_only: bool, max_to_keep: int | None = None):
+  # (orbax's own read_only mode only adds warnings; we simply never save when reading)
+  opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts)
+
+
+def _pure(item: Any) -> Any:
+  """nnx.Module -> pure dict of its Params; nnx.State -> pure dict; anything else as is."""
+  if isinstance(item, nnx.Module):
+    return nnx.to_pure_dict(nnx.state(item, nnx.Param))
+  if isinstance(item, nnx.State):
+    return nnx.to_pure_dict(item)
+  return item
+
+
+def save(workdir: str | os.PathLike, step: int, items: Mapping[str, Any],
+         config: Mapping[str, Any] | None = None, *, max_to_keep: int | None = None) -> str:
+  """Save one checkpoint step (blocking until it is committed); returns its directory.
+
+  Args:
+    workdir: the run directory (created if needed).
+    step: the training step (int >= 0).
+    items: name -> value. "params" / "ema_params": a UNet, an nnx.State of Params or
+      its pure dict; "opt_state": any pytree; "train": a JSON-able dict.
+    config: the run config, written to ``<workdir>/config.json`` when given (required
+      if the workdir has no config.json yet).
+    max_to_keep: keep only the newest checkpoints (None keeps all).
+  """
+  workdir = os.path.abspath(os.fspath(workdir))
+  if config is not None:
+    write_config(workdir, config)
+  elif not os.path.isfile(os.path.join(workdir, CONFIG_NAME)):
+    raise ValueError(f"config: required, {workdir} has no {CONFIG_NAME} yet")
+  if not items:
+    raise ValueError("items: nothing to save")
+  args = {}
+  for name, value in items.items():
+    if name in JSON_ITEMS:
+      args[name] = ocp.args.JsonSave(_to_jsonable(value, name))
+    else:
+      args[name] = ocp.args.StandardSave(_pure(value))
+  mngr = _manager(workdir, read_only=False, max_to_keep=max_to_keep)
+  try:
+    mngr.save(int(step), args=ocp.args.Composite(**args), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return os.path.join(checkpoint_dir(workdir), str(int(step)))
+
+
+def all_steps(workdir: str | os.PathLike) -> list[int]:
+  """Committed checkpoint steps in the workdir (sorted; [] if none)."""
+  cdir = checkpoint_dir(workdir)
+  if not os.path.isdir(cdir):
+    return []
+  mngr = _manager(workdir, read_only=True)
+  try:
+    return sorted(mngr.all_steps())
+  finally:
+    mngr.close()
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+  steps = all_steps(workdir)
+  return steps[-1] if steps else None
+
+
+def _resolve_step(workdir: str, step: int | None) -> int:
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"workdir does not exist: {workdir}")
+  cdir = checkpoint_dir(workdir)
+  steps = all_steps(workdir)
+  if not steps:
+    partial = sorted(os.listdir(cdir)) if os.path.isdir(cdir) else []
+    extra = f" (only incomplete entries: {', '.join(partial)})" if partial else ""
+    raise FileNotFoundError(f"no checkpoint in {cdir}{extra}")
+  if step is None:
+    return steps[-1]
+  if int(step) not in steps:
+    raise FileNotFoundError(f"no checkpoint for step {step} in {cdir} (steps: {steps})")
+  return int(step)
+
+
+def restore(workdir: str | os.PathLike, step: int | None = None,
+            targets: Mapping[str, Any] | None = None) -> tuple[int, dict]:
+  """Restore checkpoint items.
+
+  Args:
+    workdir: the run directory.
+    step: the step to restore (default: the latest).
+    targets: item name -> target pytree (abstract ``jax.ShapeDtypeStruct`` leaves are fine)
+      or None (restore as saved; dict keys come back as strings). Default:
+      ``{"params": None, "ema_params": None}``.
+
+  Returns:
+    ``(step, {name: value})``.
+  """
+  workdir = os.path.abspath(os.fspath(workdir))
+  step = _resolve_step(workdir, step)
+  sdir = os.path.join(checkpoint_dir(workdir), str(step))
+  targets = dict(targets) if targets is not None else {n: None for n in PARAM_ITEMS}
+  for name in targets:
+    if not os.path.isdir(os.path.join(sdir, name)):
+      raise ValueError(f"checkpoint {sdir} has no item {name!r}")
+  args = {}
+  for name, target in targets.items():
+    if name in JSON_ITEMS:
+      args[name] = ocp.args.JsonRestore()
+    else:
+      args[name] = ocp.args.StandardRestore(_pure(target))
+  mngr = _manager(workdir, read_only=True)
+  try:
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # orbax / tensorstore raise many types for broken files
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f"corrupt or incomplete checkpoint {sdir}: {msg[:300]}") from e
+  finally:
+    mngr.close()
+  return step, {name: out[name] for name in targets}
+
+
+def restore_params(workdir: str | os.PathLike, which: str = "ema_params",
+                   step: int | None = None, **model_overrides):
+  """Rebuild the UNet from ``config.json`` and load ``which`` ("params"/"ema_params").
+
+  Args:
+    workdir: the run directory.
+    which: the checkpoint item holding the weights.
+    step: the step (default: the latest).
+    **model_overrides: UNet kwargs that do not change the parameters, e.g.
+      ``dtype="bfloat16"`` or ``remat=True``.
+
+  Returns:
+    ``(model, config)`` where config is the parsed config.json.
+  """
+  from ddx.models.convert import unet_from_params  # pylint: disable=import-outside-toplevel
+  from ddx.models.unet import abstract_unet, unet_kwargs  # pylint: disable=import-outside-toplevel
+
+  if which not in PARAM_ITEMS:
+    raise ValueError(f"which: must be one of {PARAM_ITEMS}, got {which!r}")
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = read_config(workdir)
+  try:
+    kwargs = unet_kwargs(**{**config["model"], **model_overrides})
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(workdir, CONFIG_NAME)}: model section: {e}") from None
+  abstract = nnx.to_pure_dict(nnx.state(abstract_unet(**kwargs), nnx.Param))
+  _, items = restore(workdir, step, {which: abstract})
+  return unet_from_params(kwargs, items[which]), config
+
+
+# ---------------------------------------------------------------- training checkpoints
+
+
+class TrainCheckpointer:
+  """The training run's long-lived, asynchronous checkpoint manager (same layout as `save`).
+
+  Keeps the newest ``max_to_keep`` steps plus every step that is a multiple of
+  ``keep_period``. Saves are asynchronous: device arrays are copied to host memory before
+  ``save`` returns (so donating the state afterwards is safe) and written in the background;
+  orbax commits a step atomically (temporary directory + rename), so a run killed mid-write
+  resumes from the previous complete step.
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int, keep_period: int = 0):
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, keep_period=keep_period or None, create=True,
+        enable_async_checkpointing=True)
+    self.workdir = os.path.abspath(os.fspath(workdir))
+    self.mngr = ocp.CheckpointManager(checkpoint_dir(self.workdir), options=opts)
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+  def reached_preemption(self, step: int) -> bool:
+    return bool(self.mngr.reached_preemption(int(step)))
+
+  def save(self, state) -> None:
+    """Start saving a `ddx.train.TrainState` (refuses non-finite values)."""
+    from ddx.parallel import host_key_data  # pylint: disable=import-outside-toplevel
+    from ddx.train import all_finite  # pylint: disable=import-outside-toplevel
+
+    step = int(jax.device_get(state.step))
+    if not all_finite((state.params, state.ema_params, state.opt_state)):
+      raise ValueError(f"state: non-finite values at step {step}; refusing to write a checkpoint")
+    train = {"step": step, "key": host_key_data(state.key).tolist(),
+             "nonfinite": int(jax.device_get(state.nonfinite)), "skipped": int(jax.device_get(state.skipped))}
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(_pure(state.params)),
+        ema_params=ocp.args.StandardSave(_pure(state.ema_params)),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        train=ocp.args.JsonSave(train))
+    self.mngr.save(step, args=args, force=True)
+
+  def restore(self, template, step: int | None = None):
+    """Restore a TrainState shaped (and sharded) like ``template``; latest step by default."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    step = self.latest_step() if step is None else int(step)
+    sdir = os.path.join(checkpoint_dir(self.workdir), str(step))
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(_pure(template.params)),
+        ema_params=ocp.args.StandardRestore(_pure(template.ema_params)),
+        opt_state=ocp.args.StandardRestore(template.opt_state),
+        train=ocp.args.JsonRestore())
+    try:
+      out = self.mngr.restore(step, args=args)
+    except Exception as e:  # orbax / tensorstore raise many types for broken files
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(f"corrupt or incomplete checkpoint {sdir}: {msg[:300]}") from e
+    params = template.params
+    params.replace_by_pure_dict(out["params"])
+    ema = template.ema_params
+    ema.replace_by_pure_dict(out["ema_params"])
+    tr = out["train"]
+    if int(tr["step"]) != step:
+      raise ValueError(f"corrupt checkpoint {sdir}: train.step={tr['step']} != {step}")
+    return template.replace(
+        step=jnp.asarray(tr["step"], jnp.int32), params=params, ema_params=ema, opt_state=out["opt_state"],
+        key=jnp.asarray(np.asarray(tr["key"], np.uint32)), nonfinite=jnp.asarray(tr["nonfinite"], jnp.int32),
+        skipped=jnp.asarray(tr["skipped"], jnp.int32))
+
+  def wait(self) -> None:
+    self.mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mngr.wait_until_finished()
+    self.mngr.close()

@@ -1,0 +1,178 @@
+"""Config validation and translation: the only place that reads an ml_collections config.
+
+`validate` checks every key against ``configs/default.py``'s schema (unknown keys, types,
+ranges, cross-field consistency) and raises one-line ``ValueError("<section.key>: ...")``
+before anything is built or compiled. The ``*_spec`` / ``*_kwargs`` helpers translate the
+sections into the explicit arguments that library code takes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ddx import train as train_lib
+from ddx.samplers import NAMES as SAMPLER_NAMES
+
+_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "imagenet32", "imagenet64")
+
+
+def _default_schema() -> dict:
+  from ddx import config_defaults  # pylint: disable=import-outside-toplevel
+  return to_dict(config_defaults.get_config())
+
+
+def to_dict(cfg) -> dict:
+  """ConfigDict (or mapping) -> plain nested dict with tuples as lists."""
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+  out = {}
+  for k, v in dict(cfg).items():
+    if isinstance(v, Mapping):
+      out[k] = to_dict(v)
+    elif isinstance(v, tuple):
+      out[k] = list(v)
+    else:
+      out[k] = v
+  return out
+
+
+def _check_keys(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
+  for k, v in cfg.items():
+    name = f"{prefix}{k}"
+    if k not in schema:
+      raise ValueError(f"{name}: unknown config key")
+    if isinstance(schema[k], Mapping):
+      if not isinstance(v, Mapping):
+        raise ValueError(f"{name}: must be a section, got {v!r}")
+      _check_keys(v, schema[k], name + ".")
+  for k in schema:
+    if k not in cfg:
+      raise ValueError(f"{prefix}{k}: missing from the config")
+
+
+def _num(cfg, key, lo=None, hi=None, *, integer=False, lo_open=False):
+  section, field = key.split(".") if "." in key else (None, key)
+  v = cfg[section][field] if section else cfg[field]
+  ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+  if isinstance(v, bool) or not ok_type:
+    raise ValueError(f"{key}: must be {'an integer' if integer else 'a number'}, got {v!r}")
+  if lo is not None and (v <= lo if lo_open else v < lo):
+    raise ValueError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {v}")
+  if hi is not None and v > hi:
+    raise ValueError(f"{key}: must be <= {hi}, got {v}")
+  return v
+
+
+def _choice(cfg, key, choices):
+  section, field = key.split(".")
+  v = cfg[section][field]
+  if v not in choices:
+    raise ValueError(f"{key}: must be one of {tuple(choices)}, got {v!r}")
+  return v
+
+
+def validate(config) -> dict:
+  """Validate a config; return it as a plain dict. Raises ValueError naming the key."""
+  cfg = to_dict(config)
+  _check_keys(cfg, _default_schema())
+  _num(cfg, "seed", 0, integer=True)
+  _choice(cfg, "data.name", _DATASETS)
+  _num(cfg, "data.image_size", 0, integer=True)
+  _num(cfg, "data.num_threads", 0, integer=True)
+  _choice(cfg, "diffusion.beta_schedule", ("linear", "scaled_linear", "cosine", "sigmoid"))
+  _num(cfg, "diffusion.num_timesteps", 1, integer=True)
+  _num(cfg, "diffusion.beta_start", 0, 1, lo_open=True)
+  _num(cfg, "diffusion.beta_end", 0, 1, lo_open=True)
+  _choice(cfg, "diffusion.prediction", ("eps", "x0", "v"))
+  _choice(cfg, "diffusion.variance", ("fixed_small", "fixed_large", "learned_range"))
+  _choice(cfg, "diffusion.loss_weighting", ("uniform", "min_snr"))
+  _num(cfg, "diffusion.min_snr_gamma", 0, lo_open=True)
+  _num(cfg, "diffusion.vlb_weight", 0)
+  if cfg["diffusion"]["rescale_zero_snr"] and cfg["diffusion"]["prediction"] == "eps":
+    raise ValueError("diffusion.prediction: 'eps' cannot be used with rescale_zero_snr (use 'v')")
+  if (cfg["diffusion"]["variance"] == "learned_range") != bool(cfg["model"]["learn_sigma"]):
+    raise ValueError("diffusion.variance: 'learned_range' goes with model.learn_sigma=True (and only with it)")
+  t = cfg["train"]
+  _num(cfg, "train.global_batch_size", 1, integer=True)
+  _num(cfg, "train.total_steps", 1, integer=True)
+  _num(cfg, "train.steps_per_call", 1, integer=True)
+  _num(cfg, "train.ema_decay", 0, 1)
+  _num(cfg, "train.label_dropout", 0, 1)
+  _num(cfg, "train.log_every_seconds", 0, lo_open=True)
+  _num(cfg, "train.checkpoint_every", 1, integer=True)
+  _num(cfg, "train.keep_checkpoints", 1, integer=True)
+  _num(cfg, "train.keep_period", 0, integer=True)
+  _num(cfg, "train.sample_every", 0, integer=True)
+  _num(cfg, "train.max_nonfinite", 1, integer=True)
+  k = t["steps_per_call"]
+  for key in ("total_steps", "checkpoint_every", "sample_every", "keep_period"):
+    if t[key] % k:
+      raise ValueError(f"train.{key}: {t[key]} must be a multiple of train.steps_per_call={k}")
+  if t["label_dropout"] > 0 and not cfg["model"]["num_classes"]:
+    raise ValueError("train.label_dropout: needs a class-conditional model (model.num_classes)")
+  _choice(cfg, "optim.name", ("adam", "adamw"))
+  _choice(cfg, "optim.decay", ("constant", "cosine"))
+  _num(cfg, "optim.learning_rate", 0, lo_open=True)
+  _num(cfg, "optim.warmup_steps", 0, integer=True)
+  _num(cfg, "optim.final_lr_fraction", 0, 1)
+  _num(cfg, "optim.b1", 0, 1)
+  _num(cfg, "optim.b2", 0, 1)
+  _num(cfg, "optim.eps", 0, lo_open=True)
+  _num(cfg, "optim.weight_decay", 0)
+  _num(cfg, "optim.grad_clip", 0)
+  _choice(cfg, "sample.sampler", SAMPLER_NAMES)
+  _num(cfg, "sample.steps", 1, cfg["diffusion"]["num_timesteps"], integer=True)
+  _num(cfg, "sample.eta", 0)
+  _num(cfg, "sample.num", 1, integer=True)
+  _num(cfg, "sample.guidance", None)
+  # data / model consistency
+  size = cfg["data"]["image_size"]
+  if size and size != cfg["model"]["image_size"]:
+    raise ValueError(f"model.image_size: {cfg['model']['image_size']} differs from data.image_size={size}")
+  try:
+    from ddx.models.unet import unet_kwargs  # pylint: disable=import-outside-toplevel
+    unet_kwargs(**cfg["model"])
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
+  except TypeError as e:
+    raise ValueError(f"model: {e}") from None
+  return cfg
+
+
+def schedule_kwargs(cfg: Mapping) -> dict:
+  d = cfg["diffusion"]
+  kw = dict(name=d["beta_schedule"], num_timesteps=d["num_timesteps"], rescale_zero_snr=d["rescale_zero_snr"])
+  if d["beta_schedule"] != "cosine":
+    kw.update(beta_start=d["beta_start"], beta_end=d["beta_end"])
+  return kw
+
+
+def optimizer_spec(cfg: Mapping) -> train_lib.OptimizerSpec:
+  o = cfg["optim"]
+  return train_lib.OptimizerSpec(
+      name=o["name"], learning_rate=o["learning_rate"], warmup_steps=o["warmup_steps"], decay=o["decay"],
+      total_steps=cfg["train"]["total_steps"], final_lr_fraction=o["final_lr_fraction"], b1=o["b1"],
+      b2=o["b2"], eps=o["eps"], weight_decay=o["weight_decay"], grad_clip=o["grad_clip"])
+
+
+def loss_spec(cfg: Mapping) -> train_lib.LossSpec:
+  d = cfg["diffusion"]
+  return train_lib.LossSpec(prediction=d["prediction"], weighting=d["loss_weighting"],
+                            min_snr_gamma=d["min_snr_gamma"], learned_variance=bool(cfg["model"]["learn_sigma"]),
+                            vlb_weight=d["vlb_weight"])
+
+
+def sampler_kwargs(diffusion: Mapping, *, sampler: str, eta: float, clip_sample: bool) -> dict:
+  """Keyword arguments of `ddx.samplers.make` for a trained model's diffusion section."""
+  kw: dict[str, Any] = {"prediction": diffusion["prediction"]}
+  if sampler == "ddpm":
+    kw["variance"] = diffusion.get("variance", "fixed_large")
+  if sampler in ("ddpm", "ddim"):
+    kw["clip_sample"] = clip_sample
+  if sampler == "ddim":
+    kw["eta"] = eta
+  elif sampler in ("plms", "dpm_solver++") and eta:
+    kw["eta"] = eta  # rejected by the sampler with a clear message
+  if sampler in ("ddim", "plms", "ddpm") and diffusion.get("rescale_zero_snr"):
+    kw["spacing"] = "trailing"
+  return kw

@@ -1,0 +1,236 @@
+"""The training loop: data, jitted steps, logging, sample grids, checkpoints, preemption.
+
+`run` takes explicit arguments (translated from a config by the ``train`` entrypoint). It
+resumes from the latest complete checkpoint in the workdir, so rerunning the same command
+continues a stopped run; the batch at step k depends only on (seed, k), so the resumed run
+is bitwise identical to one that never stopped. SIGTERM (or orbax's preemption signal)
+saves a checkpoint and returns cleanly. Only process 0 prints, logs and writes images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import ddx
+from ddx import checkpoint, data, guidance, images, parallel
+from ddx import train as train_lib
+from ddx.metrics import MetricWriter
+
+
+class TrainingDiverged(RuntimeError):
+  """Too many consecutive non-finite steps."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  seed: int
+  global_batch_size: int
+  total_steps: int
+  steps_per_call: int = 1
+  random_flip: bool = False
+  num_threads: int = 0
+  ema_decay: float = 0.9999
+  ema_warmup: bool = False
+  label_dropout: float = 0.0
+  log_every_seconds: float = 5.0
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  keep_period: int = 0
+  sample_every: int = 0
+  max_nonfinite: int = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSpec:
+  sampler: str = "ddim"
+  steps: int = 50
+  num: int = 64
+  sampler_kwargs: dict = dataclasses.field(default_factory=dict)
+  guidance: float = 1.0
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _fmt_time(s: float) -> str:
+  s = int(max(s, 0))
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def make_sample_fn(graphdef, sched, spec: SampleSpec, num_classes: int | None, mesh):
+  """``fn(params, key, labels) -> samples [num, H, W, C]`` with the batch sharded over ``mesh``."""
+  sampler = ddx.samplers.make(spec.sampler, sched, spec.steps, **spec.sampler_kwargs)
+
+  def fn(params, key, shape, labels=None):
+    model = nnx.merge(graphdef, params)
+    if num_classes:
+      null = num_classes
+      y = jnp.full((shape[0],), null, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
+      model_fn = guidance.classifier_free(model, y, null, spec.guidance) if spec.guidance != 1.0 else \
+          guidance.conditional(model, y)
+    else:
+      model_fn = guidance.conditional(model, None)
+    x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
+    x_T = jax.device_put(x_T, parallel.batch_sharding(mesh)) if shape[0] % mesh.devices.size == 0 else x_T
+    return ddx.sample(model_fn, sampler, x_T, jax.random.fold_in(key, 1))
+
+  return fn
+
+
+def run(
+    workdir: str,
+    config: dict,
+    *,
+    model_factory: Callable[[nnx.Rngs], nnx.Module],
+    num_classes: int | None,
+    use_dropout: bool,
+    source: Any,
+    sched,
+    optim: train_lib.OptimizerSpec,
+    loss: train_lib.LossSpec,
+    loop: LoopSpec,
+    sample: SampleSpec,
+    mesh=None,
+    stop_after_steps: int | None = None,
+) -> dict:
+  """Train (or resume) in ``workdir``; returns a summary dict.
+
+  ``stop_after_steps`` ends this invocation early after that many steps (a checkpoint is
+  written), as a preemption would; used by tests and for time-boxed jobs.
+  """
+  mesh = mesh if mesh is not None else parallel.data_mesh()
+  parallel.check_batch(loop.global_batch_size, mesh, "train.global_batch_size")
+  writer = MetricWriter(workdir)
+  if jax.process_index() == 0:
+    checkpoint.write_config(workdir, config)
+  base = jax.random.key(loop.seed)
+  model = model_factory(nnx.Rngs(params=jax.random.fold_in(base, 0)))
+  tx = train_lib.make_optimizer(optim)
+  graphdef, state = train_lib.init_state(model, tx, jax.random.fold_in(base, 1))
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(state, start)
+    writer.truncate_after(start)
+    _log(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}")
+  state = train_lib.replicate(state, mesh)
+  step = int(jax.device_get(state.step))
+  K = loop.steps_per_call
+  if step % K:
+    raise ValueError(f"train.steps_per_call: checkpoint step {step} is not a multiple of {K}")
+  lr_fn = train_lib.learning_rate_fn(optim)
+  train_fn = train_lib.make_train_fn(
+      mesh, K, graphdef=graphdef, sched=sched, tx=tx, lr_fn=lr_fn, loss=loss, ema_decay=loop.ema_decay,
+      ema_warmup=loop.ema_warmup, num_classes=num_classes, label_dropout=loop.label_dropout, use_dropout=use_dropout)
+  sample_fn = make_sample_fn(graphdef, sched, sample, num_classes, mesh) if loop.sample_every else None
+  p_index, p_count = data.process_slice(mesh, loop.global_batch_size)
+  batches = data.make_batches(source, seed=loop.seed, global_batch_size=loop.global_batch_size, start_step=step,
+                              process_index=p_index, process_count=p_count, random_flip=loop.random_flip,
+                              num_threads=loop.num_threads)
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA))
+
+  stop = {"signal": None}
+
+  def on_term(signum, _frame):
+    stop["signal"] = signum
+
+  old_handler = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+  _log(f"ddx train: {n_params:,} parameters, {jax.device_count()} devices ({jax.process_count()} processes), "
+       f"global batch {loop.global_batch_size}, steps {step} -> {loop.total_steps}, workdir {workdir}")
+  t_start = t_log = time.time()
+  step_at_log, step_at_start = step, step
+  acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+  end = loop.total_steps if stop_after_steps is None else min(loop.total_steps, step + stop_after_steps)
+  preempted = False
+  try:
+    while step < end:
+      local = [next(batches) for _ in range(K)]
+      stacked = {k: np.stack([b[k] for b in local]) for k in ("image", "label")}
+      glob = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in stacked.items()}
+      state, metrics = train_fn(state, glob)
+      step += K
+      m = jax.device_get(metrics)
+      finite = m["finite"]
+      if finite.any():
+        acc["loss"] += float(np.sum(m["loss"][finite]))
+        acc["grad_norm"] += float(np.sum(m["grad_norm"][finite]))
+        acc["n"] += int(finite.sum())
+      nonfinite = int(jax.device_get(state.nonfinite))
+      if nonfinite >= loop.max_nonfinite:
+        last = ckpt.latest_step()
+        raise TrainingDiverged(
+            f"training diverged: {nonfinite} consecutive non-finite steps at step {step} (updates were skipped; "
+            f"the last checkpoint, step {last}, is intact)")
+      now = time.time()
+      if now - t_log >= loop.log_every_seconds or step >= end:
+        rate = (step - step_at_log) / max(now - t_log, 1e-9)
+        n = max(acc["n"], 1)
+        vals = {"loss": acc["loss"] / n, "grad_norm": acc["grad_norm"] / n, "lr": float(m["lr"][-1]),
+                "steps_per_sec": rate, "images_per_sec": rate * loop.global_batch_size,
+                "skipped": int(jax.device_get(state.skipped))}
+        eta = (loop.total_steps - step) / max((step - step_at_start) / (now - t_start), 1e-9)
+        _log(f"step {step:>7d}/{loop.total_steps}  loss {vals['loss']:.4f}  grad {vals['grad_norm']:.3f}  "
+             f"lr {vals['lr']:.2e}  {rate:.2f} steps/s  {vals['images_per_sec']:.0f} img/s  eta {_fmt_time(eta)}")
+        writer.scalars(step, vals)
+        acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+        t_log, step_at_log = now, step
+      if sample_fn is not None and step % loop.sample_every == 0:
+        _write_samples(sample_fn, state, step, workdir, writer, sample, num_classes, base, source.image_shape)
+      preempt = _agree(stop["signal"] is not None) or ckpt.reached_preemption(step)
+      if step % loop.checkpoint_every == 0 or step >= end or preempt:
+        ckpt.save(state)
+      if preempt:
+        preempted = True
+        _log(f"preemption signal: checkpoint at step {step} written, exiting")
+        break
+  finally:
+    ckpt.close()
+    writer.close()
+    if old_handler is not None:
+      signal.signal(signal.SIGTERM, old_handler)
+  elapsed = time.time() - t_start
+  done = step - step_at_start
+  return {"step": step, "steps": done, "seconds": elapsed, "steps_per_sec": done / max(elapsed, 1e-9),
+          "images_per_sec": done * loop.global_batch_size / max(elapsed, 1e-9), "preempted": preempted,
+          "skipped": int(jax.device_get(state.skipped)), "params": n_params, "state": state}
+
+
+def _main_thread() -> bool:
+  import threading  # pylint: disable=import-outside-toplevel
+  return threading.current_thread() is threading.main_thread()
+
+
+def _agree(flag: bool) -> bool:
+  """All processes stop together if any received SIGTERM."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _write_samples(sample_fn, state, step, workdir, writer, spec: SampleSpec, num_classes, base, image_shape) -> None:
+  # every process takes part in the (sharded) sampling; process 0 writes the files
+  labels = (np.arange(spec.num) % num_classes).astype(np.int32) if num_classes else None
+  shape = (spec.num,) + tuple(int(d) for d in image_shape)
+  x = sample_fn(state.ema_params, jax.random.fold_in(jax.random.fold_in(base, 2), step), shape, labels)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    x = multihost_utils.process_allgather(x, tiled=True)
+  x = np.asarray(jax.device_get(x))
+  if jax.process_index() == 0:
+    png, _ = images.save_samples(os.path.join(workdir, "samples", f"step_{step:08d}"), x, labels, scale=2)
+    writer.image(step, "samples", images.make_grid(images.to_uint8(x)))
+    _log(f"samples: {png}")

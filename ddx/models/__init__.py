@@ -1,0 +1,16 @@
+"""Denoiser networks (flax.nnx, NHWC).
+
+``UNet`` is the DDPM-family U-Net; ``from_diffusers`` imports a diffusers ``UNet2DModel``
+folder into it; ``unet_param_count`` counts parameters without allocating them.
+"""
+
+from ddx.models.convert import (diffusers_scheduler_to_diffusion, diffusers_to_unet_kwargs,
+                                 from_diffusers, unet_from_params)
+from ddx.models.unet import (UNET_KWARGS, UNet, abstract_unet, unet_kwargs, unet_param_count,
+                             validate_kwargs)
+
+__all__ = [
+    "UNet", "UNET_KWARGS", "abstract_unet", "unet_param_count", "unet_kwargs", "validate_kwargs",
+    "from_diffusers", "diffusers_to_unet_kwargs", "diffusers_scheduler_to_diffusion",
+    "unet_from_params",
+]

@@ -1,0 +1,253 @@
+"""Building blocks of the DDPM-family U-Net (flax.nnx, NHWC).
+
+Conventions used throughout:
+
+* Activations are NHWC: ``[B, H, W, C]``; time / class embeddings are ``[B, D]``.
+* Every module takes ``dtype`` (the compute dtype, e.g. ``jnp.bfloat16``; ``None`` means
+  float32) and ``param_dtype`` (the storage dtype of its parameters, float32 by default).
+  Normalisation statistics and attention softmax are always computed in float32.
+* Dropout never consumes hidden RNG state: a block receives an explicit PRNG key (or
+  ``None`` for deterministic evaluation), see :func:`dropout`.
+
+Parameter names mirror diffusers' ``UNet2DModel`` (``norm1``, ``conv1``, ``time_emb_proj``,
+``to_q`` ...) so that weight conversion (:mod:`ddx.models.convert`) is a mechanical rename.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Dtype = Any
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+  """Inverted dropout with an explicit key; identity when ``key is None`` or ``rate == 0``."""
+  if key is None or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, x.shape)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+def timestep_embedding(
+    t: Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> Array:
+  """Sinusoidal timestep embedding (DDPM / diffusers ``get_timestep_embedding``).
+
+  Args:
+    t: float or int array [B] (fractional timesteps allowed).
+    dim: embedding width.
+    flip_sin_to_cos: False gives ``[sin, cos]`` (original DDPM), True gives ``[cos, sin]``.
+    freq_shift: frequencies are ``exp(-log(max_period) * i / (dim // 2 - freq_shift))``;
+      the original DDPM uses ``freq_shift=1``.
+    max_period: the longest period.
+
+  Returns:
+    float32 [B, dim] (zero-padded by one column when ``dim`` is odd).
+  """
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+  freqs = jnp.exp(exponent)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class GroupNorm(nnx.Module):
+  """Group normalisation over (H, W, C/G) per group, with affine ``scale`` / ``bias`` [C].
+
+  Statistics are computed in float32 (two-pass variance); the output has the compute
+  dtype. ``x``: [B, ..., C] -> same shape.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      num_groups: int,
+      *,
+      epsilon: float = 1e-6,
+      dtype: Dtype | None = None,
+      param_dtype: Dtype = jnp.float32,
+  ):
+    if num_features % num_groups:
+      raise ValueError(f"norm_num_groups: {num_groups} does not divide {num_features} channels")
+    self.num_features = num_features
+    self.num_groups = num_groups
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+  def __call__(self, x: Array) -> Array:
+    dtype = self.dtype or x.dtype
+    shape = x.shape
+    g = self.num_groups
+    xg = x.astype(jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(shape)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(dtype)
+
+
+def _conv(cin, cout, k, *, stride=1, padding=None, dtype, param_dtype, rngs):
+  if padding is None:
+    padding = ((k // 2, k // 2), (k // 2, k // 2))
+  return nnx.Conv(
+      cin, cout, (k, k), strides=(stride, stride), padding=padding,
+      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _linear(cin, cout, *, dtype, param_dtype, rngs):
+  return nnx.Linear(cin, cout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class TimestepEmbedding(nnx.Module):
+  """sinusoidal(t) -> Linear -> SiLU -> Linear. ``t``: [B] -> [B, emb_dim]."""
+
+  def __init__(self, channels: int, emb_dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
+               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.channels = channels
+    self.flip_sin_to_cos = flip_sin_to_cos
+    self.freq_shift = freq_shift
+    self.dtype = dtype
+    self.linear_1 = _linear(channels, emb_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.linear_2 = _linear(emb_dim, emb_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, t: Array) -> Array:
+    e = timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos,
+                           freq_shift=self.freq_shift)
+    if self.dtype is not None:
+      e = e.astype(self.dtype)
+    return self.linear_2(jax.nn.silu(self.linear_1(e)))
+
+
+class ResnetBlock(nnx.Module):
+  """DDPM residual block with additive time conditioning.
+
+  ``h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))``;
+  ``h = conv2(dropout(silu(norm2(h))))``; output ``shortcut(x) + h`` where ``shortcut``
+  is a 1x1 conv when the channel count changes.
+
+  ``x``: [B, H, W, in_channels], ``temb``: [B, temb_dim] -> [B, H, W, out_channels].
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, temb_dim: int, *, groups: int,
+               eps: float, dropout: float, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.dropout_rate = float(dropout)
+    self.norm1 = GroupNorm(in_channels, groups, epsilon=eps, **kw)
+    self.conv1 = _conv(in_channels, out_channels, 3, rngs=rngs, **kw)
+    self.time_emb_proj = _linear(temb_dim, out_channels, rngs=rngs, **kw)
+    self.norm2 = GroupNorm(out_channels, groups, epsilon=eps, **kw)
+    self.conv2 = _conv(out_channels, out_channels, 3, rngs=rngs, **kw)
+    if in_channels != out_channels:
+      self.conv_shortcut = _conv(in_channels, out_channels, 1, rngs=rngs, **kw)
+    else:
+      self.conv_shortcut = None
+
+  def __call__(self, x: Array, temb: Array, key: Array | None = None) -> Array:
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+    h = jax.nn.silu(self.norm2(h))
+    h = dropout(h, self.dropout_rate, key)
+    h = self.conv2(h)
+    if self.conv_shortcut is not None:
+      x = self.conv_shortcut(x)
+    return x + h
+
+
+class AttentionBlock(nnx.Module):
+  """Spatial self-attention with a residual connection (DDPM ``AttnBlock``).
+
+  ``out = x + to_out(MHA(to_q(n), to_k(n), to_v(n)))`` with ``n = group_norm(x)`` and the
+  H*W positions as the sequence; softmax in float32, scale ``head_dim ** -0.5``.
+  ``x``: [B, H, W, C] -> [B, H, W, C].
+  """
+
+  def __init__(self, channels: int, num_heads: int, *, groups: int, eps: float, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if channels % num_heads:
+      raise ValueError(f"num_heads: {num_heads} does not divide {channels} channels")
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.num_heads = num_heads
+    self.group_norm = GroupNorm(channels, groups, epsilon=eps, **kw)
+    self.to_q = _linear(channels, channels, rngs=rngs, **kw)
+    self.to_k = _linear(channels, channels, rngs=rngs, **kw)
+    self.to_v = _linear(channels, channels, rngs=rngs, **kw)
+    self.to_out = _linear(channels, channels, rngs=rngs, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    b, hh, ww, c = x.shape
+    nh = self.num_heads
+    d = c // nh
+    n = self.group_norm(x).reshape(b, hh * ww, c)
+    q = self.to_q(n).reshape(b, -1, nh, d)
+    k = self.to_k(n).reshape(b, -1, nh, d)
+    v = self.to_v(n).reshape(b, -1, nh, d)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    w = jax.nn.softmax(logits * (d ** -0.5), axis=-1).astype(v.dtype)
+    o = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, hh * ww, c)
+    return x + self.to_out(o).reshape(b, hh, ww, c)
+
+
+class Downsample(nnx.Module):
+  """Halve H and W: 3x3 stride-2 conv (``with_conv``) or 2x2 average pooling.
+
+  ``padding=1`` pads one pixel on every side (PyTorch / diffusers default);
+  ``padding=0`` pads one pixel at the bottom / right only (TF "SAME", the original DDPM
+  and the google/ddpm-* checkpoints). [B, H, W, C] -> [B, H/2, W/2, C].
+  """
+
+  def __init__(self, channels: int, *, with_conv: bool, padding: int = 1, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.with_conv = with_conv
+    if with_conv:
+      pad = ((1, 1), (1, 1)) if padding == 1 else ((0, 1), (0, 1))
+      self.conv = _conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype,
+                        param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.conv = None
+
+  def __call__(self, x: Array) -> Array:
+    if self.conv is not None:
+      return self.conv(x)
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)).astype(x.dtype)
+
+
+class Upsample(nnx.Module):
+  """Double H and W by nearest-neighbour, then an optional 3x3 conv.
+
+  [B, H, W, C] -> [B, 2H, 2W, C].
+  """
+
+  def __init__(self, channels: int, *, with_conv: bool, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.with_conv = with_conv
+    if with_conv:
+      self.conv = _conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.conv = None
+
+  def __call__(self, x: Array) -> Array:
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    if self.conv is not None:
+      x = self.conv(x)
+    return x
