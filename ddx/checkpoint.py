@@ -201,8 +201,8 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
     workdir: the run directory.
     step: the step to restore (default: the latest).
     targets: item name -> target pytree (abstract ``jax.ShapeDtypeStruct`` leaves are fine)
-      or None (restore as saved; dict keys come back as strings). Default:
-      ``{"params": None, "ema_params": None}``.
+      or None (restore as saved, onto this process's first device, whatever topology wrote
+      it; dict keys come back as strings). Default: ``{"params": None, "ema_params": None}``.
 
   Returns:
     ``(step, {name: value})``.
@@ -215,13 +215,15 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
     if not os.path.isdir(os.path.join(sdir, name)):
       raise ValueError(f"checkpoint {sdir} has no item {name!r}")
   args = {}
-  for name, target in targets.items():
-    if name in JSON_ITEMS:
-      args[name] = ocp.args.JsonRestore()
-    else:
-      args[name] = ocp.args.StandardRestore(_pure(target))
   mngr = _manager(workdir, read_only=True)
   try:
+    for name, target in targets.items():
+      if name in JSON_ITEMS:
+        args[name] = ocp.args.JsonRestore()
+      else:
+        if target is None:
+          target = _abstract_from_metadata(sdir, name)
+        args[name] = ocp.args.StandardRestore(_with_local_sharding(_pure(target)))
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # orbax / tensorstore raise many types for broken files
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -229,6 +231,28 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
   finally:
     mngr.close()
   return step, {name: out[name] for name in targets}
+
+
+def _with_local_sharding(target):
+  """Abstract leaves without a sharding restore onto this process's first device (orbax
+  would otherwise insist on the topology that wrote the checkpoint)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def fix(leaf):
+    if isinstance(leaf, jax.ShapeDtypeStruct) and leaf.sharding is None:
+      return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device)
+    return leaf
+
+  return jax.tree_util.tree_map(fix, target)
+
+
+def _abstract_from_metadata(step_dir: str, name: str):
+  """Abstract single-device target for an item, from its saved metadata: restoring without a
+  target fails when the checkpoint was written by another topology (e.g. a multi-host run)."""
+  from etils import epath  # pylint: disable=import-outside-toplevel  (an orbax dependency)
+  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(step_dir, name)))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
 
 
 def restore_params(workdir: str | os.PathLike, which: str = "ema_params",

@@ -246,7 +246,7 @@ def test_cli_partial_checkpoint_write_and_corrupt_checkpoint(tmp_path):
   out = _ddx(["train", f"--workdir={wd}", *TINY_FLAGS, "--config.train.total_steps=6"])
   assert "resumed from" in out.stdout and checkpoint.latest_step(wd) == 6
   # a committed checkpoint with a damaged file: a one-line error naming the checkpoint
-  for f in glob.glob(os.path.join(wd, "checkpoints", "6", "params", "**", "*"), recursive=True):
+  for f in glob.glob(os.path.join(wd, "checkpoints", "6", "*params", "**", "*"), recursive=True):
     if os.path.isfile(f) and os.path.getsize(f) > 0:
       open(f, "wb").write(b"\0garbage")
   bad = _ddx(["sample", f"--workdir={wd}", "--steps=2", "--num=2"], check=False)
@@ -277,7 +277,7 @@ def test_cli_bad_inputs(tmp_path):
       (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.optim.learning_rate=-1"], "optim.learning_rate"),
       (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.optim.nope=1"], "optim.nope"),
       (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.model.norm_num_groups=3"], "model.norm_num_groups"),
-      (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.train.steps_per_call=3"], "train.total_steps"),
+      (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.train.steps_per_call=3"], "steps_per_call"),
       (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.diffusion.variance=learned"], "diffusion.variance"),
       (["sample", f"--workdir={tmp_path}/missing"], "workdir does not exist"),
       (["sample", f"--workdir={tmp_path}"], "no config.json"),
