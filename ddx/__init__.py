@@ -8,9 +8,9 @@ Public API (stable names)::
     x0 = ddx.sample(model_fn, sampler, x_T, key)
 """
 
-from ddx import diffusion, losses, samplers, schedules
+from ddx import diffusion, guidance, losses, samplers, schedules
 from ddx.sampling import sample
 from ddx.schedules import Schedule
 
-__all__ = ["diffusion", "losses", "samplers", "schedules", "sample", "Schedule"]
+__all__ = ["diffusion", "guidance", "losses", "samplers", "schedules", "sample", "Schedule"]
 __version__ = "0.1.0"

@@ -177,7 +177,9 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
   return steps[-1] if steps else None
 
 
-def _resolve_step(workdir: str, step: int | None) -> int:
+def resolve_step(workdir: str | os.PathLike, step: int | None = None) -> int:
+  """The checkpoint step to read (default: the latest); FileNotFoundError naming the path if none."""
+  workdir = os.path.abspath(os.fspath(workdir))
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir does not exist: {workdir}")
   cdir = checkpoint_dir(workdir)
@@ -208,7 +210,7 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
     ``(step, {name: value})``.
   """
   workdir = os.path.abspath(os.fspath(workdir))
-  step = _resolve_step(workdir, step)
+  step = resolve_step(workdir, step)
   sdir = os.path.join(checkpoint_dir(workdir), str(step))
   targets = dict(targets) if targets is not None else {n: None for n in PARAM_ITEMS}
   for name in targets:

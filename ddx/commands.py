@@ -104,7 +104,7 @@ def cmd_sample(argv: list[str]) -> int:
   from ddx import checkpoint  # pylint: disable=import-outside-toplevel
   workdir = os.path.abspath(FLAGS.workdir)
   cfg = checkpoint.read_config(workdir)  # clear error for a missing / empty workdir
-  checkpoint._resolve_step(workdir, FLAGS.checkpoint_step)  # pylint: disable=protected-access  # clear error if none
+  checkpoint.resolve_step(workdir, FLAGS.checkpoint_step)  # a clear error if there is none
   sample_cfg = cfg.get("sample", {})
   sampler_name = FLAGS.sampler or sample_cfg.get("sampler", "ddim")
   steps = FLAGS.steps or sample_cfg.get("steps", 50)
@@ -149,8 +149,7 @@ def cmd_sample(argv: list[str]) -> int:
   size, ch = cfg["model"]["image_size"], cfg["model"]["in_channels"]
   import time  # pylint: disable=import-outside-toplevel
   t0 = time.time()
-  x = fn(params, jax.random.key(FLAGS.seed), (num, size, size, ch), labels)
-  x = np.asarray(jax.device_get(x))
+  x = loop.to_host(fn(params, jax.random.key(FLAGS.seed), (num, size, size, ch), labels))
   dt = time.time() - t0
   if jax.process_index() == 0:
     prefix = FLAGS.out or os.path.join(workdir, "samples", f"sample_{step:08d}_{sampler_name.replace('+', 'p')}{steps}")

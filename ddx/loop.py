@@ -82,8 +82,9 @@ def make_sample_fn(graphdef, sched, spec: SampleSpec, num_classes: int | None, m
           guidance.conditional(model, y)
     else:
       model_fn = guidance.conditional(model, None)
-    x_T = jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
-    x_T = jax.device_put(x_T, parallel.batch_sharding(mesh)) if shape[0] % mesh.devices.size == 0 else x_T
+    # drawn inside jit straight into the batch sharding: every process makes its own shards
+    sharding = parallel.batch_sharding(mesh) if shape[0] % mesh.devices.size == 0 else parallel.replicated(mesh)
+    x_T = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32), out_shardings=sharding)(jax.random.fold_in(key, 0))
     return ddx.sample(model_fn, sampler, x_T, jax.random.fold_in(key, 1))
 
   return fn
@@ -208,6 +209,14 @@ def run(
           "skipped": int(jax.device_get(state.skipped)), "params": n_params, "state": state}
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-process sharded) global array as one numpy array on every process."""
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def _main_thread() -> bool:
   import threading  # pylint: disable=import-outside-toplevel
   return threading.current_thread() is threading.main_thread()
@@ -225,11 +234,7 @@ def _write_samples(sample_fn, state, step, workdir, writer, spec: SampleSpec, nu
   # every process takes part in the (sharded) sampling; process 0 writes the files
   labels = (np.arange(spec.num) % num_classes).astype(np.int32) if num_classes else None
   shape = (spec.num,) + tuple(int(d) for d in image_shape)
-  x = sample_fn(state.ema_params, jax.random.fold_in(jax.random.fold_in(base, 2), step), shape, labels)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    x = multihost_utils.process_allgather(x, tiled=True)
-  x = np.asarray(jax.device_get(x))
+  x = to_host(sample_fn(state.ema_params, jax.random.fold_in(jax.random.fold_in(base, 2), step), shape, labels))
   if jax.process_index() == 0:
     png, _ = images.save_samples(os.path.join(workdir, "samples", f"step_{step:08d}"), x, labels, scale=2)
     writer.image(step, "samples", images.make_grid(images.to_uint8(x)))

@@ -154,7 +154,7 @@ def train_step(
     return jnp.mean(per_example)
 
   value, grads = jax.value_and_grad(loss_fn)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -295,11 +295,15 @@ def test_cli_bad_inputs(tmp_path):
 
 def test_multihost_2x2_matches_single_process_4_devices(tmp_path):
   mh, sp = str(tmp_path / "mh"), str(tmp_path / "sp")
-  args = [*TINY_FLAGS, "--config.train.total_steps=4"]
+  args = [*TINY_FLAGS, "--config.train.total_steps=4", "--config.train.sample_every=4", "--config.sample.num=8",
+          "--config.sample.steps=2"]
   p = subprocess.run(["bash", "launch/local_multihost.sh", "2", "2", "--", sys.executable, "-m", "ddx", "train",
                       f"--workdir={mh}", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "2 processes" in p.stdout and "4 devices" in p.stdout, p.stdout[-2000:]
+  # the sample grid, sharded over both processes, is gathered and written once by process 0
+  assert os.path.exists(os.path.join(mh, "samples", "step_00000004.png"))
+  assert np.load(os.path.join(mh, "samples", "step_00000004.npz"))["samples"].shape == (8, 8, 8, 1)
   _ddx(["train", f"--workdir={sp}", *args], devices=4)
   _, a = _saved(mh)
   _, b = _saved(sp)
