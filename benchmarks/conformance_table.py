@@ -53,7 +53,7 @@ def _rows():
     note = ""
     if case["prediction"] == "v":
       note = f" (stock v_prediction: {_err(om.compare(ours, om.plms_reference(case))):.1e})"
-    tol = 5e-5 if case["prediction"] == "x0" else om.TOL
+    tol = om.TOL
     yield ("plms", f"{case['prediction']}-prediction converted at the evaluation point",
            om.case_id(case, om.PLMS_DEFAULTS), "PNDM eps on converted model" + note, _err(r32), _err(r64), tol)
 

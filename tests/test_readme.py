@@ -14,4 +14,5 @@ def test_readme_api_example_runs(capsys):
   scope = {}
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   x0 = np.asarray(scope["x0"])
-  assert abs(x0.mean() - 0.5) < 0.01 and abs(x0.std() - 0.2) < 0.01, (x0.mean(), x0.std())
+  # the printed numbers the README states (DDIM-50 under-disperses a Gaussian: 0.18 vs 0.2)
+  assert abs(x0.mean() - 0.5) < 0.005 and abs(x0.std() - 0.18) < 0.005, (x0.mean(), x0.std())
