@@ -10,9 +10,9 @@ saves a checkpoint and returns cleanly. Only process 0 prints, logs and writes i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
-import sys
 import time
 from typing import Any, Callable
 
@@ -69,8 +69,18 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "sharding"))
+def _initial_noise(key, *, shape, sharding):
+  # drawn inside jit straight into the batch sharding: every process makes its own shards
+  return jax.lax.with_sharding_constraint(jax.random.normal(key, shape, jnp.float32), sharding)
+
+
 def make_sample_fn(graphdef, sched, spec: SampleSpec, num_classes: int | None, mesh):
-  """``fn(params, key, labels) -> samples [num, H, W, C]`` with the batch sharded over ``mesh``."""
+  """``fn(params, key, shape, labels=None) -> samples [shape]``, batch sharded over ``mesh``.
+
+  ``labels`` int [N] (class-conditional models; None = the null label) select the classes;
+  ``spec.guidance != 1`` applies classifier-free guidance.
+  """
   sampler = ddx.samplers.make(spec.sampler, sched, spec.steps, **spec.sampler_kwargs)
 
   def fn(params, key, shape, labels=None):
@@ -82,9 +92,8 @@ def make_sample_fn(graphdef, sched, spec: SampleSpec, num_classes: int | None, m
           guidance.conditional(model, y)
     else:
       model_fn = guidance.conditional(model, None)
-    # drawn inside jit straight into the batch sharding: every process makes its own shards
     sharding = parallel.batch_sharding(mesh) if shape[0] % mesh.devices.size == 0 else parallel.replicated(mesh)
-    x_T = jax.jit(lambda k: jax.random.normal(k, shape, jnp.float32), out_shardings=sharding)(jax.random.fold_in(key, 0))
+    x_T = _initial_noise(jax.random.fold_in(key, 0), shape=tuple(shape), sharding=sharding)
     return ddx.sample(model_fn, sampler, x_T, jax.random.fold_in(key, 1))
 
   return fn

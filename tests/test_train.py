@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,7 +216,7 @@ def test_cli_train_kill9_resume_is_bitwise_identical(tmp_path):
   killed_at = checkpoint.latest_step(b)
   assert killed_at is not None and killed_at < 12, killed_at
   out = _ddx(["train", f"--workdir={b}", *TINY_FLAGS, *total])
-  assert f"resumed from" in out.stdout
+  assert "resumed from" in out.stdout
   sa, ia = _saved(a)
   sb, ib = _saved(b)
   assert sa == sb == 12
