@@ -42,8 +42,15 @@ def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
 
 
 def save_samples(path_prefix: str, samples, labels=None, ncols: int | None = None, scale: int = 1) -> tuple[str, str]:
-  """Write ``<prefix>.png`` (a grid) and ``<prefix>.npz`` (float samples in [-1, 1], labels)."""
+  """Write ``<prefix>.png`` (a grid) and ``<prefix>.npz`` (float samples in [-1, 1], labels).
+
+  Refuses (ValueError, nothing written) samples with a NaN or an infinity: they would show as
+  plausible-looking black or white pixels.
+  """
   samples = np.asarray(samples, np.float32)
+  bad = int(samples.size - np.count_nonzero(np.isfinite(samples)))
+  if bad:
+    raise ValueError(f"samples: {bad} of {samples.size} values are not finite; nothing written to {path_prefix}.*")
   png = save_png(path_prefix + ".png", make_grid(to_uint8(samples), ncols), scale=scale)
   arrays = {"samples": samples}
   if labels is not None:

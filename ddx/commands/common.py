@@ -21,8 +21,16 @@ def define_distributed(fv: flags.FlagValues) -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).", flag_values=fv)
 
 
+def check_distributed(fv: flags.FlagValues) -> None:
+  """Range checks of --num_processes / --process_id (before anything is started)."""
+  from ddx import limits  # pylint: disable=import-outside-toplevel
+  n = check_int(fv, "num_processes", lo=1, hi=limits.MAX_PROCESSES)
+  check_int(fv, "process_id", lo=0, hi=(n - 1) if n is not None else limits.MAX_PROCESSES - 1)
+
+
 def init_distributed(fv: flags.FlagValues) -> None:
   """Start multi-controller JAX when asked to (flags, DDX_* variables, TPU pods, SLURM)."""
+  check_distributed(fv)
   from ddx import parallel  # pylint: disable=import-outside-toplevel
   parallel.initialize_distributed(fv.coordinator, fv.num_processes, fv.process_id)
 
@@ -43,6 +51,8 @@ def check_int(fv: flags.FlagValues, name: str, lo: int | None = None, hi: int | 
   v = fv[name].value
   if v is None:
     return None
+  if isinstance(v, bool) or not isinstance(v, int):
+    raise ValueError(f"--{name}: must be an integer, got {v!r}")
   if lo is not None and v < lo:
     raise ValueError(f"--{name}: must be >= {lo}, got {v}")
   if hi is not None and v > hi:

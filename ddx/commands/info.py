@@ -17,6 +17,7 @@ common.define_distributed(FLAGS)
 def main(argv: list[str]) -> int:
   del argv
   common.require(FLAGS, "config")
+  common.check_distributed(FLAGS)
   from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.validate(FLAGS.config)
   common.init_distributed(FLAGS)
