@@ -46,9 +46,9 @@ def _last_line(p) -> str:
   return (p.stderr.strip().splitlines() or [""])[-1]
 
 
-def _random_unet(seed):
+def _random_unet(seed, **changes):
   """A tiny UNet with random weights everywhere (built from numpy: no per-initializer compiles)."""
-  kwargs = unet_kwargs(**TINY)
+  kwargs = unet_kwargs(**{**TINY, **changes})
   shapes = nnx.to_pure_dict(nnx.state(abstract_unet(**kwargs), nnx.Param))
   rng = np.random.RandomState(seed)
   return unet_from_params(kwargs, jax.tree.map(lambda s: (0.2 * rng.randn(*s.shape)).astype(np.float32), shapes))
@@ -196,13 +196,24 @@ def test_old_format_checkpoint_restores_with_one_warning(tiny, tmp_path, caplog,
                      "loaded unverified"
   code, out = _verify(wd, capsys)
   assert code == 0 and out.startswith("step 7: unverified: no checksums"), out
+  # on the command line the note is one line of the command's stderr
+  logger = logging.getLogger("ddx")
+  handlers, propagate = list(logger.handlers), logger.propagate
+  try:
+    cli._one_line_warnings("ddx sample")  # pylint: disable=protected-access  (what cli.run sets up)
+    service.load_model(wd)
+    err = capsys.readouterr().err
+  finally:
+    logger.handlers[:], logger.propagate = handlers, propagate
+  assert err == (f"ddx sample: warning: checkpoint {wd}/checkpoints/7 (step 7) has no checksums (written before ddx "
+                 "recorded them): loaded unverified\n"), err
   # a new step written next to it has checksums; the old one is untouched
   checkpoint.save(wd, 8, {"params": tiny, "ema_params": tiny})
   code, out = _verify(wd, capsys)
   assert code == 0 and "step 8: ok" in out and "1 ok, 0 bad, 1 without checksums" in out, out
 
 
-def test_checkpointer_writes_and_checks_checksums(tmp_path):
+def test_checkpointer_writes_and_checks_checksums(tmp_path, caplog):
   import optax  # pylint: disable=import-outside-toplevel
   model = _random_unet(1)
   tx = optax.adam(1e-3)
@@ -219,6 +230,22 @@ def test_checkpointer_writes_and_checks_checksums(tmp_path):
   bad = _flip_keeping_finite(str(tmp_path), 4, "params")
   with pytest.raises(checkpoint.CorruptCheckpointError, match=f": step 4: params/{bad[0]} does not match"):
     ck.restore(4, train_lib.checkpoint_targets(state))
+  # a training step written before checksums existed resumes, with one warning
+  plain = ocp.CheckpointManager(checkpoint.checkpoint_dir(str(tmp_path)))
+  saved = train_lib.checkpoint_items(state)
+  plain.save(6, args=ocp.args.Composite(
+      train=ocp.args.JsonSave({**saved["train"], "step": 6}),
+      **{k: ocp.args.StandardSave(nnx.to_pure_dict(v) if isinstance(v, nnx.State) else v)
+         for k, v in saved.items() if k != "train"}))
+  plain.wait_until_finished()
+  plain.close()
+  ck.reload()
+  with caplog.at_level(logging.WARNING, logger="ddx.checkpoint"):
+    items = ck.restore(6, train_lib.checkpoint_targets(state))
+  assert items["train"]["step"] == 6
+  assert [r.getMessage() for r in caplog.records if r.name == "ddx.checkpoint"] == [
+      f"checkpoint {tmp_path}/checkpoints/6 (step 6) has no checksums (written before ddx recorded them): "
+      "loaded unverified"]
   ck.close()
   with pytest.raises(ValueError, match="'checksums' is reserved"):
     checkpoint.save(str(tmp_path), 5, {"params": model, "checksums": {}}, _config(model))
@@ -319,3 +346,201 @@ def test_training_sample_grids_skip_non_finite_samples_and_training_goes_on(tmp_
     assert re.search(f"warning: sample grid at step {step}: [0-9]+ of 256 values are not finite; nothing written, "
                      "training goes on", out), out
   assert not os.path.exists(os.path.join(wd, "samples"))
+
+
+# --- every numeric flag of every command: its own range, 0 included -----------------------
+
+BIG = 10**9
+# command -> [(flags, the one-line error)]; a flag's value 0 is checked like any other value
+FLAG_CASES = {
+    "sample": [
+        (["--steps=0"], "--steps: must be >= 1, got 0"),
+        (["--steps=-3"], "--steps: must be >= 1, got -3"),
+        (["--steps=1001"], "--steps: must be <= 1000 (the model's diffusion.num_timesteps), got 1001"),
+        ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
+        (["--num=0"], "--num: must be >= 1, got 0"),
+        (["--num=-1"], "--num: must be >= 1, got -1"),
+        ([f"--num={BIG}"], f"--num: must be <= 1048576, got {BIG}"),
+        (["--eta=-0.5"], "--eta: must be >= 0.0, got -0.5"),
+        (["--eta=1.5"], "--eta: must be <= 1.0, got 1.5"),
+        (["--eta=nan"], "--eta: must be a finite number, got nan"),
+        (["--eta=inf"], "--eta: must be a finite number, got inf"),
+        (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
+        (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
+        (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
+        (["--label=-1"], "--label: must be >= 0, got -1"),
+        (["--label=11"], "--label: must be in [0, 10] (10 = unconditional), got 11"),
+        ([f"--label={BIG}"], f"--label: must be in [0, 10] (10 = unconditional), got {BIG}"),
+        (["--seed=-1"], "--seed: must be >= 0, got -1"),
+        ([f"--seed={2**63}"], f"--seed: must be <= {2**63 - 1}, got {2**63}"),
+        (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
+        ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
+        (["--checkpoint_step=0"], "no checkpoint for step 0 in"),
+        (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+        ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
+        (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
+        (["--num_processes=2", "--process_id=2"], "--process_id: must be <= 1, got 2"),
+        # 0 is in range for these: the next flag's error shows they passed
+        (["--eta=0", "--guidance=0", "--seed=0", "--label=0", "--checkpoint_step=-2"], "--checkpoint_step: must be >= 0"),
+    ],
+    "train": [
+        (["--stop_after_steps=0"], "--stop_after_steps: must be >= 1, got 0"),
+        (["--stop_after_steps=-2"], "--stop_after_steps: must be >= 1, got -2"),
+        ([f"--stop_after_steps={2**31}"], f"--stop_after_steps: must be <= {2**31 - 1}, got {2**31}"),
+        (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+        (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
+        (["--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
+        ([f"--config.train.total_steps={2**31}"], f"train.total_steps: must be <= {2**31 - 1}, got {2**31}"),
+        (["--config.sample.num=0"], "sample.num: must be >= 1, got 0"),
+        ([f"--config.sample.num={BIG}"], f"sample.num: must be <= 1048576, got {BIG}"),
+        (["--config.sample.steps=0"], "sample.steps: must be >= 1, got 0"),
+        (["--config.sample.eta=2.0"], "sample.eta: must be <= 1.0, got 2.0"),
+        (["--config.sample.guidance=1e30"], "sample.guidance: must be <= 100.0, got 1e+30"),
+        (["--config.sample.guidance=-1.0"], "sample.guidance: must be >= 0.0, got -1.0"),
+        (["--config.optim.learning_rate=0.0"], "optim.learning_rate: must be > 0, got 0.0"),
+        (["--config.optim.learning_rate=nan"], "optim.learning_rate: must be a finite number, got nan"),
+        (["--config.optim.grad_clip=inf"], "optim.grad_clip: must be a finite number, got inf"),
+        (["--config.train.global_batch_size=0"], "train.global_batch_size: must be >= 1, got 0"),
+        ([f"--config.train.global_batch_size={BIG}"], f"train.global_batch_size: must be <= 1048576, got {BIG}"),
+        (["--config.train.checkpoint_every=0"], "train.checkpoint_every: must be >= 1, got 0"),
+        (["--config.seed=-1"], "seed: must be >= 0, got -1"),
+        ([f"--config.diffusion.num_timesteps={BIG}"], f"diffusion.num_timesteps: must be <= 100000, got {BIG}"),
+        ([f"--config.data.image_size={BIG}"], f"data.image_size: must be <= 4096, got {BIG}"),
+    ],
+    "info": [
+        (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+        (["--num_processes=-4"], "--num_processes: must be >= 1, got -4"),
+        (["--num_processes=3", f"--process_id={BIG}"], f"--process_id: must be <= 2, got {BIG}"),
+        (["--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
+    ],
+    "verify": [
+        (["--step=-1"], "--step: must be >= 0, got -1"),
+        ([f"--step={2**31}"], f"--step: must be <= {2**31 - 1}, got {2**31}"),
+        (["--step=0"], "no checkpoint for step 0 in"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def conditional_workdir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("cond"))
+  model = _random_unet(3, num_classes=10)
+  checkpoint.save(wd, 1, {"params": model, "ema_params": model}, _config(model))
+  return wd
+
+
+def test_every_numeric_flag_is_covered():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
+  numeric = {}
+  for name, path in cli.COMMANDS.items():
+    fv = importlib.import_module(path).FLAGS
+    numeric[name] = {f.name for f in fv._flags().values()  # pylint: disable=protected-access
+                     if isinstance(f.parser, (flags.IntegerParser, flags.FloatParser))}
+  tested = {name: {a.split("=")[0][2:] for args, _ in cases for a in args if not a.startswith("--config")}
+            for name, cases in FLAG_CASES.items()}
+  for name, flag_names in numeric.items():
+    assert flag_names <= tested.get(name, set()), (name, flag_names - tested.get(name, set()))
+
+
+@pytest.mark.parametrize("command", sorted(FLAG_CASES))
+def test_numeric_flags_are_range_checked(command, conditional_workdir, tmp_path, monkeypatch):
+  before = sorted(os.listdir(conditional_workdir))
+  for args, message in FLAG_CASES[command]:
+    if command in ("sample", "verify"):
+      argv = [f"--workdir={conditional_workdir}", *args]
+    elif command == "train":
+      argv = [f"--workdir={tmp_path}/t", "--config=configs/digits.py", *args]
+    else:
+      argv = ["--config=configs/digits.py", *args]
+    # as `python -m ddx` does (ml_collections reads --config.* overrides from sys.argv)
+    monkeypatch.setattr(sys, "argv", ["ddx", command, *argv])
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+      cli.main(sys.argv)
+    assert "\n" not in str(e.value) and str(e.value).startswith(message), (args, str(e.value))
+  assert sorted(os.listdir(conditional_workdir)) == before and not os.path.exists(tmp_path / "t")
+
+
+def test_bad_flags_from_the_command_line_are_one_line(conditional_workdir):
+  for args, line in [
+      (["sample", f"--workdir={conditional_workdir}", "--steps=0", "--num=0"],
+       "ddx sample: error: --steps: must be >= 1, got 0"),
+      (["train", f"--workdir={conditional_workdir}/t", "--config=configs/digits.py", f"--config.sample.num={BIG}"],
+       f"ddx train: error: sample.num: must be <= 1048576, got {BIG}"),
+  ]:
+    p = _ddx(args)
+    assert p.returncode == 1 and p.stderr.strip() == line, p.stderr[-1000:]
+  assert not os.path.exists(os.path.join(conditional_workdir, "samples"))
+  assert not os.path.exists(os.path.join(conditional_workdir, "t"))
+
+
+# --- the safetensors importer -----------------------------------------------------------------
+
+DIFFUSERS_TINY = dict(
+    _class_name="UNet2DModel", sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+    layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_num_groups=4)
+
+
+def _diffusers_folder(path, state=None):
+  """A diffusers UNet2DModel folder written with the safetensors package alone (no torch): random
+  weights under diffusers' names and torch layouts, or ``state`` as given."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(DIFFUSERS_TINY, f)
+  if state is None:
+    kwargs = unet_kwargs(**convert.diffusers_to_unet_kwargs(DIFFUSERS_TINY))
+    shapes = nnx.to_pure_dict(nnx.state(abstract_unet(**kwargs), nnx.Param))
+    rng, state = np.random.RandomState(0), {}
+    for keys, like in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+      names = tuple(k.key for k in keys)
+      prefix, leaf = convert._diffusers_key(names)  # pylint: disable=protected-access
+      shape = like.shape
+      if names[-1] == "kernel":  # flax [kh, kw, I, O] / [I, O] -> torch [O, I, kh, kw] / [O, I]
+        shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+      state[f"{prefix}.{leaf}"] = rng.randn(*shape).astype(np.float32)
+  save_file(state, os.path.join(path, convert.WEIGHTS_NAME))
+  return state
+
+
+def test_importer_names_the_damaged_tensor(tmp_path):
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "unet")
+  state = _diffusers_folder(path)
+  fname = os.path.join(path, convert.WEIGHTS_NAME)
+  convert.from_diffusers(path)  # the intact folder imports
+  header_len = int.from_bytes(open(fname, "rb").read(8), "little")
+  header = json.loads(open(fname, "rb").read(8 + header_len)[8:])
+  # truncated (an interrupted download): the first tensor past the new end of the file is named
+  data = open(fname, "rb").read()
+  cut = len(data) * 2 // 3
+  open(fname, "wb").write(data[:cut])
+  first_cut = min((v["data_offsets"][0], k) for k, v in header.items()
+                  if k != "__metadata__" and 8 + header_len + v["data_offsets"][1] > cut)[1]
+  with pytest.raises(ValueError, match=rf": tensor {re.escape(first_cut)} is truncated: its data ends at byte \d+, "
+                                       rf"the file at {cut} ") as e:
+    convert.from_diffusers(path)
+  assert "\n" not in str(e.value)
+  # cut inside the header
+  open(fname, "wb").write(data[:100])
+  with pytest.raises(ValueError, match="truncated inside its header"):
+    convert.from_diffusers(path)
+  # a header entry whose shape does not fit its bytes
+  name = sorted(header)[1]
+  bad = dict(header, **{name: {**header[name], "shape": [3] + header[name]["shape"]}})
+  text = json.dumps(bad).encode()
+  text += b" " * (-len(text) % 8)
+  open(fname, "wb").write(len(text).to_bytes(8, "little") + text + data[8 + header_len:])
+  with pytest.raises(ValueError, match=rf": tensor {re.escape(name)}: F32\[3, .* needs \d+ bytes, the header gives it"):
+    convert.from_diffusers(path)
+  # a tensor of the wrong shape for the config
+  _diffusers_folder(path, {**state, "conv_out.bias": np.zeros(4, np.float32)})
+  with pytest.raises(ValueError, match=r"^weights: conv_out.bias has shape \(4,\) after conversion, ddx expects \(1,\)$"):
+    convert.from_diffusers(path)
+  # a NaN inside a tensor (the file itself is well formed)
+  poisoned = {**state, "mid_block.resnets.0.conv1.bias": np.full(16, np.nan, np.float32)}
+  _diffusers_folder(path, poisoned)
+  assert np.isnan(load_file(fname)["mid_block.resnets.0.conv1.bias"]).all()
+  with pytest.raises(ValueError, match=r"^weights: mid_block.resnets.0.conv1.bias has 16 non-finite values of 16$"):
+    convert.from_diffusers(path)
