@@ -384,7 +384,7 @@ def check_items(items: Mapping[str, Any], record: Mapping | None, *, step: int, 
     return CorruptCheckpointError(f"corrupt checkpoint {step_dir}: step {step}: {leaf} {what}", step)
 
   leaves = record.get("leaves") if isinstance(record, Mapping) else None
-  if record.get("algorithm") != "sha256" or not isinstance(leaves, Mapping):
+  if not isinstance(leaves, Mapping) or record.get("algorithm") != "sha256":
     raise bad(CHECKSUMS_ITEM, "is not a ddx checksums record")
   named = leaf_paths(items)
   got = _digests(named)
