@@ -2,7 +2,7 @@
 
     python -m ddx train  --config=configs/digits.py --workdir=runs/digits [--config.train.total_steps=...]
     python -m ddx sample --workdir=runs/digits [--sampler=ddim --steps=50 --num=64 --eta=0 --guidance=2 --label=3]
-    python -m ddx info   --config=configs/cifar10.py
+    python -m ddx info   [--config=configs/cifar10.py]
 
 Configs are read here and only here: everything below receives explicit arguments.
 """
@@ -158,15 +158,19 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_info(argv: list[str]) -> int:
-  """Print the parameter count, devices and mesh for --config."""
+  """Every process prints the devices it drives; with --config, process 0 also prints the
+  parameter count and mesh."""
   if argv:
     raise app.UsageError(f"info: unexpected arguments {argv}")
-  cfg = _config()
+  cfg = _config() if FLAGS.config is not None else None
   _init_distributed()
   import jax  # pylint: disable=import-outside-toplevel
   from ddx import parallel  # pylint: disable=import-outside-toplevel
   from ddx.models.unet import unet_param_count  # pylint: disable=import-outside-toplevel
 
+  print(parallel.format_device_report(parallel.device_report()), flush=True)
+  if cfg is None or jax.process_index() != 0:
+    return 0
   mesh = parallel.data_mesh()
   n = unet_param_count(**cfg["model"])
   b = cfg["train"]["global_batch_size"]
@@ -181,4 +185,4 @@ def cmd_info(argv: list[str]) -> int:
 
 register("train", cmd_train, "train (or resume) a model: --config=... --workdir=...")
 register("sample", cmd_sample, "sample from a workdir's checkpoint: --workdir=... [--sampler --steps --num ...]")
-register("info", cmd_info, "print parameter count, devices and mesh for --config")
+register("info", cmd_info, "print the devices of every process [and parameter count, mesh for --config]")
