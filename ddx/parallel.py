@@ -140,7 +140,8 @@ def device_report() -> dict:
 def format_device_report(r: dict) -> str:
   """One line: ``process I/N (host H): K local <backend> devices [id: kind #local_hw, ...] of M; key=value...``."""
   devs = ", ".join(f"{d['id']}: {d['kind']} #{d['local_hardware_id']}" for d in r["devices"])
-  kv = {"local_device_ids": r["local_device_ids"], "coordinator": r["coordinator"], **r["env"]}
+  kv = {"local_device_ids": r["local_device_ids"], **({"coordinator": r["coordinator"]} if r["coordinator"] else {}),
+        **r["env"]}
   return (f"process {r['process_index']}/{r['process_count']} (host {r['host']}): {len(r['devices'])} local "
           f"{r['backend']} devices [{devs}] of {r['device_count']}; " + " ".join(f"{k}={v}" for k, v in kv.items()))
 
