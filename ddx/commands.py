@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -168,7 +169,10 @@ def cmd_info(argv: list[str]) -> int:
   from ddx import parallel  # pylint: disable=import-outside-toplevel
   from ddx.models.unet import unet_param_count  # pylint: disable=import-outside-toplevel
 
-  print(parallel.format_device_report(parallel.device_report()), flush=True)
+  # one write() per line: every process shares the launcher's stdout, and a pipe keeps a
+  # write of under 4 KiB whole, so lines of different processes never interleave
+  sys.stdout.flush()
+  os.write(sys.stdout.fileno(), (parallel.format_device_report(parallel.device_report()) + "\n").encode())
   if cfg is None or jax.process_index() != 0:
     return 0
   mesh = parallel.data_mesh()

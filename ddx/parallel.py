@@ -50,8 +50,8 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.distributed.initialize(local_device_ids=local_device_ids)
 
 
-# What jax.distributed's SLURM detection reads (jax/_src/clusters/slurm_cluster.py): all of
-# them are set inside an `srun` step, not in the batch script's own shell.
+# What jax.distributed's SLURM detection needs (jax/_src/clusters/slurm_cluster.py); srun
+# sets all of them in every task of a step.
 SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
 

@@ -17,6 +17,9 @@ from ddx import checkpoint, parallel
 from tests.test_train import ROOT, TINY_FLAGS, _assert_params_close, _ddx, _saved
 
 SBATCH = os.path.join(ROOT, "launch", "slurm_gpu.sbatch")
+# test_train's tiny run with a one-level U-Net: compiling the train step dominates these
+# tests, and the launcher does not care about the model
+FLAGS = [*TINY_FLAGS, "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=()"]
 
 # srun as SLURM runs a step inside an allocation: every task gets the job's environment plus
 # the step/task variables; by default each task sees every GPU of its node (gres binding is
@@ -195,7 +198,7 @@ def test_slurm_one_task_per_node_trains_like_one_process(tmp_path):
     assert kv["local_device_ids"] == "0,1"  # JAX's own SLURM default would be [SLURM_LOCALID] = 0
 
   mh, sp = str(tmp_path / "mh"), str(tmp_path / "sp")
-  args = [*TINY_FLAGS, "--config.train.total_steps=4"]
+  args = [*FLAGS, "--config.train.total_steps=4"]
   rc, out = _job(env, [f"--workdir={mh}", *args], timeout=900)  # no command: train
   assert rc == 0, out[-3000:]
   assert "4 devices (2 processes)" in out, out[-3000:]
@@ -213,7 +216,7 @@ def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
   checkpoint and exit cleanly, and the script requeues the job."""
   env, _ = _slurm_env(tmp_path, nodes=1, tasks_per_node=2, gpus_per_node=2, devices_per_task=1)
   wd = str(tmp_path / "t")
-  p = subprocess.Popen(["bash", SBATCH, "train", f"--workdir={wd}", *TINY_FLAGS, "--config.train.total_steps=100000",
+  p = subprocess.Popen(["bash", SBATCH, "train", f"--workdir={wd}", *FLAGS, "--config.train.total_steps=100000",
                         "--config.train.checkpoint_every=50000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
   try:
