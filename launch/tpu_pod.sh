@@ -61,7 +61,7 @@ run() {  # print the command (dry run) or run it
 }
 q() { printf '%q' "$1"; }
 VM=(gcloud compute tpus tpu-vm)
-WHERE=(--zone "$ZONE" "${GCLOUD_FLAGS[@]}" --worker=all)
+WHERE=(--zone "$ZONE" ${GCLOUD_FLAGS[@]+"${GCLOUD_FLAGS[@]}"} --worker=all)  # (empty-array safe in bash 3.2)
 VENV='python3 -m venv ~/ddx-venv && . ~/ddx-venv/bin/activate && pip install -q -U pip'
 
 if [ -z "$REPO" ]; then

@@ -182,6 +182,7 @@ def test_slurm_one_task_per_gpu_device_report(tmp_path):
   assert rc == 0 and "srun --kill-on-bad-exit=1 python -m ddx info" in dry and "process 0/" not in dry, dry
 
 
+@pytest.mark.slow
 def test_slurm_one_task_per_node_trains_like_one_process(tmp_path):
   """2 nodes x 1 task driving all (2) GPUs of its node: the report says so, and 4 training
   steps over the 2 x 2 devices match one process with 4 devices."""
@@ -211,6 +212,7 @@ def test_slurm_one_task_per_node_trains_like_one_process(tmp_path):
   _assert_params_close(a["ema_params"], b["ema_params"])
 
 
+@pytest.mark.slow
 def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
   """SIGTERM to the batch script (--signal=B:TERM) reaches every task through srun: they
   checkpoint and exit cleanly, and the script requeues the job."""
