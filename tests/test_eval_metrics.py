@@ -65,8 +65,10 @@ def test_fd_features_match_stats_and_self_is_zero():
 def test_fd_fewer_samples_than_dimensions():
   rng = np.random.default_rng(6)
   x, y = rng.normal(size=(10, 64)), rng.normal(size=(12, 64))
-  fd = ev.frechet_distance(x, y)
+  fd = ev.frechet_distance(x, y)  # the sample-space (SVD) path
   assert np.isfinite(fd) and fd >= 0.0
+  stats = [v for z in (x, y) for v in (z.mean(0), np.cov(z, rowvar=False))]
+  np.testing.assert_allclose(fd, ev.frechet_distance_from_stats(*stats), rtol=1e-9)  # the D x D path
   assert ev.frechet_distance(x, x) <= 1e-10 * np.trace(np.cov(x, rowvar=False))
   # rank-deficient covariances with the closed form of the commuting case
   sa, sb = _random_cov(32, 7, rank=3), np.zeros((32, 32))

@@ -86,11 +86,24 @@ def frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b) -> float:
 def frechet_distance(feats_a, feats_b) -> float:
   """Fréchet distance between Gaussians fitted to features ``[N_a, D]`` and ``[N_b, D]``.
 
-  Mean and unbiased covariance of each set (N >= 2 each; N < D is fine), then
-  `frechet_distance_from_stats`.
+  Mean and unbiased covariance of each set (N >= 2 each; N < D is fine). With at least D
+  samples in both sets this is `frechet_distance_from_stats`. With fewer (the covariances
+  are singular), the trace term is computed in sample space instead, exactly: writing
+  ``S_a = A A^T`` and ``S_b = B B^T`` with ``A = X_a^T / sqrt(N_a - 1)`` (``X`` centred), the
+  non-zero eigenvalues of ``S_a S_b`` are the squared singular values of ``A^T B``
+  [N_a, N_b], so ``tr((S_a S_b)^{1/2})`` is its nuclear norm: an SVD of an N_a x N_b matrix
+  instead of D x D eigendecompositions.
   """
   a = _check_features("feats_a", feats_a)
   b = _check_features("feats_b", feats_b)
   if a.shape[1] != b.shape[1]:
     raise ValueError(f"feats_b: expected {a.shape[1]} feature dimensions like feats_a, got {b.shape[1]}")
-  return frechet_distance_from_stats(*feature_stats(a), *feature_stats(b))
+  (na, d), nb = a.shape, b.shape[0]
+  if min(na, nb) >= d:
+    return frechet_distance_from_stats(*feature_stats(a), *feature_stats(b))
+  mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+  xa, xb = (a - mu_a) / np.sqrt(na - 1), (b - mu_b) / np.sqrt(nb - 1)
+  tr_sqrt = float(np.sum(np.linalg.svd(xa @ xb.T, compute_uv=False)))
+  diff = mu_a - mu_b
+  fd = float(diff @ diff) + float(np.sum(xa * xa)) + float(np.sum(xb * xb)) - 2.0 * tr_sqrt
+  return max(fd, 0.0)
