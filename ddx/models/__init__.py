@@ -1,16 +1,13 @@
 """Denoiser networks (flax.nnx, NHWC).
 
-``UNet`` is the DDPM-family U-Net; ``from_diffusers`` imports a diffusers ``UNet2DModel``
-folder into it; ``unet_param_count`` counts parameters without allocating them.
+* ``UNet``: the DDPM-family U-Net; ``unet_kwargs`` normalises and validates its constructor
+  arguments, ``unet_param_count`` counts parameters without allocating them.
+* ``from_diffusers(path)``: a diffusers ``UNet2DModel`` folder as a ``UNet`` computing the
+  same function; ``unet_from_params(kwargs, params)`` rebuilds one from a pure param dict
+  (e.g. restored from a checkpoint).
 """
 
-from ddx.models.convert import (diffusers_scheduler_to_diffusion, diffusers_to_unet_kwargs,
-                                 from_diffusers, unet_from_params)
-from ddx.models.unet import (UNET_KWARGS, UNet, abstract_unet, unet_kwargs, unet_param_count,
-                             validate_kwargs)
+from ddx.models.convert import from_diffusers, unet_from_params
+from ddx.models.unet import UNet, unet_kwargs, unet_param_count
 
-__all__ = [
-    "UNet", "UNET_KWARGS", "abstract_unet", "unet_param_count", "unet_kwargs", "validate_kwargs",
-    "from_diffusers", "diffusers_to_unet_kwargs", "diffusers_scheduler_to_diffusion",
-    "unet_from_params",
-]
+__all__ = ["UNet", "from_diffusers", "unet_from_params", "unet_kwargs", "unet_param_count"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 
 from ddx.samplers import base, ddim, ddpm, dpm_solver, grids, plms
+from ddx.samplers.base import Sampler, X0Processing
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
 from ddx.samplers.dpm_solver import DPMSolverPP
@@ -42,4 +43,4 @@ def make(name: str, sched, num_steps: int | None = None, **kwargs):
   return maker(sched, num_steps, **kwargs)
 
 
-__all__ = ["make", "NAMES", "DDPM", "DDIM", "PLMS", "DPMSolverPP", "base", "grids"]
+__all__ = ["make", "NAMES", "Sampler", "X0Processing", "DDPM", "DDIM", "PLMS", "DPMSolverPP"]
