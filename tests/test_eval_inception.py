@@ -4,7 +4,6 @@ weights are never downloaded here): pool3 features including the resize from 32x
 of two image sets, and the weight-file handling (.pth via torch.load(weights_only=True),
 .safetensors copy, hash check, missing file)."""
 
-import sys
 from unittest import mock
 
 import jax
@@ -20,26 +19,9 @@ pytestmark = pytest.mark.torch
 
 
 def _import_pytorch_fid():
-  """Import ``pytorch_fid.inception`` (needs torchvision for its Inception3 building blocks).
-
-  Where the installed torchvision wheel is a CUDA build paired with CPU torch, its C++ ops do
-  not load and ``import torchvision`` stops while registering fake kernels for the detection
-  ops ``nms`` / ``qnms``. Declaring those two op schemas lets the pure-Python model code
-  import; Inception uses no torchvision op, so nothing in the reference's math changes.
-  """
-  try:
-    import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel
-  except RuntimeError as e:
-    if "torchvision::" not in str(e):
-      raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-      del sys.modules[name]
-    lib = torch.library.Library("torchvision", "DEF")
-    for op in ("nms", "qnms"):
-      lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _import_pytorch_fid.lib = lib  # keep the definitions alive
-  except ImportError:
-    pytest.skip("torchvision (needed by pytorch-fid) is not installed")
+  """``pytorch_fid.inception`` (its Inception3 blocks come from torchvision, which imports here
+  through tests/_torchvision_compat.py, installed by conftest.py)."""
+  pytest.importorskip("torchvision")
   return pytest.importorskip("pytorch_fid.inception")
 
 
@@ -99,7 +81,7 @@ def ours(safetensors_file):
   return inception.load(safetensors_file, sha256_prefix=None)
 
 
-def _images(seed, n=3, size=32):
+def _images(seed, n=2, size=32):
   return np.random.default_rng(seed).uniform(-1, 1, (n, size, size, 3)).astype(np.float32)
 
 
@@ -127,12 +109,12 @@ def test_features_and_fd_match_pytorch_fid(reference, ours):
   model, _ = reference
   a, b = _images(1), _images(2)
   ref_a, ref_b = _torch_features(model, a), _torch_features(model, b)
-  got = feat_lib.compute_features(ours, np.concatenate([a, b]), batch_size=6)
-  assert got.shape == (6, 2048)
+  got = feat_lib.compute_features(ours, np.concatenate([a, b]), batch_size=4)
+  assert got.shape == (4, 2048)
   assert np.abs(ref_a).max() > 1e-2 and np.std(ref_a) > 1e-3  # the random network is not degenerate
-  assert _rel(got[:3], ref_a) < 1e-4 and _rel(got[3:], ref_b) < 1e-4, (_rel(got[:3], ref_a), _rel(got[3:], ref_b))
+  assert _rel(got[:2], ref_a) < 1e-4 and _rel(got[2:], ref_b) < 1e-4, (_rel(got[:2], ref_a), _rel(got[2:], ref_b))
   fd_ref = ev.frechet_distance(ref_a, ref_b)
-  fd = ev.frechet_distance(got[:3], got[3:])
+  fd = ev.frechet_distance(got[:2], got[2:])
   assert fd > 0 and abs(fd - fd_ref) <= 1e-3 * fd_ref, (fd, fd_ref)
 
 
