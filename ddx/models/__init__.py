@@ -14,3 +14,9 @@ __all__ = [
     "from_diffusers", "diffusers_to_unet_kwargs", "diffusers_scheduler_to_diffusion",
     "unet_from_params",
 ]
+
+# The latent-diffusion stack (imported after the DDPM U-Net; see ddx/models/convert_latent.py).
+from ddx.models.autoencoder import AutoencoderKL, DiagonalGaussian  # noqa: E402
+from ddx.models.convert_latent import autoencoder_from_diffusers  # noqa: E402
+
+__all__ += ["AutoencoderKL", "DiagonalGaussian", "autoencoder_from_diffusers"]
