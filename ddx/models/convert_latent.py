@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from ddx.models import torch_import as ti
 from ddx.models.autoencoder import AutoencoderKL, validate_autoencoder_kwargs
+from ddx.models.unet_cond import UNetCond, validate_unet_cond_kwargs
 
 CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors",)
@@ -116,4 +117,113 @@ def autoencoder_from_diffusers(path: str | os.PathLike, **overrides) -> Autoenco
   state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "vae")
   params = ti.convert_state(state, abstract, what="vae", subs=[(".to_out.", ".to_out.0.")],
                             legacy=_LEGACY_ATTN)
+  return ti.load_params(module, params, kwargs["param_dtype"])
+
+
+# ------------------------------------------------------------------ UNet2DConditionModel
+
+_UNET_DEFAULTS = {
+    "sample_size": None, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
+    "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "only_cross_attention": False, "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2, "downsample_padding": 1, "mid_block_scale_factor": 1,
+    "dropout": 0.0, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
+    "reverse_transformer_layers_per_block": None, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "attention_head_dim": 8, "num_attention_heads": None,
+    "dual_cross_attention": False, "use_linear_projection": False, "class_embed_type": None,
+    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
+    "upcast_attention": False, "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_dim": None,
+    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
+    "attention_type": "default", "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None, "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+
+# Keys that must hold one of these values (anything else is another architecture).
+_UNET_REQUIRED = {
+    "center_input_sample": (False,), "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "mid_block_scale_factor": (1,), "dropout": (0,), "act_fn": ("silu", "swish"),
+    "reverse_transformer_layers_per_block": (None,), "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,), "num_attention_heads": (None,),
+    "dual_cross_attention": (False,), "class_embed_type": (None, "timestep"),
+    "addition_embed_type": (None,), "addition_time_embed_dim": (None,),
+    "resnet_time_scale_shift": ("default",), "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1,), "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,), "projection_class_embeddings_input_dim": (None,),
+    "attention_type": ("default",), "class_embeddings_concat": (False,),
+    "mid_block_only_cross_attention": (None, False), "cross_attention_norm": (None,),
+}
+
+_UNET_SUBS = ((".ff.proj.", ".ff.net.0.proj."), (".ff.out.", ".ff.net.2."))
+
+
+def diffusers_to_unet_cond_kwargs(config: Mapping[str, Any]) -> dict:
+  """`UNetCond` kwargs for a diffusers UNet2DConditionModel config (one-line ValueError)."""
+  what = "diffusers UNet2DConditionModel"
+  c = _merge(config, _UNET_DEFAULTS, "UNet2DConditionModel", what)
+  for key, allowed in _UNET_REQUIRED.items():
+    _require(c, what, key, allowed)
+  boc = list(c["block_out_channels"])
+  down, up = list(c["down_block_types"]), list(c["up_block_types"])
+  for key, types, ok in (("down_block_types", down, ("CrossAttnDownBlock2D", "DownBlock2D")),
+                         ("up_block_types", up, ("CrossAttnUpBlock2D", "UpBlock2D"))):
+    if len(types) != len(boc):
+      raise _unsupported(what, key, c[key], "length differs from block_out_channels")
+    bad = [b for b in types if b not in ok]
+    if bad:
+      raise _unsupported(what, key, bad[0], f"supported: {', '.join(ok)}")
+  oca = c["only_cross_attention"]
+  if (oca if isinstance(oca, bool) else any(oca)):
+    raise _unsupported(what, "only_cross_attention", oca, "supported: False")
+  cad = c["cross_attention_dim"]
+  if not isinstance(cad, int) or isinstance(cad, bool):
+    raise _unsupported(what, "cross_attention_dim", cad, "only one int for all blocks")
+  tl = c["transformer_layers_per_block"]
+  if not isinstance(tl, int) and any(not isinstance(v, int) for v in tl):
+    raise _unsupported(what, "transformer_layers_per_block", tl, "nested lists")
+  heads = c["attention_head_dim"]  # head counts, see ddx.models.unet_cond
+  if heads is None:
+    raise _unsupported(what, "attention_head_dim", heads, "must give the heads per block")
+  if c["norm_num_groups"] is None:
+    raise _unsupported(what, "norm_num_groups", None)
+  if c["class_embed_type"] == "timestep" and c["num_class_embeds"] is not None:
+    raise _unsupported(what, "num_class_embeds", c["num_class_embeds"],
+                       "not used with class_embed_type='timestep'")
+  kwargs = dict(
+      in_channels=c["in_channels"], out_channels=c["out_channels"], block_out_channels=boc,
+      down_cross=[b == "CrossAttnDownBlock2D" for b in down],
+      up_cross=[b == "CrossAttnUpBlock2D" for b in up],
+      layers_per_block=c["layers_per_block"], transformer_layers=tl, num_heads=heads,
+      cross_attention_dim=cad, use_linear_projection=c["use_linear_projection"],
+      norm_num_groups=c["norm_num_groups"], norm_eps=c["norm_eps"],
+      flip_sin_to_cos=c["flip_sin_to_cos"], freq_shift=c["freq_shift"],
+      downsample_padding=c["downsample_padding"], class_embed_type=c["class_embed_type"],
+      num_class_embeds=c["num_class_embeds"], dtype=None, param_dtype="float32", remat=False)
+  try:
+    return validate_unet_cond_kwargs(**kwargs)
+  except ValueError as e:
+    raise ValueError(f"diffusers UNet2DConditionModel config gives an invalid ddx UNetCond: {e}") from None
+
+
+def unet_cond_from_diffusers(path: str | os.PathLike, **overrides) -> UNetCond:
+  """Load a diffusers UNet2DConditionModel folder (or a pipeline folder with ``unet/``).
+
+  ``overrides``: UNetCond kwargs such as ``dtype="bfloat16"``, ``remat=True``.
+  """
+  folder = component_dir(path, "unet")
+  kwargs = diffusers_to_unet_cond_kwargs(ti.read_json(os.path.join(folder, CONFIG), "unet"))
+  kwargs.update(overrides)
+  kwargs = validate_unet_cond_kwargs(**kwargs)
+  module, abstract = ti.abstract_params(lambda: UNetCond(**kwargs, rngs=ti.nnx.Rngs(0)))
+  state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "unet")
+  params = ti.convert_state(state, abstract, what="unet", subs=_UNET_SUBS)
   return ti.load_params(module, params, kwargs["param_dtype"])
