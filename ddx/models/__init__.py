@@ -17,9 +17,11 @@ __all__ = [
 
 # The latent-diffusion stack (imported after the DDPM U-Net; see ddx/models/convert_latent.py).
 from ddx.models.autoencoder import AutoencoderKL, DiagonalGaussian  # noqa: E402
+from ddx.models.clip_text import CLIPTextEncoder  # noqa: E402
 from ddx.models.convert_latent import (autoencoder_from_diffusers,  # noqa: E402
-                                        unet_cond_from_diffusers)
+                                        clip_text_from_transformers, unet_cond_from_diffusers)
 from ddx.models.unet_cond import UNetCond, abstract_unet_cond, unet_cond_param_count  # noqa: E402
 
 __all__ += ["AutoencoderKL", "DiagonalGaussian", "autoencoder_from_diffusers", "UNetCond",
-            "abstract_unet_cond", "unet_cond_param_count", "unet_cond_from_diffusers"]
+            "abstract_unet_cond", "unet_cond_param_count", "unet_cond_from_diffusers",
+            "CLIPTextEncoder", "clip_text_from_transformers"]

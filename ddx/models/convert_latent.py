@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from ddx.models import torch_import as ti
 from ddx.models.autoencoder import AutoencoderKL, validate_autoencoder_kwargs
+from ddx.models.clip_text import CLIPTextEncoder, validate_clip_kwargs
 from ddx.models.unet_cond import UNetCond, validate_unet_cond_kwargs
 
 CONFIG = "config.json"
@@ -226,4 +227,58 @@ def unet_cond_from_diffusers(path: str | os.PathLike, **overrides) -> UNetCond:
   module, abstract = ti.abstract_params(lambda: UNetCond(**kwargs, rngs=ti.nnx.Rngs(0)))
   state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "unet")
   params = ti.convert_state(state, abstract, what="unet", subs=_UNET_SUBS)
+  return ti.load_params(module, params, kwargs["param_dtype"])
+
+
+# ------------------------------------------------------------------ CLIPTextModel
+
+_CLIP_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
+              "eos_token_id")
+_CLIP_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+                  "num_hidden_layers": 12, "num_attention_heads": 8,
+                  "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                  "layer_norm_eps": 1e-5, "eos_token_id": 2}
+
+
+def transformers_to_clip_kwargs(config: Mapping[str, Any]) -> dict:
+  """`CLIPTextEncoder` kwargs for a transformers CLIPTextConfig dict (one-line ValueError).
+
+  transformers configs carry many generic keys (output flags, dtype, ids of special tokens);
+  only the architecture keys above are read, and the class must be a plain CLIPTextModel.
+  """
+  what = "transformers CLIPTextModel"
+  archs = config.get("architectures") or ["CLIPTextModel"]
+  if list(archs) != ["CLIPTextModel"]:
+    raise _unsupported(what, "architectures", archs, "supported: ['CLIPTextModel']")
+  mt = config.get("model_type", "clip_text_model")
+  if mt != "clip_text_model":
+    raise _unsupported(what, "model_type", mt, "supported: clip_text_model")
+  c = {k: config.get(k, _CLIP_DEFAULTS[k]) for k in _CLIP_KEYS}
+  if c["hidden_act"] not in ("quick_gelu", "gelu"):
+    raise _unsupported(what, "hidden_act", c["hidden_act"], "supported: quick_gelu, gelu")
+  if not isinstance(c["eos_token_id"], int) or isinstance(c["eos_token_id"], bool):
+    raise _unsupported(what, "eos_token_id", c["eos_token_id"], "must be one int")
+  try:
+    return validate_clip_kwargs(**c, dtype=None, param_dtype="float32")
+  except ValueError as e:
+    raise ValueError(f"transformers CLIPTextModel config gives an invalid ddx CLIPTextEncoder: {e}") from None
+
+
+def clip_text_from_transformers(path: str | os.PathLike, **overrides) -> CLIPTextEncoder:
+  """Load a transformers CLIPTextModel folder (or a pipeline folder with ``text_encoder/``).
+
+  Both weight layouts are accepted: names with the ``text_model.`` prefix (transformers < 5
+  and most published checkpoints) and without it (transformers 5's CLIPTextModel).
+  A stored ``position_ids`` buffer is ignored.
+  """
+  folder = component_dir(path, "text_encoder")
+  kwargs = transformers_to_clip_kwargs(ti.read_json(os.path.join(folder, CONFIG), "text_encoder"))
+  kwargs.update(overrides)
+  kwargs = validate_clip_kwargs(**kwargs)
+  module, abstract = ti.abstract_params(lambda: CLIPTextEncoder(**kwargs, rngs=ti.nnx.Rngs(0)))
+  state = ti.read_safetensors(folder, TRANSFORMERS_WEIGHTS, "text_encoder")
+  prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
+  params = ti.convert_state(state, abstract, what="text_encoder", prefix=prefix,
+                            ignore=lambda k: k.endswith("embeddings.position_ids"))
   return ti.load_params(module, params, kwargs["param_dtype"])
