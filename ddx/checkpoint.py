@@ -1,21 +1,22 @@
-"""Workdir layout and orbax checkpoints.
+"""Workdir layout and orbax checkpoints of pytrees (no knowledge of models or train states:
+callers hand in pure pytrees and abstract targets).
 
 Layout of a workdir::
 
     <workdir>/config.json              the run config (JSON). Required sections:
-        "model":     exactly the `ddx.models.UNet` constructor kwargs (complete, normalised)
+        "model":     the model's constructor kwargs (normalised by the caller)
         "diffusion": {"num_timesteps", "beta_schedule", "beta_start", "beta_end",
                       "prediction": "eps"|"x0"|"v",
                       "variance": "fixed_small"|"fixed_large"|"learned_range", ...}
       other sections (training, data, ...) are free-form.
     <workdir>/checkpoints/<step>/      one orbax CheckpointManager step, Composite items:
-        "params"      pure dict of the UNet's nnx.Param values (``nnx.to_pure_dict(state)``)
+        "params"      pure dict of the model's nnx.Param values (``nnx.to_pure_dict(state)``)
         "ema_params"  same structure (EMA weights; used for sampling)
         "opt_state"   optional, any pytree (optax state)           -- StandardSave
         "train"       optional, JSON dict (e.g. {"step": 10, "key": [..uint32 key data..]})
                                                                     -- JsonSave
 
-``save`` writes both; ``restore`` / ``restore_params`` read them back. Errors about a
+``save`` writes both; ``restore`` reads them back. Errors about a
 missing or broken workdir / checkpoint are one line naming the path: FileNotFoundError for
 missing paths, ValueError for invalid or corrupt content.
 """
@@ -61,19 +62,15 @@ def _to_jsonable(obj: Any, where: str) -> Any:
 def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> dict:
   """Validate and (atomically) write ``<workdir>/config.json``; returns what was written.
 
-  The ``"model"`` section is normalised to the complete UNet kwargs. If a config.json
-  already exists, its ``"model"`` section must be identical (a workdir holds one
-  architecture); the other sections are replaced.
+  If a config.json already exists, its ``"model"`` section must be identical (a workdir holds
+  one architecture); the other sections are replaced.
   """
-  from ddx.models.unet import unet_kwargs  # pylint: disable=import-outside-toplevel
-
   if not isinstance(config, Mapping):
     raise ValueError(f"config: must be a mapping, got {type(config).__name__}")
   for section in ("model", "diffusion"):
     if not isinstance(config.get(section), Mapping):
       raise ValueError(f"config: missing the {section!r} section")
   cfg = _to_jsonable(dict(config), "config")
-  cfg["model"] = unet_kwargs(**cfg["model"])
   workdir = os.path.abspath(os.fspath(workdir))
   fname = os.path.join(workdir, CONFIG_NAME)
   if os.path.isfile(fname):
@@ -132,7 +129,7 @@ def save(workdir: str | os.PathLike, step: int, items: Mapping[str, Any],
   Args:
     workdir: the run directory (created if needed).
     step: the training step (int >= 0).
-    items: name -> value. "params" / "ema_params": a UNet, an nnx.State of Params or
+    items: name -> value. "params" / "ema_params": an nnx.Module, an nnx.State of Params or
       its pure dict; "opt_state": any pytree; "train": a JSON-able dict.
     config: the run config, written to ``<workdir>/config.json`` when given (required
       if the workdir has no config.json yet).
@@ -228,8 +225,7 @@ def restore(workdir: str | os.PathLike, step: int | None = None,
         args[name] = ocp.args.StandardRestore(_with_local_sharding(_pure(target)))
     out = mngr.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # orbax / tensorstore raise many types for broken files
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ValueError(f"corrupt or incomplete checkpoint {sdir}: {msg[:300]}") from e
+    raise ValueError(f"corrupt or incomplete checkpoint {sdir}: {_error_line(e)}") from e
   finally:
     mngr.close()
   return step, {name: out[name] for name in targets}
@@ -257,45 +253,28 @@ def _abstract_from_metadata(step_dir: str, name: str):
   return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
 
 
-def restore_params(workdir: str | os.PathLike, which: str = "ema_params",
-                   step: int | None = None, **model_overrides):
-  """Rebuild the UNet from ``config.json`` and load ``which`` ("params"/"ema_params").
-
-  Args:
-    workdir: the run directory.
-    which: the checkpoint item holding the weights.
-    step: the step (default: the latest).
-    **model_overrides: UNet kwargs that do not change the parameters, e.g.
-      ``dtype="bfloat16"`` or ``remat=True``.
-
-  Returns:
-    ``(model, config)`` where config is the parsed config.json.
-  """
-  from ddx.models.convert import unet_from_params  # pylint: disable=import-outside-toplevel
-  from ddx.models.unet import abstract_unet, unet_kwargs  # pylint: disable=import-outside-toplevel
-
-  if which not in PARAM_ITEMS:
-    raise ValueError(f"which: must be one of {PARAM_ITEMS}, got {which!r}")
-  workdir = os.path.abspath(os.fspath(workdir))
-  config = read_config(workdir)
-  try:
-    kwargs = unet_kwargs(**{**config["model"], **model_overrides})
-  except ValueError as e:
-    raise ValueError(f"{os.path.join(workdir, CONFIG_NAME)}: model section: {e}") from None
-  abstract = nnx.to_pure_dict(nnx.state(abstract_unet(**kwargs), nnx.Param))
-  _, items = restore(workdir, step, {which: abstract})
-  return unet_from_params(kwargs, items[which]), config
-
-
 # ---------------------------------------------------------------- training checkpoints
 
 
-class TrainCheckpointer:
-  """The training run's long-lived, asynchronous checkpoint manager (same layout as `save`).
+def _error_line(e: Exception) -> str:
+  msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return msg[:300]
+
+
+def all_finite(tree) -> bool:
+  """True if every floating leaf of ``tree`` is finite (checked before a save)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  leaves = [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(_pure(tree))
+            if jnp.issubdtype(jnp.asarray(l).dtype, jnp.inexact)]
+  return bool(jax.device_get(jnp.all(jnp.stack(leaves)))) if leaves else True
+
+
+class Checkpointer:
+  """A run's long-lived, asynchronous checkpoint manager (same layout as `save`).
 
   Keeps the newest ``max_to_keep`` steps plus every step that is a multiple of
   ``keep_period``. Saves are asynchronous: device arrays are copied to host memory before
-  ``save`` returns (so donating the state afterwards is safe) and written in the background;
+  ``save`` returns (so donating them afterwards is safe) and written in the background;
   orbax commits a step atomically (temporary directory + rename), so a run killed mid-write
   resumes from the previous complete step.
   """
@@ -313,50 +292,30 @@ class TrainCheckpointer:
   def reached_preemption(self, step: int) -> bool:
     return bool(self.mngr.reached_preemption(int(step)))
 
-  def save(self, state) -> None:
-    """Start saving a `ddx.train.TrainState` (refuses non-finite values)."""
-    from ddx.parallel import host_key_data  # pylint: disable=import-outside-toplevel
-    from ddx.train import all_finite  # pylint: disable=import-outside-toplevel
+  def save(self, step: int, items: Mapping[str, Any]) -> None:
+    """Start saving ``items`` (name -> pytree, or a JSON dict for `JSON_ITEMS`) at ``step``.
 
-    step = int(jax.device_get(state.step))
-    if not all_finite((state.params, state.ema_params, state.opt_state)):
+    Refuses (ValueError) to write non-finite floating values: a checkpoint never holds NaN.
+    """
+    step = int(step)
+    arrays = {n: v for n, v in items.items() if n not in JSON_ITEMS}
+    if not all_finite(arrays):
       raise ValueError(f"state: non-finite values at step {step}; refusing to write a checkpoint")
-    train = {"step": step, "key": host_key_data(state.key).tolist(),
-             "nonfinite": int(jax.device_get(state.nonfinite)), "skipped": int(jax.device_get(state.skipped))}
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(_pure(state.params)),
-        ema_params=ocp.args.StandardSave(_pure(state.ema_params)),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        train=ocp.args.JsonSave(train))
-    self.mngr.save(step, args=args, force=True)
+    args = {n: (ocp.args.JsonSave(_to_jsonable(v, n)) if n in JSON_ITEMS else ocp.args.StandardSave(_pure(v)))
+            for n, v in items.items()}
+    self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
 
-  def restore(self, template, step: int | None = None):
-    """Restore a TrainState shaped (and sharded) like ``template``; latest step by default."""
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-    step = self.latest_step() if step is None else int(step)
+  def restore(self, step: int, targets: Mapping[str, Any]) -> dict:
+    """Restore items shaped (and sharded) like ``targets`` (name -> pytree; None for JSON items)."""
+    step = int(step)
     sdir = os.path.join(checkpoint_dir(self.workdir), str(step))
-    args = ocp.args.Composite(
-        params=ocp.args.StandardRestore(_pure(template.params)),
-        ema_params=ocp.args.StandardRestore(_pure(template.ema_params)),
-        opt_state=ocp.args.StandardRestore(template.opt_state),
-        train=ocp.args.JsonRestore())
+    args = {n: (ocp.args.JsonRestore() if n in JSON_ITEMS else ocp.args.StandardRestore(_pure(t)))
+            for n, t in targets.items()}
     try:
-      out = self.mngr.restore(step, args=args)
+      out = self.mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax / tensorstore raise many types for broken files
-      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f"corrupt or incomplete checkpoint {sdir}: {msg[:300]}") from e
-    params = template.params
-    params.replace_by_pure_dict(out["params"])
-    ema = template.ema_params
-    ema.replace_by_pure_dict(out["ema_params"])
-    tr = out["train"]
-    if int(tr["step"]) != step:
-      raise ValueError(f"corrupt checkpoint {sdir}: train.step={tr['step']} != {step}")
-    return template.replace(
-        step=jnp.asarray(tr["step"], jnp.int32), params=params, ema_params=ema, opt_state=out["opt_state"],
-        key=jnp.asarray(np.asarray(tr["key"], np.uint32)), nonfinite=jnp.asarray(tr["nonfinite"], jnp.int32),
-        skipped=jnp.asarray(tr["skipped"], jnp.int32))
+      raise ValueError(f"corrupt or incomplete checkpoint {sdir}: {_error_line(e)}") from e
+    return {n: out[n] for n in targets}
 
   def wait(self) -> None:
     self.mngr.wait_until_finished()

@@ -1,19 +1,21 @@
-"""Config validation and translation: the only place that reads an ml_collections config.
+"""Config validation and translation.
 
-`validate` checks every key against ``configs/default.py``'s schema (unknown keys, types,
-ranges, cross-field consistency) and raises one-line ``ValueError("<section.key>: ...")``
-before anything is built or compiled. The ``*_spec`` / ``*_kwargs`` helpers translate the
-sections into the explicit arguments that library code takes.
+The commands hand their ml_collections config (or a workdir's config.json) to this module
+and to nothing else. `validate` checks every key against the schema in
+`ddx.config_defaults` (unknown keys, types, ranges, cross-field consistency) and raises a
+one-line ``ValueError("<section.key>: ...")`` before anything is built or compiled. The
+``*_spec`` / ``*_kwargs`` helpers translate sections into the explicit arguments that library
+code takes; each choice set is imported from the module that owns the concept.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+from ddx import diffusion, losses, schedules
 from ddx import train as train_lib
+from ddx.data.sources import DATASETS
 from ddx.samplers import NAMES as SAMPLER_NAMES
-
-_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "celeb_a", "imagenet32", "imagenet64")
 
 
 def _default_schema() -> dict:
@@ -76,16 +78,16 @@ def validate(config) -> dict:
   cfg = to_dict(config)
   _check_keys(cfg, _default_schema())
   _num(cfg, "seed", 0, integer=True)
-  _choice(cfg, "data.name", _DATASETS)
+  _choice(cfg, "data.name", DATASETS)
   _num(cfg, "data.image_size", 0, integer=True)
   _num(cfg, "data.num_threads", 0, integer=True)
-  _choice(cfg, "diffusion.beta_schedule", ("linear", "scaled_linear", "cosine", "sigmoid"))
+  _choice(cfg, "diffusion.beta_schedule", schedules.SCHEDULE_NAMES)
   _num(cfg, "diffusion.num_timesteps", 1, integer=True)
   _num(cfg, "diffusion.beta_start", 0, 1, lo_open=True)
   _num(cfg, "diffusion.beta_end", 0, 1, lo_open=True)
-  _choice(cfg, "diffusion.prediction", ("eps", "x0", "v"))
-  _choice(cfg, "diffusion.variance", ("fixed_small", "fixed_large", "learned_range"))
-  _choice(cfg, "diffusion.loss_weighting", ("uniform", "min_snr"))
+  _choice(cfg, "diffusion.prediction", diffusion.PREDICTIONS)
+  _choice(cfg, "diffusion.variance", diffusion.VARIANCES)
+  _choice(cfg, "diffusion.loss_weighting", losses.WEIGHTINGS)
   _num(cfg, "diffusion.min_snr_gamma", 0, lo_open=True)
   _num(cfg, "diffusion.vlb_weight", 0)
   if cfg["diffusion"]["rescale_zero_snr"] and cfg["diffusion"]["prediction"] == "eps":
@@ -110,8 +112,8 @@ def validate(config) -> dict:
       raise ValueError(f"train.{key}: {t[key]} must be a multiple of train.steps_per_call={k}")
   if t["label_dropout"] > 0 and not cfg["model"]["num_classes"]:
     raise ValueError("train.label_dropout: needs a class-conditional model (model.num_classes)")
-  _choice(cfg, "optim.name", ("adam", "adamw"))
-  _choice(cfg, "optim.decay", ("constant", "cosine"))
+  _choice(cfg, "optim.name", train_lib.OPTIMIZERS)
+  _choice(cfg, "optim.decay", train_lib.LR_DECAYS)
   _num(cfg, "optim.learning_rate", 0, lo_open=True)
   _num(cfg, "optim.warmup_steps", 0, integer=True)
   _num(cfg, "optim.final_lr_fraction", 0, 1)
@@ -139,10 +141,13 @@ def validate(config) -> dict:
   return cfg
 
 
-def schedule_kwargs(cfg: Mapping) -> dict:
-  d = cfg["diffusion"]
-  kw = dict(name=d["beta_schedule"], num_timesteps=d["num_timesteps"], rescale_zero_snr=d["rescale_zero_snr"])
-  if d["beta_schedule"] != "cosine":
+def schedule_kwargs(diffusion_section: Mapping) -> dict:
+  """`ddx.schedules.make` arguments for a ``diffusion`` section (a validated config's, or a
+  workdir's config.json, where converted models may omit keys: the schema defaults apply)."""
+  d = {**_default_schema()["diffusion"], **{k: v for k, v in diffusion_section.items() if v is not None}}
+  name = schedules.canonical_name(d["beta_schedule"])
+  kw = dict(name=name, num_timesteps=d["num_timesteps"], rescale_zero_snr=bool(d["rescale_zero_snr"]))
+  if name != "cosine":
     kw.update(beta_start=d["beta_start"], beta_end=d["beta_end"])
   return kw
 

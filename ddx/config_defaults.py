@@ -90,5 +90,4 @@ def get_config():
   c.sample.num = 64
   c.sample.guidance = 1.0           # classifier-free guidance scale (class-conditional models)
   c.sample.clip_sample = True
-  c.sample.use_ema = True
   return c

@@ -1,6 +1,6 @@
 """The forward process, the posterior, parameterization conversions and SNR.
 
-Pure functions of explicit arrays. Conventions (SAMPLERS.md §2):
+Pure functions of explicit arrays. Conventions (docs/samplers.md §2):
 
 * ``t`` is an integer code index array of shape [B] (0 <= t < T); per-timestep coefficients
   are gathered at ``t`` and broadcast over the trailing dimensions of ``x`` ([B, ...]).
@@ -21,6 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddx.schedules import Schedule, _HostArrays
+
+__all__ = ["PREDICTIONS", "VARIANCES", "q_sample", "velocity", "snr", "x0_from_eps", "eps_from_x0", "x0_from_v",
+           "eps_from_v", "v_from_eps_x0", "to_x0_eps", "score_from_eps", "posterior_mean_variance",
+           "model_log_variance"]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+__all__ = ["conditional", "classifier_free"]
+
 
 def _conditional(model, y, x, t):
   return model(x, t, y)

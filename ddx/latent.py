@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ddx import guidance, samplers, schedules
-from ddx.sampling import sample
+from ddx.driver import sample
 
 # Stable Diffusion 1.x / 2.x training schedule (diffusers' scheduler_config.json of those
 # pipelines): scaled_linear betas 0.00085 -> 0.012 over T = 1000.
@@ -41,7 +41,7 @@ def sd_sampler(name: str, num_steps: int, *, prediction: str = "eps", **kwargs):
               "plms": dict(steps_offset=1, set_alpha_to_one=False),
               "ddpm": dict(steps_offset=1, clip_sample=False),
               "dpm_solver++": dict()}
-  key = {"pndm": "plms", "dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++"}.get(name, name)
+  key = samplers.canonical(name)
   return samplers.make(name, sched, num_steps, prediction=prediction,
                        **{**defaults.get(key, {}), **kwargs})
 

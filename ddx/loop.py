@@ -10,19 +10,17 @@ saves a checkpoint and returns cleanly. Only process 0 prints, logs and writes i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import signal
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import ddx
-from ddx import checkpoint, data, guidance, images, parallel
+from ddx import checkpoint, data, images, parallel, service
 from ddx import train as train_lib
 from ddx.metrics import MetricWriter
 
@@ -69,36 +67,6 @@ def _fmt_time(s: float) -> str:
   return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "sharding"))
-def _initial_noise(key, *, shape, sharding):
-  # drawn inside jit straight into the batch sharding: every process makes its own shards
-  return jax.lax.with_sharding_constraint(jax.random.normal(key, shape, jnp.float32), sharding)
-
-
-def make_sample_fn(graphdef, sched, spec: SampleSpec, num_classes: int | None, mesh):
-  """``fn(params, key, shape, labels=None) -> samples [shape]``, batch sharded over ``mesh``.
-
-  ``labels`` int [N] (class-conditional models; None = the null label) select the classes;
-  ``spec.guidance != 1`` applies classifier-free guidance.
-  """
-  sampler = ddx.samplers.make(spec.sampler, sched, spec.steps, **spec.sampler_kwargs)
-
-  def fn(params, key, shape, labels=None):
-    model = nnx.merge(graphdef, params)
-    if num_classes:
-      null = num_classes
-      y = jnp.full((shape[0],), null, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
-      model_fn = guidance.classifier_free(model, y, null, spec.guidance) if spec.guidance != 1.0 else \
-          guidance.conditional(model, y)
-    else:
-      model_fn = guidance.conditional(model, None)
-    sharding = parallel.batch_sharding(mesh) if shape[0] % mesh.devices.size == 0 else parallel.replicated(mesh)
-    x_T = _initial_noise(jax.random.fold_in(key, 0), shape=tuple(shape), sharding=sharding)
-    return ddx.sample(model_fn, sampler, x_T, jax.random.fold_in(key, 1))
-
-  return fn
-
-
 def run(
     workdir: str,
     config: dict,
@@ -130,10 +98,11 @@ def run(
   tx = train_lib.make_optimizer(optim)
   graphdef, state = train_lib.init_state(model, tx, jax.random.fold_in(base, 1))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
-  ckpt = checkpoint.TrainCheckpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
+  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
   start = ckpt.latest_step()
   if start is not None:
-    state = ckpt.restore(state, start)
+    items = ckpt.restore(start, train_lib.checkpoint_targets(state))
+    state = train_lib.state_from_checkpoint(state, items, start)
     writer.truncate_after(start)
     _log(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}")
   state = train_lib.replicate(state, mesh)
@@ -145,7 +114,10 @@ def run(
   train_fn = train_lib.make_train_fn(
       mesh, K, graphdef=graphdef, sched=sched, tx=tx, lr_fn=lr_fn, loss=loss, ema_decay=loop.ema_decay,
       ema_warmup=loop.ema_warmup, num_classes=num_classes, label_dropout=loop.label_dropout, use_dropout=use_dropout)
-  sample_fn = make_sample_fn(graphdef, sched, sample, num_classes, mesh) if loop.sample_every else None
+  sample_fn = None
+  if loop.sample_every:
+    sampler = ddx.samplers.make(sample.sampler, sched, sample.steps, **sample.sampler_kwargs)
+    sample_fn = service.make_sample_fn(graphdef, sampler, num_classes, mesh, sample.guidance)
   p_index, p_count = data.process_slice(mesh, loop.global_batch_size)
   batches = data.make_batches(source, seed=loop.seed, global_batch_size=loop.global_batch_size, start_step=step,
                               process_index=p_index, process_count=p_count, random_flip=loop.random_flip,
@@ -201,7 +173,7 @@ def run(
         _write_samples(sample_fn, state, step, workdir, writer, sample, num_classes, base, source.image_shape)
       preempt = _agree(stop["signal"] is not None) or ckpt.reached_preemption(step)
       if step % loop.checkpoint_every == 0 or step >= end or preempt:
-        ckpt.save(state)
+        ckpt.save(step, train_lib.checkpoint_items(state))
       if preempt:
         preempted = True
         _log(f"preemption signal: checkpoint at step {step} written, exiting")
@@ -216,14 +188,6 @@ def run(
   return {"step": step, "steps": done, "seconds": elapsed, "steps_per_sec": done / max(elapsed, 1e-9),
           "images_per_sec": done * loop.global_batch_size / max(elapsed, 1e-9), "preempted": preempted,
           "skipped": int(jax.device_get(state.skipped)), "params": n_params, "state": state}
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A (possibly multi-process sharded) global array as one numpy array on every process."""
-  if jax.process_count() > 1 and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
 
 
 def _main_thread() -> bool:
@@ -241,9 +205,9 @@ def _agree(flag: bool) -> bool:
 
 def _write_samples(sample_fn, state, step, workdir, writer, spec: SampleSpec, num_classes, base, image_shape) -> None:
   # every process takes part in the (sharded) sampling; process 0 writes the files
-  labels = (np.arange(spec.num) % num_classes).astype(np.int32) if num_classes else None
+  labels = service.default_labels(spec.num, num_classes, None)
   shape = (spec.num,) + tuple(int(d) for d in image_shape)
-  x = to_host(sample_fn(state.ema_params, jax.random.fold_in(jax.random.fold_in(base, 2), step), shape, labels))
+  x = service.to_host(sample_fn(state.ema_params, jax.random.fold_in(jax.random.fold_in(base, 2), step), shape, labels))
   if jax.process_index() == 0:
     png, _ = images.save_samples(os.path.join(workdir, "samples", f"step_{step:08d}"), x, labels, scale=2)
     writer.image(step, "samples", images.make_grid(images.to_uint8(x)))

@@ -25,6 +25,9 @@ import numpy as np
 from ddx import diffusion
 from ddx.schedules import Schedule
 
+__all__ = ["WEIGHTINGS", "target", "snr_weight", "diffusion_loss", "training_loss", "vlb_terms", "normal_kl",
+           "discretized_gaussian_log_likelihood"]
+
 WEIGHTINGS = ("uniform", "min_snr")
 
 

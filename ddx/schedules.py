@@ -6,7 +6,7 @@ All schedule math runs on the host in float64 (numpy). A `Schedule` carries
 * the exact float64 arrays on the host (`sched.f64`), from which samplers build their
   per-step coefficient tables before casting them to float32.
 
-Index convention (SAMPLERS.md §0.3): arrays are indexed by the code index
+Index convention (docs/samplers.md §1): arrays are indexed by the code index
 ``n in {0, ..., T-1}``; ``x_n`` has been noised ``n + 1`` times, clean data is index -1 and
 ``alphas_cumprod[-1] := 1`` conceptually (never stored: JAX indexing clamps, so callers
 select the final alpha explicitly).
@@ -27,6 +27,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+__all__ = ["Schedule", "make", "SCHEDULE_NAMES", "canonical_name", "linear_betas", "scaled_linear_betas",
+           "cosine_betas", "sigmoid_betas", "rescale_zero_terminal_snr"]
 
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
 _ALIASES = {"squaredcos_cap_v2": "cosine"}
@@ -149,6 +152,14 @@ class Schedule:
     )
 
 
+def canonical_name(name: str, *, extra: str = "") -> str:
+  """A schedule name in ddx's vocabulary (diffusers' aliases accepted); ValueError otherwise."""
+  canon = _ALIASES.get(name, name)
+  if canon not in SCHEDULE_NAMES:
+    raise ValueError(f"name: unknown beta schedule {name!r}; expected one of {SCHEDULE_NAMES}{extra}")
+  return canon
+
+
 def make(
     name: str | None = "linear",
     num_timesteps: int = 1000,
@@ -173,9 +184,7 @@ def make(
       raise ValueError(f"name: give either a schedule name or explicit betas, not both (name={name!r})")
     b = np.asarray(betas, dtype=np.float64)
   else:
-    name = _ALIASES.get(name, name)
-    if name not in SCHEDULE_NAMES:
-      raise ValueError(f"name: unknown beta schedule {name!r}; expected one of {SCHEDULE_NAMES} or betas=")
+    name = canonical_name(name, extra=" or betas=")
     if not isinstance(num_timesteps, (int, np.integer)) or num_timesteps < 1:
       raise ValueError(f"num_timesteps: must be an integer >= 1, got {num_timesteps!r}")
     if name == "cosine":

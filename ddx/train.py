@@ -42,13 +42,17 @@ class TrainState:
   skipped: jax.Array     # int32 []: total skipped steps
 
 
+OPTIMIZERS = ("adam", "adamw")
+LR_DECAYS = ("constant", "cosine")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerSpec:
   """Explicit optimizer settings (translated from the config's ``optim`` section)."""
-  name: str = "adam"            # "adam" | "adamw"
+  name: str = "adam"            # one of OPTIMIZERS
   learning_rate: float = 2e-4
   warmup_steps: int = 5000
-  decay: str = "constant"       # "constant" | "cosine"
+  decay: str = "constant"       # one of LR_DECAYS
   total_steps: int = 800_000    # for cosine decay
   final_lr_fraction: float = 0.0
   b1: float = 0.9
@@ -75,7 +79,7 @@ def learning_rate_fn(spec: OptimizerSpec) -> optax.Schedule:
     after = optax.cosine_decay_schedule(spec.learning_rate, max(spec.total_steps - spec.warmup_steps, 1),
                                         alpha=spec.final_lr_fraction)
   else:
-    raise ValueError(f"decay: unknown {spec.decay!r}; expected 'constant' or 'cosine'")
+    raise ValueError(f"decay: unknown {spec.decay!r}; expected one of {LR_DECAYS}")
   if spec.warmup_steps <= 0:
     return after
   return optax.join_schedules([warm, after], [spec.warmup_steps])
@@ -88,7 +92,7 @@ def make_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
   elif spec.name == "adamw":
     opt = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay)
   else:
-    raise ValueError(f"name: unknown optimizer {spec.name!r}; expected 'adam' or 'adamw'")
+    raise ValueError(f"name: unknown optimizer {spec.name!r}; expected one of {OPTIMIZERS}")
   parts = [optax.clip_by_global_norm(spec.grad_clip)] if spec.grad_clip > 0 else []
   return optax.chain(*parts, opt)
 
@@ -212,7 +216,32 @@ def replicate(state: TrainState, mesh: Mesh) -> TrainState:
   return jax.tree_util.tree_map(put, state)
 
 
-def all_finite(tree) -> bool:
-  leaves = [jnp.all(jnp.isfinite(l)) for l in jax.tree_util.tree_leaves(tree)
-            if jnp.issubdtype(jnp.asarray(l).dtype, jnp.inexact)]
-  return bool(jax.device_get(jnp.all(jnp.stack(leaves)))) if leaves else True
+def checkpoint_items(state: TrainState) -> dict:
+  """The checkpoint items of a TrainState (see `ddx.checkpoint`): params, EMA, optimizer state
+  and a JSON ``train`` record (step, base key data, non-finite counters)."""
+  from ddx.parallel import host_key_data  # pylint: disable=import-outside-toplevel
+
+  train = {"step": int(jax.device_get(state.step)), "key": host_key_data(state.key).tolist(),
+           "nonfinite": int(jax.device_get(state.nonfinite)), "skipped": int(jax.device_get(state.skipped))}
+  return {"params": state.params, "ema_params": state.ema_params, "opt_state": state.opt_state, "train": train}
+
+
+def checkpoint_targets(template: TrainState) -> dict:
+  """Restore targets shaped (and sharded) like ``template``, for `ddx.checkpoint.Checkpointer.restore`."""
+  return {"params": template.params, "ema_params": template.ema_params, "opt_state": template.opt_state,
+          "train": None}
+
+
+def state_from_checkpoint(template: TrainState, items: dict, step: int) -> TrainState:
+  """Rebuild a TrainState from restored items (ValueError if the record disagrees with ``step``)."""
+  tr = items["train"]
+  if int(tr["step"]) != int(step):
+    raise ValueError(f"corrupt checkpoint at step {step}: its train record says step {tr['step']}")
+  params = template.params
+  params.replace_by_pure_dict(items["params"])
+  ema = template.ema_params
+  ema.replace_by_pure_dict(items["ema_params"])
+  return template.replace(
+      step=jnp.asarray(tr["step"], jnp.int32), params=params, ema_params=ema, opt_state=items["opt_state"],
+      key=jnp.asarray(np.asarray(tr["key"], np.uint32)), nonfinite=jnp.asarray(tr["nonfinite"], jnp.int32),
+      skipped=jnp.asarray(tr["skipped"], jnp.int32))

@@ -1,4 +1,4 @@
-"""Closed-form optimal predictors (SAMPLERS.md §8.1) used as oracle models.
+"""Closed-form optimal predictors used as oracle models.
 
 For data ``x0 ~ sum_k w_k N(mu_k, s_k^2 I)`` (d dims) and ``x_t = sqrt(a) x0 + sqrt(1-a) eps``,
 the exact posterior-mean predictors are, with ``v_k = a s_k^2 + 1 - a``,

@@ -4,14 +4,9 @@
 generator: eager ``nnx`` initialisation compiles one XLA program per initializer call, which
 costs tens of seconds on a busy 2-core machine for no benefit to a test.
 
-
-`refs()` skips the calling test when a library is missing. A torchvision that is installed
-but cannot load (e.g. a CUDA wheel next to a CPU torch, which pytorch-fid can pull in) would
-make every transformers-backed diffusers model fail to import; none of these oracles needs
-torchvision, so such a broken install is hidden from the import system first.
+`refs()` skips the calling test when a library is missing (a torchvision whose compiled ops
+cannot load is handled by tests/_torchvision_compat.py, installed by conftest.py).
 """
-
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,23 +15,9 @@ import pytest
 from flax import nnx
 
 
-def _hide_broken_torchvision():
-  if "torchvision" in sys.modules:
-    return
-  try:
-    import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    return
-  except Exception:  # pylint: disable=broad-except  (its C extension failed to register)
-    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-      del sys.modules[k]
-    sys.modules["torchvision"] = None  # importlib.util.find_spec now reports it absent
-
-
 def refs():
   """``(torch, diffusers, transformers)``; skips the test if any is missing."""
   torch = pytest.importorskip("torch")
-  _hide_broken_torchvision()
   diffusers = pytest.importorskip("diffusers")
   transformers = pytest.importorskip("transformers")
   torch.set_num_threads(1)

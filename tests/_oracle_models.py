@@ -9,7 +9,7 @@ conformance table (benchmarks/conformance_table.py).
 * Runners that drive a diffusers scheduler manually (``set_timesteps``; ``step`` per listed
   timestep) and the same configuration through ``ddx.sample`` (a jitted ``lax.scan``), with
   the stochastic samplers fed *the same noise*: ddx draws call i's noise as
-  ``normal(fold_in(key, i), x.shape, float32)`` (ddx/sampling.py); the identical arrays are
+  ``normal(fold_in(key, i), x.shape, float32)`` (ddx/driver.py); the identical arrays are
   passed to DDIMScheduler.step as ``variance_noise`` and returned by a patched
   ``scheduling_ddpm.randn_tensor`` for DDPMScheduler (which has no noise argument).
 * Case tables (one dict per knob combination) so the tests and the table script measure
@@ -121,7 +121,7 @@ def x_T(seed: int = 0) -> jax.Array:
 
 
 def ddx_noise(key, i: int) -> np.ndarray:
-  """Exactly the noise ddx.sample draws for model call i (see ddx/sampling.py)."""
+  """Exactly the noise ddx.sample draws for model call i (see ddx/driver.py)."""
   return np.asarray(jax.random.normal(jax.random.fold_in(key, i), SHAPE, jnp.float32))
 
 
@@ -560,7 +560,7 @@ HAS_F64 = ("ddim", "ddpm", "plms")  # DPMSolverMultistepScheduler computes in fl
 
 
 # --------------------------------------------------------------------------------------------
-# Documented ddx behaviour where diffusers differs on purpose (SAMPLERS.md §10 #4, plms.py)
+# Documented ddx behaviour where diffusers differs on purpose (docs/samplers.md §7)
 # --------------------------------------------------------------------------------------------
 
 
@@ -588,9 +588,9 @@ def plms_converted_reference(c: dict, dtype=torch.float32) -> list:
 
 def ddim_via_dpm1_reference(c: dict) -> list:
   """DDIM eta = 0 stepping to the next *listed* timestep with final alpha 1, which is what ddx
-  does for every spacing (diffusers' DDIMScheduler uses t - T//S, diffusers#11347, SAMPLERS.md
-  §10 #4). Reference: DPMSolverMultistepScheduler, first order, on the same custom grid with
-  final sigma 0 (DPM-Solver++-1 is algebraically the DDIM eta = 0 step, SAMPLERS.md §8.2-7)."""
+  does for every spacing (diffusers' DDIMScheduler uses t - T//S, diffusers#11347).
+  Reference: DPMSolverMultistepScheduler, first order, on the same custom grid with
+  final sigma 0 (DPM-Solver++-1 is algebraically the DDIM eta = 0 step)."""
   assert c["eta"] == 0 and c["set_alpha_to_one"] and not (c["clip_sample"] or c["thresholding"])
   ts = ddx.samplers.grids.make(c["spacing"], T, c["S"], c["steps_offset"])
   return dpm_reference(dpm_case(schedule=c["schedule"], solver_order=1, final_sigmas_type="zero",
@@ -599,7 +599,7 @@ def ddim_via_dpm1_reference(c: dict) -> list:
 
 def ddim_via_ddpm_reference(c: dict, key) -> list:
   """DDIM eta = 1 with final alpha 1 and no clipping is DDPM fixed_small on the same grid
-  (SAMPLERS.md §4.5); diffusers' DDPMScheduler uses the next listed timestep (PR #9384), so it
+  ; diffusers' DDPMScheduler uses the next listed timestep (PR #9384), so it
   is the reference for the spacings where DDIMScheduler's t - T//S is wrong."""
   assert c["eta"] == 1 and c["set_alpha_to_one"] and not (c["clip_sample"] or c["thresholding"])
   return ddpm_reference(ddpm_case(schedule=c["schedule"], variance="fixed_small", spacing=c["spacing"],

@@ -1,4 +1,4 @@
-"""Reference conformance: ddx samplers vs diffusers' PyTorch schedulers (SAMPLERS.md §3-6, 8, 9).
+"""Reference conformance: ddx samplers vs diffusers' PyTorch schedulers (docs/samplers.md §3-6).
 
 diffusers' DDPMScheduler, DDIMScheduler, PNDMScheduler(skip_prk_steps=True) and
 DPMSolverMultistepScheduler(algorithm_type="dpmsolver++") are driven by hand with a
@@ -13,7 +13,7 @@ the same diffusers code evaluated in float64 on exact alphas, which separates di
 float32 arithmetic from ddx errors; the few looser float32 tolerances are explained where set.
 
 Where diffusers deviates on purpose or by a documented bug, ddx's documented behaviour is
-tested against an equivalent diffusers construction instead (SAMPLERS.md §10 #4: DDIM's
+tested against an equivalent diffusers construction instead (docs/samplers.md §7: DDIM's
 ``t - T//S`` target; ddx PLMS's v/x0 conversion at the evaluation point).
 
 CI installs torch + diffusers; the module skips only where they are absent.
@@ -41,7 +41,7 @@ T = om.T
 SCHED = ddx.schedules.make("linear", T)
 # S values for the grid tests; 61, 103, 121, 122, 201 hit diffusers' trailing "-1" anomaly.
 S_LIST = list(range(1, 61)) + [61, 100, 103, 121, 122, 201, 250, 999, 1000]
-TRAILING_ANOMALY = {61, 103, 121, 122, 201}  # SAMPLERS.md §4.1 (values <= 250 in S_LIST)
+TRAILING_ANOMALY = {61, 103, 121, 122, 201}  # docs/samplers.md §7 (values <= 250 in S_LIST)
 # ddx.sample (lax.scan) vs the same steps run one by one: only XLA fusion/rounding differs.
 SCAN_VS_STEPS = 2e-6
 
@@ -94,7 +94,7 @@ def test_noise_injection_is_used():
 def test_ddim_zero_snr_eta_one():
   """Zero terminal SNR (ab[T-1] = 0) with trailing spacing and eta = 1: on the first step
   sigma^2 = (1 - a') exactly, so the direction coefficient sqrt(1 - a' - sigma^2) is 0
-  analytically. diffusers evaluates it in float32 as sqrt(-5.96e-8) = NaN (SAMPLERS.md §4.2:
+  analytically. diffusers evaluates it in float32 as sqrt(-5.96e-8) = NaN (docs/samplers.md §4:
   "can round negative in float32 -> NaN in every implementation"; its float64 evaluation
   rounds negative too). ddx computes it in float64 on the host and clamps the round-off at 0.
   So: the reference NaNs; ddx's first step equals the analytic value
@@ -134,7 +134,7 @@ def test_ddim_zero_snr_eta_one():
 
 @pytest.mark.parametrize("case", om.DOC_DDIM_CASES, ids=[om.case_id(c, om.DDIM_DEFAULTS) for c in om.DOC_DDIM_CASES])
 def test_ddim_next_listed_timestep(case):
-  """SAMPLERS.md §10 #4 (diffusers#11347): DDIMScheduler.step targets t - T//S, which is not
+  """docs/samplers.md §7 (diffusers#11347): DDIMScheduler.step targets t - T//S, which is not
   the next listed timestep for linspace, or trailing with T % S != 0. ddx always steps to the
   next listed timestep. Checked against diffusers schedulers that do: eta = 0 vs
   DPMSolverMultistep order 1 on the same custom grid (final sigma 0 = final alpha 1), eta = 1 vs
@@ -184,7 +184,7 @@ def test_plms_v_x0_documented(case):
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine", "sigmoid"])
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_alphas_cumprod_match_diffusers(schedule, zero_snr):
-  """ddx's float64 alphas_cumprod vs diffusers' float32 ones (SAMPLERS.md §1.3): <= 1e-6 abs
+  """ddx's float64 alphas_cumprod vs diffusers' float32 ones (docs/samplers.md §1): <= 1e-6 abs
   everywhere; <= 2e-6 relative except where ab is tiny (cosine ab[999] = 2.4e-9: 1.3e-5; the
   zero-SNR tail, where ab -> 0 exactly)."""
   ref = DDPMScheduler(**om.diffusers_sched_kwargs(schedule, zero_snr)).alphas_cumprod.numpy().astype(np.float64)
@@ -228,7 +228,7 @@ def test_grid_ddim_ddpm(name, cls, spacing, off):
         make()
       continue
     ours = np.asarray(make().timesteps)
-    if len(ref) == S + 1:  # trailing anomaly: S+1 entries ending in -1 (SAMPLERS.md §10 #5)
+    if len(ref) == S + 1:  # trailing anomaly: S+1 entries ending in -1 (docs/samplers.md §7)
       assert spacing == "trailing" and ref[-1] == -1, (S, ref[-3:])
       anomalies.add(S)
       np.testing.assert_array_equal(ours, ref[:-1], err_msg=f"S={S}")
@@ -240,7 +240,7 @@ def test_grid_ddim_ddpm(name, cls, spacing, off):
 
 @pytest.mark.parametrize("spacing,off", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
 def test_grid_pndm_plms(spacing, off):
-  """PNDM skip_prk lists S+1 timesteps with the second one duplicated (SAMPLERS.md §10 #1);
+  """PNDM skip_prk lists S+1 timesteps with the second one duplicated (a diffusers quirk);
   ddx PLMS's per-call timesteps are the same list (S = 1: a single call)."""
   for S in S_LIST:
     sch = PNDMScheduler(num_train_timesteps=T, skip_prk_steps=True, timestep_spacing=spacing, steps_offset=off)
@@ -285,7 +285,7 @@ def test_grid_dpm_solver(spacing, off):
 
 
 def test_grid_dpm_examples():
-  """SAMPLERS.md §4.1: DPM linspace S = 20 -> [999, 949, ..., 100, 50]."""
+  """docs/samplers.md §4.1: DPM linspace S = 20 -> [999, 949, ..., 100, 50]."""
   np.testing.assert_array_equal(np.asarray(ddx.samplers.make("dpm_solver++", SCHED, 20).timesteps),
                                 np.round(np.linspace(0, 999, 21))[::-1][:-1].astype(np.int64))
   assert list(np.asarray(ddx.samplers.make("dpm_solver++", SCHED, 20).timesteps)[[0, 1, -2, -1]]) == [999, 949, 100, 50]
@@ -293,7 +293,7 @@ def test_grid_dpm_examples():
 
 def _make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timesteps):
   """Literal re-implementation of CompVis ldm/modules/diffusionmodules/util.py
-  ``make_ddim_timesteps`` (SAMPLERS.md §4.1)."""
+  ``make_ddim_timesteps`` (docs/samplers.md §4.1)."""
   if ddim_discr_method == "uniform":
     c = num_ddpm_timesteps // num_ddim_timesteps
     ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
@@ -335,7 +335,7 @@ def test_grid_compvis(method):
 
 
 def test_grid_compvis_examples():
-  """SAMPLERS.md §4.1 examples: uniform S=50 -> [1, 21, ..., 981] (= diffusers leading,
+  """docs/samplers.md §4.1 examples: uniform S=50 -> [1, 21, ..., 981] (= diffusers leading,
   offset 1); S=3 -> the reference's [1, 334, 667, 1000] indexes T: ddx raises; quad S=10."""
   np.testing.assert_array_equal(ddx.samplers.grids.compvis_uniform(T, 50), np.arange(981, 0, -20))
   np.testing.assert_array_equal(ddx.samplers.grids.compvis_uniform(T, 50), ddx.samplers.grids.leading(T, 50, 1))

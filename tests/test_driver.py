@@ -46,9 +46,9 @@ def test_program_size_independent_of_steps():
   sizes = []
   for S in (10, 1000):
     smp = ddx.samplers.make("plms", SCHED, S)
-    arrays, static = ddx.sampling._partition(smp)
-    margs, mstatic = ddx.sampling._partition(m.eps)
-    lowered = ddx.sampling._run.lower(margs, arrays, x_T, None, jnp.zeros((smp.num_calls,), jnp.int32),
+    arrays, static = ddx.driver._partition(smp)
+    margs, mstatic = ddx.driver._partition(m.eps)
+    lowered = ddx.driver._run.lower(margs, arrays, x_T, None, jnp.zeros((smp.num_calls,), jnp.int32),
                                       model_static=mstatic, sampler_static=static, num_x0=0)
     sizes.append(len(lowered.as_text()))
   assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0], sizes

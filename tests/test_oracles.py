@@ -1,4 +1,4 @@
-"""Closed-form oracles for the samplers (SAMPLERS.md §8): exact results that do not depend on
+"""Closed-form oracles for the samplers : exact results that do not depend on
 any reference implementation."""
 
 import chex
@@ -200,7 +200,7 @@ def test_constant_eps_collapses_plms_to_ddim():
 
 
 def test_plms_is_pseudo_adams_bashforth_in_sbar():
-  """SAMPLERS.md §5.1/oracle 8: in xbar = x/sqrt(a), sbar = sqrt((1-a)/a) PLMS is Heun then AB2/3/4
+  """docs/samplers.md §5: in xbar = x/sqrt(a), sbar = sqrt((1-a)/a) PLMS is Heun then AB2/3/4
   with uniform-step weights; reimplemented here in float64 from that description."""
 
   def e_of_t(t):  # x-independent "model" depending on the timestep only

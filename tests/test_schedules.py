@@ -1,4 +1,4 @@
-"""Schedules: golden values (SAMPLERS.md §1.3), invariants, forward process, conversions."""
+"""Schedules: golden values (diffusers float32 vs exact float64), invariants, forward process, conversions."""
 
 import chex
 import jax
@@ -9,7 +9,7 @@ import pytest
 import ddx
 from ddx import diffusion
 
-# exact float64 values from SAMPLERS.md §1.3 (ab = alphas_cumprod at 0, 1, 499, 980, 999)
+# exact float64 values (ab = alphas_cumprod at 0, 1, 499, 980, 999)
 GOLDEN_F64 = {
     ("linear", None, None): [0.9999, 0.999780092072, 0.0785872428818, 5.90375137085e-05, 4.03582976538e-05],
     ("scaled_linear", 0.00085, 0.012): [0.99915, 0.998296027838, 0.277669650456, 0.00584378331868, 0.00466009851308],

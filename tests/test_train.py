@@ -156,9 +156,9 @@ def test_checkpointer_refuses_nan(tmp_path):
   mesh = parallel.data_mesh(jax.devices()[:1])
   _, state = _setup(mesh)
   bad = state.replace(params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params))
-  ck = checkpoint.TrainCheckpointer(str(tmp_path), max_to_keep=2)
+  ck = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
   with pytest.raises(ValueError, match="non-finite"):
-    ck.save(bad)
+    ck.save(0, train_lib.checkpoint_items(bad))
   ck.close()
   assert checkpoint.all_steps(str(tmp_path)) == []
 

@@ -39,7 +39,7 @@ class DigitsSource:
   def __init__(self, *, image_size: int | None = None, split: str = "train"):
     image_size = image_ops.check_image_size(image_size)
     if split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS} for digits, got {split!r}")
+      raise ValueError(f"split: must be one of {SPLITS} for digits, got {split!r}")
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
     bunch = load_digits()

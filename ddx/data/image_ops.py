@@ -17,9 +17,9 @@ def check_image_size(image_size, *, name: str = "image_size") -> int | None:
   if image_size is None:
     return None
   if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)):
-    raise ValueError(f"{name} must be a positive int or None, got {image_size!r}")
+    raise ValueError(f"{name}: must be a positive int or None, got {image_size!r}")
   if not 1 <= int(image_size) <= 4096:
-    raise ValueError(f"{name} must be in [1, 4096], got {image_size!r}")
+    raise ValueError(f"{name}: must be in [1, 4096], got {image_size!r}")
   return int(image_size)
 
 
@@ -34,7 +34,7 @@ def ensure_hwc(image: np.ndarray) -> np.ndarray:
   if image.ndim == 2:
     image = image[:, :, None]
   if image.ndim != 3:
-    raise ValueError(f"image must be [H, W] or [H, W, C], got shape {image.shape}")
+    raise ValueError(f"image: must be [H, W] or [H, W, C], got shape {image.shape}")
   return image
 
 

@@ -92,13 +92,13 @@ def flip_bit(seed: int, position: int) -> bool:
 
 def _check_int(value, name: str, *, minimum: int) -> int:
   if isinstance(value, bool):
-    raise ValueError(f"{name} must be an int, got {value!r}")
+    raise ValueError(f"{name}: must be an int, got {value!r}")
   try:
     value = operator.index(value)
   except TypeError:
-    raise ValueError(f"{name} must be an int, got {value!r}") from None
+    raise ValueError(f"{name}: must be an int, got {value!r}") from None
   if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    raise ValueError(f"{name}: must be >= {minimum}, got {value}")
   return value
 
 
@@ -114,7 +114,7 @@ def _resolve_process(process_index, process_count) -> tuple[int, int]:
   process_index = _check_int(process_index, "process_index", minimum=0)
   if process_index >= process_count:
     raise ValueError(
-        f"process_index must be < process_count={process_count}, got {process_index}"
+        f"process_index: must be < process_count={process_count}, got {process_index}"
     )
   return process_index, process_count
 
@@ -176,17 +176,17 @@ def _make_element_fn(
 ) -> _ExampleAt:
   seed = _check_int(seed, "seed", minimum=0)
   if seed > _MASK64:
-    raise ValueError(f"seed must be < 2**64, got {seed}")
+    raise ValueError(f"seed: must be < 2**64, got {seed}")
   global_batch_size = _check_int(global_batch_size, "global_batch_size", minimum=1)
   start_step = _check_int(start_step, "start_step", minimum=0)
   process_index, process_count = _resolve_process(process_index, process_count)
   if global_batch_size % process_count:
     raise ValueError(
-        f"global_batch_size={global_batch_size} must be divisible by "
+        f"global_batch_size: {global_batch_size} must be divisible by "
         f"process_count={process_count}"
     )
   if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
-    raise ValueError(f"source must be a random-access source, got {source!r}")
+    raise ValueError(f"source: must be a random-access source, got {source!r}")
   if len(source) < 1:
     raise ValueError("source must hold at least one example")
   return _ExampleAt(
@@ -319,7 +319,7 @@ def _data_sharding(mesh, axis: str):
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
 
   if axis not in mesh.axis_names:
-    raise ValueError(f"axis must be a mesh axis {tuple(mesh.axis_names)}, got {axis!r}")
+    raise ValueError(f"axis: must be a mesh axis {tuple(mesh.axis_names)}, got {axis!r}")
   return NamedSharding(mesh, PartitionSpec(axis))
 
 
@@ -339,7 +339,7 @@ def process_slice(mesh, global_batch_size: int, *, axis: str = "data") -> tuple[
   sharding = _data_sharding(mesh, axis)
   if global_batch_size % mesh.shape[axis]:
     raise ValueError(
-        f"global_batch_size={global_batch_size} must be divisible by mesh axis "
+        f"global_batch_size: {global_batch_size} must be divisible by mesh axis "
         f"{axis!r} of size {mesh.shape[axis]}"
     )
   rows = set()

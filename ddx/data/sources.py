@@ -33,12 +33,12 @@ def make_source(
   ``num_classes``. Raises ``ValueError`` naming the bad argument.
   """
   if not isinstance(name, str) or name not in DATASETS:
-    raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
+    raise ValueError(f"name: must be one of {DATASETS}, got {name!r}")
   if name == "digits":
     if data_dir is not None:
-      raise ValueError(f"data_dir must be None for digits, got {data_dir!r}")
+      raise ValueError(f"data_dir: must be None for digits, got {data_dir!r}")
     if center_crop is not None:
-      raise ValueError(f"center_crop must be None for digits, got {center_crop!r}")
+      raise ValueError(f"center_crop: must be None for digits, got {center_crop!r}")
     return digits_lib.DigitsSource(image_size=image_size, split=split)
   return tfds_sources.TfdsImageSource(
       name,

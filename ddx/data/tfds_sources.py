@@ -73,7 +73,7 @@ TFDS_DATASETS: dict[str, TfdsSpec] = {
 
 def get_spec(name: str) -> TfdsSpec:
   if name not in TFDS_DATASETS:
-    raise ValueError(f"name must be one of {sorted(TFDS_DATASETS)}, got {name!r}")
+    raise ValueError(f"name: must be one of {sorted(TFDS_DATASETS)}, got {name!r}")
   return TFDS_DATASETS[name]
 
 
@@ -105,7 +105,7 @@ class TfdsImageSource:
   ):
     self.spec = spec = get_spec(name)
     if not isinstance(split, str) or not split:
-      raise ValueError(f"split must be a non-empty TFDS split string, got {split!r}")
+      raise ValueError(f"split: must be a non-empty TFDS split string, got {split!r}")
     image_size = image_ops.check_image_size(image_size)
     crop = image_ops.check_image_size(center_crop, name="center_crop")
     if crop is None:
@@ -113,7 +113,7 @@ class TfdsImageSource:
     native_h, native_w, channels = spec.native_shape
     if crop is not None and crop > min(native_h, native_w):
       raise ValueError(
-          f"center_crop must be <= {min(native_h, native_w)} for {name}, got {crop}"
+          f"center_crop: must be <= {min(native_h, native_w)} for {name}, got {crop}"
       )
     side = crop if crop is not None else native_h
     if crop is None and native_h != native_w:

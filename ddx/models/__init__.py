@@ -1,27 +1,26 @@
 """Denoiser networks (flax.nnx, NHWC).
 
-``UNet`` is the DDPM-family U-Net; ``from_diffusers`` imports a diffusers ``UNet2DModel``
-folder into it; ``unet_param_count`` counts parameters without allocating them.
+* ``UNet``: the DDPM-family U-Net; ``unet_kwargs`` normalises and validates its constructor
+  arguments, ``unet_param_count`` counts parameters without allocating them.
+* ``from_diffusers(path)``: a diffusers ``UNet2DModel`` folder as a ``UNet`` computing the
+  same function; ``unet_from_params(kwargs, params)`` rebuilds one from a pure param dict
+  (e.g. restored from a checkpoint).
+* The latent-diffusion stack: ``AutoencoderKL`` (``autoencoder_from_diffusers``), the
+  text-conditional ``UNetCond`` (``from_diffusers`` dispatches a UNet2DConditionModel folder
+  to ``unet_cond_from_diffusers``) and ``CLIPTextEncoder`` (``clip_text_from_transformers``).
 """
 
-from ddx.models.convert import (diffusers_scheduler_to_diffusion, diffusers_to_unet_kwargs,
-                                 from_diffusers, unet_from_params)
-from ddx.models.unet import (UNET_KWARGS, UNet, abstract_unet, unet_kwargs, unet_param_count,
-                             validate_kwargs)
+from ddx.models.convert import from_diffusers, unet_from_params
+from ddx.models.unet import UNet, unet_kwargs, unet_param_count
 
-__all__ = [
-    "UNet", "UNET_KWARGS", "abstract_unet", "unet_param_count", "unet_kwargs", "validate_kwargs",
-    "from_diffusers", "diffusers_to_unet_kwargs", "diffusers_scheduler_to_diffusion",
-    "unet_from_params",
-]
-
-# The latent-diffusion stack (imported after the DDPM U-Net; see ddx/models/convert_latent.py).
+# The latent-diffusion stack (see ddx/models/convert_latent.py for the importers).
 from ddx.models.autoencoder import AutoencoderKL, DiagonalGaussian  # noqa: E402
 from ddx.models.clip_text import CLIPTextEncoder  # noqa: E402
 from ddx.models.convert_latent import (autoencoder_from_diffusers,  # noqa: E402
                                         clip_text_from_transformers, unet_cond_from_diffusers)
-from ddx.models.unet_cond import UNetCond, abstract_unet_cond, unet_cond_param_count  # noqa: E402
+from ddx.models.unet_cond import UNetCond, unet_cond_param_count  # noqa: E402
 
-__all__ += ["AutoencoderKL", "DiagonalGaussian", "autoencoder_from_diffusers", "UNetCond",
-            "abstract_unet_cond", "unet_cond_param_count", "unet_cond_from_diffusers",
-            "CLIPTextEncoder", "clip_text_from_transformers"]
+__all__ = ["UNet", "from_diffusers", "unet_from_params", "unet_kwargs", "unet_param_count",
+           "AutoencoderKL", "DiagonalGaussian", "autoencoder_from_diffusers", "UNetCond",
+           "unet_cond_param_count", "unet_cond_from_diffusers", "CLIPTextEncoder",
+           "clip_text_from_transformers"]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddx import schedules
 from ddx.models.unet import UNet, abstract_unet, unet_kwargs, validate_kwargs
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -194,10 +195,10 @@ def diffusers_scheduler_to_diffusion(sched: Mapping[str, Any] | None) -> dict:
   s = dict(sched)
   if s.get("trained_betas") is not None:
     raise _unsupported("trained_betas", "<array>", "explicit betas are not supported")
-  schedule = s.get("beta_schedule", "linear")
-  schedule = {"squaredcos_cap_v2": "cosine"}.get(schedule, schedule)
-  if schedule not in ("linear", "scaled_linear", "cosine", "sigmoid"):
-    raise _unsupported("beta_schedule", s.get("beta_schedule"))
+  try:
+    schedule = schedules.canonical_name(s.get("beta_schedule", "linear"))
+  except ValueError:
+    raise _unsupported("beta_schedule", s.get("beta_schedule")) from None
   var_in = s.get("variance_type", "fixed_small")
   variance = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
               "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 
 from ddx.samplers import base, ddim, ddpm, dpm_solver, grids, plms
+from ddx.samplers.base import Sampler, X0Processing
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
 from ddx.samplers.dpm_solver import DPMSolverPP
@@ -24,6 +25,14 @@ _MAKERS = {
 }
 _ALIASES = {"dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++", "pndm": "plms"}
 NAMES = tuple(_MAKERS)
+
+
+def canonical(name: str) -> str:
+  """The canonical sampler name for ``name`` or an alias (ValueError if unknown)."""
+  key = _ALIASES.get(name, name)
+  if key not in _MAKERS:
+    raise ValueError(f"name: unknown sampler {name!r}; expected one of {NAMES}")
+  return key
 
 
 def make(name: str, sched, num_steps: int | None = None, **kwargs):
@@ -42,4 +51,4 @@ def make(name: str, sched, num_steps: int | None = None, **kwargs):
   return maker(sched, num_steps, **kwargs)
 
 
-__all__ = ["make", "NAMES", "DDPM", "DDIM", "PLMS", "DPMSolverPP", "base", "grids"]
+__all__ = ["make", "canonical", "NAMES", "Sampler", "X0Processing", "DDPM", "DDIM", "PLMS", "DPMSolverPP"]

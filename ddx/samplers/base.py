@@ -1,27 +1,59 @@
-"""What every sampler shares: the interface, the output split and x0 post-processing.
+"""What every sampler shares: the `Sampler` contract, the output split and x0 post-processing.
 
 A sampler is an immutable pytree (a `flax.struct.dataclass`): its per-call coefficient tables
 are array leaves (precomputed on the host in float64, stored float32) and its configuration
-is static. It exposes
-
-* ``timesteps``: int32 [N], the t given to the model at each of its N model calls;
-* ``stochastic``: whether ``step`` consumes noise (False: the driver draws none);
-* ``init(x_T) -> state`` and ``step(state, model_output, i, noise) -> state`` (pure; ``i`` is
-  the model-call index, ``noise`` a standard normal array of x's shape or None);
-* the current sample is ``state.x`` and the latest x0 prediction ``state.x0``.
-
-Sample arrays are channels-last: a model output with twice the channels of x carries a
-learned variance in its second half (used by DDPM ``learned_range``, dropped by the others,
-like diffusers does for 3-channel models).
+is static. The contract the driver relies on is the `Sampler` protocol below. Sample arrays are
+channels-last: a model output with twice the channels of x carries a learned variance in its
+second half (used by DDPM ``learned_range``, dropped by the others, as diffusers does).
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from ddx import diffusion
+
+
+@runtime_checkable
+class Sampler(Protocol):
+  """What `ddx.sample` needs from a sampler.
+
+  * ``timesteps``: int32 [N], the t given to the model at each of its N model calls;
+  * ``stochastic``: whether ``step`` consumes noise (False: the driver draws none);
+  * ``init(x_T) -> state`` and ``step(state, model_output, i, noise) -> state``, pure; ``i`` is
+    the model-call index, ``noise`` a standard normal array of x's shape or None;
+  * the state has ``x`` (the current sample) and ``x0`` (the latest x0 prediction).
+  """
+
+  timesteps: jax.Array
+  stochastic: bool
+
+  def init(self, x_T: jax.Array) -> Any: ...
+
+  def step(self, state: Any, model_output: jax.Array, i, noise: jax.Array | None) -> Any: ...
+
+
+class State(NamedTuple):
+  """The state of the single-step samplers (DDPM, DDIM, DPM-Solver++)."""
+  x: jax.Array   # the current sample
+  x0: jax.Array  # the latest x0 prediction
+
+
+class Common:
+  """Methods shared by the sampler dataclasses (no fields of its own)."""
+
+  @property
+  def num_calls(self) -> int:
+    return int(self.timesteps.shape[0])
+
+  def init(self, x_T: jax.Array) -> State:
+    x = x_T.astype(jnp.float32)
+    return State(x=x, x0=jnp.zeros_like(x))
 
 
 def split_output(output: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -57,14 +89,38 @@ def dynamic_threshold(x0: jax.Array, ratio: float, max_value: float) -> jax.Arra
   return (jnp.clip(x0, -s, s) / s).astype(x0.dtype)
 
 
-def process_x0(x0: jax.Array, *, clip_sample: bool, clip_range: float, thresholding: bool,
-               threshold_ratio: float, threshold_max: float) -> jax.Array:
-  """Thresholding replaces clipping when enabled (diffusers semantics)."""
-  if thresholding:
-    return dynamic_threshold(x0, threshold_ratio, threshold_max)
-  if clip_sample:
-    return jnp.clip(x0, -clip_range, clip_range)
-  return x0
+@struct.dataclass
+class X0Processing:
+  """Per-step handling of the x0 prediction: static clip or dynamic thresholding.
+
+  Thresholding replaces clipping when both are on (diffusers semantics). ``active`` says
+  whether x0 can change, i.e. whether a sampler that combines x0 with eps must re-derive eps
+  to stay consistent (docs/samplers.md §2.6).
+  """
+  clip_sample: bool = struct.field(pytree_node=False, default=False)
+  clip_range: float = struct.field(pytree_node=False, default=1.0)
+  thresholding: bool = struct.field(pytree_node=False, default=False)
+  threshold_ratio: float = struct.field(pytree_node=False, default=0.995)
+  threshold_max: float = struct.field(pytree_node=False, default=1.0)
+
+  @property
+  def active(self) -> bool:
+    return self.clip_sample or self.thresholding
+
+  def __call__(self, x0: jax.Array) -> jax.Array:
+    if self.thresholding:
+      return dynamic_threshold(x0, self.threshold_ratio, self.threshold_max)
+    if self.clip_sample:
+      return jnp.clip(x0, -self.clip_range, self.clip_range)
+    return x0
+
+
+def x0_processing(*, clip_sample: bool = False, clip_range: float = 1.0, thresholding: bool = False,
+                  threshold_ratio: float = 0.995, threshold_max: float = 1.0) -> X0Processing:
+  """Validated `X0Processing` (ValueError naming the argument)."""
+  check_threshold_args(clip_range, threshold_ratio, threshold_max)
+  return X0Processing(clip_sample=bool(clip_sample), clip_range=float(clip_range), thresholding=bool(thresholding),
+                      threshold_ratio=float(threshold_ratio), threshold_max=float(threshold_max))
 
 
 def check_prediction(prediction: str, allowed=diffusion.PREDICTIONS) -> str:

@@ -1,9 +1,10 @@
-"""DDIM (Song et al. 2020), SAMPLERS.md §4.
+"""DDIM (Song et al. 2020); equations and conventions in docs/samplers.md §4.
 
 One model call per grid point ``t -> t'`` (t' the next grid point, or the final alpha):
 
     x0    = from the model output (eps / x0 / v), then clip or dynamic threshold
-    eps   = model eps (or, with use_clipped_model_output, re-derived from the clipped x0)
+    eps   = re-derived from the processed x0 (the default whenever x0 is clipped/thresholded),
+            or the unprocessed model eps with use_clipped_model_output=False (diffusers' default)
     sigma = eta * sqrt((1 - a') / (1 - a) * (1 - a / a'))
     x'    = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z
 
@@ -16,8 +17,6 @@ removed Flax scheduler it really adds the eta noise.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,13 +27,8 @@ from ddx.samplers import base, grids
 from ddx.schedules import Schedule
 
 
-class DDIMState(NamedTuple):
-  x: jax.Array
-  x0: jax.Array
-
-
 @struct.dataclass
-class DDIM:
+class DDIM(base.Common):
   timesteps: jax.Array      # int32 [N]
   sqrt_alpha: jax.Array     # sqrt(ab[t])      float32 [N]
   sqrt_one_minus_alpha: jax.Array  # sqrt(1 - ab[t])
@@ -42,36 +36,22 @@ class DDIM:
   dir_coef: jax.Array       # sqrt(1 - a' - sigma^2)
   sigma: jax.Array
   prediction: str = struct.field(pytree_node=False, default="eps")
-  clip_sample: bool = struct.field(pytree_node=False, default=True)
-  clip_range: float = struct.field(pytree_node=False, default=1.0)
-  thresholding: bool = struct.field(pytree_node=False, default=False)
-  threshold_ratio: float = struct.field(pytree_node=False, default=0.995)
-  threshold_max: float = struct.field(pytree_node=False, default=1.0)
+  x0_processing: base.X0Processing = struct.field(pytree_node=False, default=base.X0Processing())
   use_clipped_model_output: bool = struct.field(pytree_node=False, default=False)
   stochastic: bool = struct.field(pytree_node=False, default=False)
 
-  @property
-  def num_calls(self) -> int:
-    return int(self.timesteps.shape[0])
-
-  def init(self, x_T: jax.Array) -> DDIMState:
-    x = x_T.astype(jnp.float32)
-    return DDIMState(x=x, x0=jnp.zeros_like(x))
-
-  def step(self, state: DDIMState, model_output: jax.Array, i, noise: jax.Array | None) -> DDIMState:
+  def step(self, state: base.State, model_output: jax.Array, i, noise: jax.Array | None) -> base.State:
     x = state.x
     out, _ = base.split_output(model_output, x)
     sa, s1a = self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i]
     x0, eps = diffusion.to_x0_eps_sqrt(out, x, sa, s1a, self.prediction)
-    x0 = base.process_x0(x0, clip_sample=self.clip_sample, clip_range=self.clip_range,
-                         thresholding=self.thresholding, threshold_ratio=self.threshold_ratio,
-                         threshold_max=self.threshold_max)
+    x0 = self.x0_processing(x0)
     if self.use_clipped_model_output:
       eps = (x - sa * x0) / s1a
     x_prev = self.sqrt_alpha_prev[i] * x0 + self.dir_coef[i] * eps
     if self.stochastic:
       x_prev = x_prev + self.sigma[i] * noise
-    return DDIMState(x=x_prev, x0=x0)
+    return base.State(x=x_prev, x0=x0)
 
 
 def make(
@@ -89,7 +69,7 @@ def make(
     thresholding: bool = False,
     threshold_ratio: float = 0.995,
     threshold_max: float = 1.0,
-    use_clipped_model_output: bool = False,
+    use_clipped_model_output: bool | None = None,
 ) -> DDIM:
   """Build a DDIM sampler.
 
@@ -101,10 +81,17 @@ def make(
     set_alpha_to_one: final alpha 1 (True, diffusers default) or ab[0] (False: CompVis and
       Stable Diffusion configs). Default: True, except False for the compvis spacings.
     prediction: "eps" | "x0" | "v".
-  Defaults follow diffusers' DDIMScheduler (clip_sample=True, range 1).
+    clip_sample, clip_range, thresholding, threshold_ratio, threshold_max: per-step x0
+      processing (docs/samplers.md §2.6); defaults as diffusers' DDIMScheduler (clip to [-1, 1]).
+    use_clipped_model_output: re-derive eps from the processed x0, so that each step combines one
+      consistent (x0, eps) pair. Default (None): True whenever x0 is clipped or thresholded.
+      False reproduces diffusers' default, which pairs the clipped x0 with the unclipped eps; that
+      bias accumulates with the number of steps and collapses samples of a trained model at
+      S = 500 (README, "Deliberate differences").
   """
   base.check_prediction(prediction)
-  base.check_threshold_args(clip_range, threshold_ratio, threshold_max)
+  x0_proc = base.x0_processing(clip_sample=clip_sample, clip_range=clip_range, thresholding=thresholding,
+                               threshold_ratio=threshold_ratio, threshold_max=threshold_max)
   if not (isinstance(eta, (int, float, np.floating)) and np.isfinite(eta) and eta >= 0):
     raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
   T = sched.num_timesteps
@@ -131,11 +118,7 @@ def make(
       dir_coef=base.f32(dir_coef),
       sigma=base.f32(sigma),
       prediction=prediction,
-      clip_sample=bool(clip_sample),
-      clip_range=float(clip_range),
-      thresholding=bool(thresholding),
-      threshold_ratio=float(threshold_ratio),
-      threshold_max=float(threshold_max),
-      use_clipped_model_output=bool(use_clipped_model_output),
+      x0_processing=x0_proc,
+      use_clipped_model_output=x0_proc.active if use_clipped_model_output is None else bool(use_clipped_model_output),
       stochastic=bool(eta > 0),
   )

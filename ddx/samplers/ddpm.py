@@ -1,4 +1,4 @@
-"""DDPM ancestral sampling on a (possibly respaced) grid, SAMPLERS.md §3.
+"""DDPM ancestral sampling on a (possibly respaced) grid; docs/samplers.md §3.
 
 For a step ``t -> t'`` (t' the next grid point, -1 after the last: ``a' = 1``) with
 ``a = ab[t]``, ``alpha' = a / a'``, ``beta' = 1 - alpha'``:
@@ -17,8 +17,6 @@ last step when that timestep is > 0 (``steps_offset=1`` or ``trailing``).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,16 +26,8 @@ from ddx import diffusion
 from ddx.samplers import base, grids
 from ddx.schedules import Schedule
 
-VARIANCES = ("fixed_small", "fixed_large", "learned_range")
-
-
-class DDPMState(NamedTuple):
-  x: jax.Array
-  x0: jax.Array
-
-
 @struct.dataclass
-class DDPM:
+class DDPM(base.Common):
   timesteps: jax.Array   # int32 [N]
   sqrt_alpha: jax.Array  # sqrt(ab[t])
   sqrt_one_minus_alpha: jax.Array
@@ -49,38 +39,25 @@ class DDPM:
   noise_mask: jax.Array  # 1.0 where t > 0
   prediction: str = struct.field(pytree_node=False, default="eps")
   variance: str = struct.field(pytree_node=False, default="fixed_small")
-  clip_sample: bool = struct.field(pytree_node=False, default=True)
-  clip_range: float = struct.field(pytree_node=False, default=1.0)
-  thresholding: bool = struct.field(pytree_node=False, default=False)
-  threshold_ratio: float = struct.field(pytree_node=False, default=0.995)
-  threshold_max: float = struct.field(pytree_node=False, default=1.0)
+  x0_processing: base.X0Processing = struct.field(pytree_node=False, default=base.X0Processing())
   stochastic: bool = struct.field(pytree_node=False, default=True)
 
-  @property
-  def num_calls(self) -> int:
-    return int(self.timesteps.shape[0])
-
-  def init(self, x_T: jax.Array) -> DDPMState:
-    x = x_T.astype(jnp.float32)
-    return DDPMState(x=x, x0=jnp.zeros_like(x))
-
-  def step(self, state: DDPMState, model_output: jax.Array, i, noise: jax.Array) -> DDPMState:
+  def step(self, state: base.State, model_output: jax.Array, i, noise: jax.Array) -> base.State:
     x = state.x
     out, var_out = base.split_output(model_output, x)
     if self.variance == "learned_range" and var_out is None:
       raise ValueError("model_output: variance='learned_range' needs twice the sample's channels "
                        f"(got shape {model_output.shape} for sample {x.shape})")
     x0, _ = diffusion.to_x0_eps_sqrt(out, x, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i], self.prediction)
-    x0 = base.process_x0(x0, clip_sample=self.clip_sample, clip_range=self.clip_range,
-                         thresholding=self.thresholding, threshold_ratio=self.threshold_ratio,
-                         threshold_max=self.threshold_max)
+    # The posterior mean below is built from x0 alone, so clipping keeps the update consistent.
+    x0 = self.x0_processing(x0)
     mean = self.coef_x0[i] * x0 + self.coef_x[i] * x
     if self.variance == "learned_range":
       frac = (var_out + 1.0) / 2.0
       std = jnp.exp(0.5 * (frac * self.log_beta[i] + (1.0 - frac) * self.log_var_min[i])) * self.noise_mask[i]
     else:
       std = self.std[i]
-    return DDPMState(x=mean + std * noise, x0=x0)
+    return base.State(x=mean + std * noise, x0=x0)
 
 
 def make(
@@ -104,9 +81,10 @@ def make(
   The original DDPM CIFAR-10 sampler is ``variance="fixed_large"``, S = T.
   """
   base.check_prediction(prediction)
-  base.check_threshold_args(clip_range, threshold_ratio, threshold_max)
-  if variance not in VARIANCES:
-    raise ValueError(f"variance: unknown variance type {variance!r}; expected one of {VARIANCES}")
+  x0_proc = base.x0_processing(clip_sample=clip_sample, clip_range=clip_range, thresholding=thresholding,
+                               threshold_ratio=threshold_ratio, threshold_max=threshold_max)
+  if variance not in diffusion.VARIANCES:
+    raise ValueError(f"variance: unknown variance type {variance!r}; expected one of {diffusion.VARIANCES}")
   T = sched.num_timesteps
   if timesteps is not None:
     ts = grids.validate(timesteps, T)
@@ -133,9 +111,5 @@ def make(
       noise_mask=base.f32(mask),
       prediction=prediction,
       variance=variance,
-      clip_sample=bool(clip_sample),
-      clip_range=float(clip_range),
-      thresholding=bool(thresholding),
-      threshold_ratio=float(threshold_ratio),
-      threshold_max=float(threshold_max),
+      x0_processing=x0_proc,
   )

@@ -1,5 +1,5 @@
 """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' DPMSolverMultistepScheduler with
-``algorithm_type="dpmsolver++"``; SAMPLERS.md §6.
+``algorithm_type="dpmsolver++"``; docs/samplers.md §6.
 
 With ``alpha_k = sqrt(ab[tau_k])``, ``sigma_k = sqrt(1 - ab[tau_k])``,
 ``lambda_k = log(alpha_k / sigma_k)``, ``h = lambda_{k+1} - lambda_k`` and the data prediction
@@ -19,8 +19,6 @@ if ``lower_order_final`` and S < 15, or ``final_sigma="zero"``, or ``euler_at_fi
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,13 +32,8 @@ SOLVER_TYPES = ("midpoint", "heun")
 FINAL_SIGMAS = ("zero", "sigma_min")
 
 
-class DPMState(NamedTuple):
-  x: jax.Array
-  x0: jax.Array     # m_k of the latest call (the previous one's inside step)
-
-
 @struct.dataclass
-class DPMSolverPP:
+class DPMSolverPP(base.Common):
   timesteps: jax.Array  # int32 [N]
   sqrt_alpha: jax.Array  # alpha_k = sqrt(ab[tau_k]) for the output conversion
   sqrt_one_minus_alpha: jax.Array  # sigma_k
@@ -48,28 +41,18 @@ class DPMSolverPP:
   coef_m: jax.Array     # B_k
   coef_d: jax.Array     # C_k (0 for first-order steps)
   prediction: str = struct.field(pytree_node=False, default="eps")
-  thresholding: bool = struct.field(pytree_node=False, default=False)
-  threshold_ratio: float = struct.field(pytree_node=False, default=0.995)
-  threshold_max: float = struct.field(pytree_node=False, default=1.0)
+  x0_processing: base.X0Processing = struct.field(pytree_node=False, default=base.X0Processing())
   stochastic: bool = struct.field(pytree_node=False, default=False)
 
-  @property
-  def num_calls(self) -> int:
-    return int(self.timesteps.shape[0])
-
-  def init(self, x_T: jax.Array) -> DPMState:
-    x = x_T.astype(jnp.float32)
-    return DPMState(x=x, x0=jnp.zeros_like(x))
-
-  def step(self, state: DPMState, model_output: jax.Array, i, noise=None) -> DPMState:
+  def step(self, state: base.State, model_output: jax.Array, i, noise=None) -> base.State:
     del noise
     out, _ = base.split_output(model_output, state.x)
     m, _ = diffusion.to_x0_eps_sqrt(out, state.x, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i], self.prediction)
-    if self.thresholding:
-      m = base.dynamic_threshold(m, self.threshold_ratio, self.threshold_max)
+    # The update is written in x0 (data prediction) alone, so thresholding stays consistent.
+    m = self.x0_processing(m)
     # state.x0 holds m_{k-1}; C_k = 0 on first-order steps, so its initial zeros never matter.
     x_next = self.coef_x[i] * state.x + self.coef_m[i] * m + self.coef_d[i] * (m - state.x0)
-    return DPMState(x=x_next, x0=m)
+    return base.State(x=x_next, x0=m)
 
 
 def make(
@@ -104,7 +87,8 @@ def make(
   if final_sigma not in FINAL_SIGMAS:
     raise ValueError(f"final_sigma: unknown {final_sigma!r}; expected one of {FINAL_SIGMAS}")
   base.check_prediction(prediction)
-  base.check_threshold_args(1.0, threshold_ratio, threshold_max)
+  x0_proc = base.x0_processing(thresholding=thresholding, threshold_ratio=threshold_ratio,
+                               threshold_max=threshold_max)
   T = sched.num_timesteps
   ts = grids.validate(timesteps, T) if timesteps is not None else grids.dpm_solver(spacing, T, num_steps, steps_offset)
   base.check_zero_snr(prediction, sched.f64.alphas_cumprod[ts], "the DPM-Solver grid")
@@ -149,7 +133,5 @@ def make(
       coef_m=base.f32(coef_m),
       coef_d=base.f32(coef_d),
       prediction=prediction,
-      thresholding=bool(thresholding),
-      threshold_ratio=float(threshold_ratio),
-      threshold_max=float(threshold_max),
+      x0_processing=x0_proc,
   )

@@ -1,4 +1,4 @@
-"""Timestep grids (host-side numpy, validated), SAMPLERS.md §4.1.
+"""Timestep grids (host-side numpy, validated); docs/samplers.md §4.1.
 
 Every function returns a strictly decreasing int64 array of code indices in [0, T), the
 order in which a sampler visits them. Where a reference implementation produces an invalid
@@ -107,7 +107,7 @@ def make(spacing: str, num_train: int, num_steps: int, steps_offset: int = 0) ->
 
 
 def dpm_solver(spacing: str, num_train: int, num_steps: int, steps_offset: int = 0) -> np.ndarray:
-  """DPMSolverMultistepScheduler grids: S+1 points with the final one dropped (§4.1)."""
+  """DPMSolverMultistepScheduler grids: S+1 points with the final one dropped (docs/samplers.md §4.1)."""
   _check_counts(num_train, num_steps)
   if spacing == "linspace":
     if steps_offset:

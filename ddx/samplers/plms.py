@@ -1,4 +1,4 @@
-"""PLMS (pseudo linear multistep, Liu et al. 2022), SAMPLERS.md §5.
+"""PLMS (pseudo linear multistep, Liu et al. 2022); docs/samplers.md §5.
 
 The CompVis ``PLMSSampler`` / diffusers ``PNDMScheduler(skip_prk_steps=True)`` algorithm on a
 grid ``tau_0 > ... > tau_{S-1}`` with S + 1 model calls:
@@ -51,7 +51,7 @@ class PLMSState(NamedTuple):
 
 
 @struct.dataclass
-class PLMS:
+class PLMS(base.Common):
   timesteps: jax.Array   # int32 [N] model timestep per call
   mode: jax.Array        # int32 [N]
   sqrt_alpha_eval: jax.Array  # sqrt(ab) at the evaluation point (output -> eps and x0)
@@ -60,10 +60,6 @@ class PLMS:
   coef_e: jax.Array      # (a' - a) / (a sqrt(1-a') + sqrt(a (1-a) a'))
   prediction: str = struct.field(pytree_node=False, default="eps")
   stochastic: bool = struct.field(pytree_node=False, default=False)
-
-  @property
-  def num_calls(self) -> int:
-    return int(self.timesteps.shape[0])
 
   def init(self, x_T: jax.Array) -> PLMSState:
     x = x_T.astype(jnp.float32)

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddx.samplers.base import Sampler
+
 
 def _partition(tree):
   """Split a pytree into (array leaves, static rest) so jit traces only the arrays."""
@@ -104,7 +106,7 @@ def sample(
 
   Args:
     model_fn: ``(x, t) -> output``; see the module docstring.
-    sampler: from `ddx.samplers.make`.
+    sampler: a `ddx.samplers.Sampler`, e.g. from `ddx.samplers.make`.
     x_T: the initial noise, [B, ...] (may be a sharded jax.Array).
     key: PRNG key for the per-call noise (required iff ``sampler.stochastic``).
     return_x0_at: model-call indices (0 <= i < len(sampler.timesteps)) at which to also return
@@ -116,7 +118,7 @@ def sample(
     raise ValueError(f"x_T: expected a batch [B, ...] with B >= 1, got shape {x_T.shape}")
   if not jnp.issubdtype(x_T.dtype, jnp.floating):
     raise ValueError(f"x_T: expected a floating dtype, got {x_T.dtype}")
-  if not all(hasattr(sampler, a) for a in ("timesteps", "init", "step", "stochastic")):
+  if not isinstance(sampler, Sampler):
     raise ValueError(f"sampler: not a ddx sampler (got {type(sampler).__name__}); use ddx.samplers.make")
   n = int(sampler.timesteps.shape[0])
   if sampler.stochastic and key is None:

@@ -1,0 +1,36 @@
+"""``python -m ddx info --config=configs/cifar10.py``: parameter count, devices and mesh."""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from ddx.commands import common
+
+HELP = "print parameter count, devices and mesh for --config"
+FLAGS = flags.FlagValues()
+config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py).",
+                                flag_values=FLAGS, lock_config=True)
+common.define_distributed(FLAGS)
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  common.require(FLAGS, "config")
+  from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(FLAGS.config)
+  common.init_distributed(FLAGS)
+  import jax  # pylint: disable=import-outside-toplevel
+  from ddx import parallel  # pylint: disable=import-outside-toplevel
+  from ddx.models import unet_param_count  # pylint: disable=import-outside-toplevel
+
+  mesh = parallel.data_mesh()
+  n = unet_param_count(**cfg["model"])
+  b = cfg["train"]["global_batch_size"]
+  print(f"model:   UNet, {n:,} parameters ({n * 4 / 2**20:.1f} MiB float32)")
+  print(f"data:    {cfg['data']['name']} at {cfg['model']['image_size']}x{cfg['model']['image_size']}x"
+        f"{cfg['model']['in_channels']}")
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} processes, "
+        f"backend {jax.default_backend()})")
+  print(f"mesh:    {dict(mesh.shape)}; global batch {b} -> {b / jax.device_count():g} per device")
+  return 0

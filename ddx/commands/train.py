@@ -1,0 +1,70 @@
+"""``python -m ddx train --config=configs/digits.py --workdir=runs/digits [--config.train.total_steps=...]``.
+
+Trains (or resumes) in --workdir: the config is validated before anything is built, then
+translated into the explicit arguments of `ddx.loop.run`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import flags
+from ml_collections import config_flags
+
+from ddx.commands import common
+
+HELP = "train (or resume) a model: --config=... --workdir=..."
+FLAGS = flags.FlagValues()
+common.define_workdir(FLAGS)
+config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py); override keys "
+                                "with --config.section.key=value.", flag_values=FLAGS, lock_config=True)
+flags.DEFINE_integer("stop_after_steps", None, "Stop (with a checkpoint) after this many steps of this "
+                     "invocation, as a preemption would.", flag_values=FLAGS)
+common.define_distributed(FLAGS)
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  workdir = common.workdir(FLAGS)
+  common.require(FLAGS, "config")
+  stop_after = common.check_int(FLAGS, "stop_after_steps", lo=1)
+  from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(FLAGS.config)  # before any JAX work
+  common.init_distributed(FLAGS)
+  import ddx  # pylint: disable=import-outside-toplevel
+  from ddx import data, loop  # pylint: disable=import-outside-toplevel
+  from ddx.models import UNet, unet_kwargs  # pylint: disable=import-outside-toplevel
+
+  d = cfg["data"]
+  source = data.make_source(d["name"], split=d["split"], data_dir=d["data_dir"], image_size=d["image_size"] or None)
+  h, _, c = source.image_shape
+  cfg["model"] = m = unet_kwargs(**cfg["model"])
+  if (m["image_size"], m["in_channels"]) != (h, c):
+    raise ValueError(f"model.image_size: image_size/in_channels ({m['image_size']}, {m['in_channels']}) do not "
+                     f"match the data ({h}, {c})")
+  if m["num_classes"] and source.num_classes > m["num_classes"]:
+    raise ValueError(f"model.num_classes: {m['num_classes']} < the data's {source.num_classes} classes")
+  t = cfg["train"]
+  spec = loop.LoopSpec(
+      seed=cfg["seed"], global_batch_size=t["global_batch_size"], total_steps=t["total_steps"],
+      steps_per_call=t["steps_per_call"], random_flip=d["random_flip"], num_threads=d["num_threads"],
+      ema_decay=t["ema_decay"], ema_warmup=t["ema_warmup"], label_dropout=t["label_dropout"],
+      log_every_seconds=t["log_every_seconds"], checkpoint_every=t["checkpoint_every"],
+      keep_checkpoints=t["keep_checkpoints"], keep_period=t["keep_period"], sample_every=t["sample_every"],
+      max_nonfinite=t["max_nonfinite"])
+  s = cfg["sample"]
+  sample = loop.SampleSpec(
+      sampler=s["sampler"], steps=s["steps"], num=s["num"], guidance=s["guidance"],
+      sampler_kwargs=config_lib.sampler_kwargs(cfg["diffusion"], sampler=s["sampler"], eta=s["eta"],
+                                               clip_sample=s["clip_sample"]))
+  sched = ddx.schedules.make(**config_lib.schedule_kwargs(cfg["diffusion"]))
+  summary = loop.run(
+      workdir, cfg, model_factory=lambda rngs: UNet(**m, rngs=rngs),
+      num_classes=m["num_classes"], use_dropout=m["dropout"] > 0, source=source, sched=sched,
+      optim=config_lib.optimizer_spec(cfg), loss=config_lib.loss_spec(cfg), loop=spec, sample=sample,
+      stop_after_steps=stop_after)
+  summary.pop("state")
+  if summary["preempted"]:
+    print(f"stopped at step {summary['step']} after a preemption signal; rerun the same command to resume")
+  print("summary: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
+  return 0

@@ -1,0 +1,158 @@
+"""The public surface: every name the README and __all__ lists resolves, the package has no
+import cycle, each choice set has one definition, and commands own their flags."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import ddx
+from ddx import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "ddx")
+
+
+def _resolve(dotted: str):
+  obj = ddx
+  for part in dotted.split(".")[1:]:
+    obj = getattr(obj, part)
+  return obj
+
+
+def test_top_level_and_module_all_resolve():
+  for name in ddx.__all__:
+    assert getattr(ddx, name) is not None, name
+  for mod in ("schedules", "samplers", "models", "data", "guidance", "losses", "diffusion"):
+    m = getattr(ddx, mod)
+    assert hasattr(m, "__all__") and m.__all__, mod
+    for name in m.__all__:
+      assert getattr(m, name) is not None, f"ddx.{mod}.{name}"
+
+
+def test_every_ddx_name_in_the_readme_resolves():
+  text = open(os.path.join(ROOT, "README.md")).read()
+  names = sorted(set(re.findall(r"\bddx(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text)))
+  assert "ddx.models.UNet" in names and "ddx.sample" in names
+  for dotted in names:
+    if dotted.startswith("ddx.data.tfds_sources") or dotted.endswith((".py", ".sh")):
+      continue  # module paths run with python -m, checked by their own tests
+    try:
+      _resolve(dotted)
+    except AttributeError as e:
+      pytest.fail(f"README names {dotted}, which does not resolve: {e}")
+
+
+def _module_level_imports(path: str, modname: str) -> set[str]:
+  """ddx modules imported at module level (not inside functions) by one file."""
+  tree = ast.parse(open(path).read())
+  out = set()
+  pkg = modname if path.endswith("__init__.py") else modname.rsplit(".", 1)[0]
+  for node in tree.body:
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names if a.name.startswith("ddx")}
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+      if not base.startswith("ddx"):
+        continue
+      for a in node.names:  # `from ddx import x` names the submodule ddx.x when it is one
+        sub = f"{base}.{a.name}"
+        out.add(sub if _module_path(sub) else base)
+  return out
+
+
+def _module_path(modname: str) -> str | None:
+  rel = modname.replace(".", os.sep)
+  for cand in (os.path.join(ROOT, rel + ".py"), os.path.join(ROOT, rel, "__init__.py")):
+    if os.path.isfile(cand):
+      return cand
+  return None
+
+
+def test_no_import_cycle_in_the_package():
+  graph = {}
+  for dirpath, _, files in os.walk(PKG):
+    for f in files:
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+        mod = rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+        graph[mod] = {m for m in _module_level_imports(path, mod) if m != mod and m in graph or _module_path(m)}
+  # a package's __init__ importing its own submodules is not a cycle with them
+  state, stack = {}, []
+
+  def visit(m):
+    state[m] = 1
+    stack.append(m)
+    for n in graph.get(m, ()):
+      if n.startswith(m + "."):
+        continue
+      if state.get(n) == 1 and not m.startswith(n + "."):
+        pytest.fail("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+      if n not in state:
+        visit(n)
+    stack.pop()
+    state[m] = 2
+
+  for m in sorted(graph):
+    if m not in state:
+      visit(m)
+
+
+# The literal that declares each set; single values may appear elsewhere as defaults.
+CHOICE_SETS = {
+    "schedule names": ('("linear", "scaled_linear", "cosine", "sigmoid")', "ddx/schedules.py"),
+    "variance kinds": ('("fixed_small", "fixed_large", "learned_range")', "ddx/diffusion.py"),
+    "sampler names": ('"dpm_solver++": dpm_solver.make', "ddx/samplers/__init__.py"),
+    "spacings": ('("leading", "trailing", "linspace"', "ddx/samplers/grids.py"),
+    "prediction types": ('("eps", "x0", "v")', "ddx/diffusion.py"),
+    "dataset names": ('"fashion_mnist"', "ddx/data/tfds_sources.py"),
+    "optimizers": ('("adam", "adamw")', "ddx/train.py"),
+    "loss weightings": ('("uniform", "min_snr")', "ddx/losses.py"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(CHOICE_SETS))
+def test_each_choice_set_is_declared_once(what):
+  needle, owner = CHOICE_SETS[what]
+  hits = []
+  for dirpath, _, files in os.walk(PKG):
+    for f in files:
+      if f.endswith(".py"):
+        path = os.path.join(dirpath, f)
+        code = "\n".join(l.split("#")[0] for l in open(path).read().splitlines())  # comments may mention names
+        code = re.sub(r'"""[\s\S]*?"""', "", code)  # and so may docstrings
+        if needle in code:
+          hits.append(os.path.relpath(path, ROOT))
+  assert hits == [owner], f"{what}: {needle} appears in {hits}, expected only {owner}"
+
+
+def test_every_command_has_its_own_flags():
+  seen = set()
+  for name, path in cli.COMMANDS.items():
+    module = __import__(path, fromlist=["main"])
+    assert module.HELP and callable(module.main), name
+    assert id(module.FLAGS) not in seen, f"{name} shares its FlagValues"
+    seen.add(id(module.FLAGS))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--workdir=/tmp/ddx-never", "--steps=5"], "steps"),
+    (["sample", "--workdir=/tmp/ddx-never", "--config=configs/digits.py"], "config"),
+    (["info", "--num=3"], "num"),
+    (["convert", "--sampler=ddim"], "sampler"),
+    (["sample", "--workdir=/tmp/ddx-never", "extra"], "unexpected arguments"),
+    (["bogus"], "unknown command"),
+])
+def test_a_flag_of_another_command_is_an_error(argv, needle):
+  p = subprocess.run([sys.executable, "-m", "ddx", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+  assert p.returncode == 2, (argv, p.stderr)
+  first = p.stderr.strip().splitlines()[0]
+  assert first.startswith("ddx") and "error" in first and needle in first and "Traceback" not in p.stderr, p.stderr
+  assert not os.path.exists("/tmp/ddx-never")
