@@ -30,6 +30,8 @@ from ddx.driver import sample
 
 # Stable Diffusion 1.x / 2.x training schedule (diffusers' scheduler_config.json of those
 # pipelines): scaled_linear betas 0.00085 -> 0.012 over T = 1000.
+__all__ = ["generate", "decode", "sd_sampler", "check_inputs", "SD_SCHEDULE"]
+
 SD_SCHEDULE = dict(name="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012)
 
 

@@ -37,10 +37,9 @@ def perturb(torch, model):
   return model.eval()
 
 
-@pytest.fixture(scope="module")
-def components(tmp_path_factory):
+def build_components(path):
+  """Tiny random torch U-Net / VAE saved under ``path`` and imported, plus inputs."""
   torch, diffusers, _ = refs()
-  path = tmp_path_factory.mktemp("sd_tiny")
   torch.manual_seed(0)
   tunet = perturb(torch, diffusers.UNet2DConditionModel(**UNET))
   tvae = perturb(torch, diffusers.AutoencoderKL(**VAE))
@@ -52,6 +51,11 @@ def components(tmp_path_factory):
   uncond = np.repeat(rng.randn(1, 7, 12).astype(np.float32), 2, axis=0)
   return dict(tunet=tunet, tvae=tvae, unet=from_diffusers(str(path)),
               vae=autoencoder_from_diffusers(str(path)), x_T=x_T, cond=cond, uncond=uncond)
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+  return build_components(tmp_path_factory.mktemp("sd_tiny"))
 
 
 def diffusers_loop(c, scheduler):

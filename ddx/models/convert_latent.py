@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from flax import nnx
+
 from ddx.models import torch_import as ti
 from ddx.models.autoencoder import AutoencoderKL, validate_autoencoder_kwargs
 from ddx.models.clip_text import CLIPTextEncoder, validate_clip_kwargs
@@ -114,7 +116,7 @@ def autoencoder_from_diffusers(path: str | os.PathLike, **overrides) -> Autoenco
   kwargs = diffusers_to_autoencoder_kwargs(ti.read_json(os.path.join(folder, CONFIG), "vae"))
   kwargs.update(overrides)
   kwargs = validate_autoencoder_kwargs(**kwargs)
-  module, abstract = ti.abstract_params(lambda: AutoencoderKL(**kwargs, rngs=ti.nnx.Rngs(0)))
+  module, abstract = ti.abstract_params(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0)))
   state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "vae")
   params = ti.convert_state(state, abstract, what="vae", subs=[(".to_out.", ".to_out.0.")],
                             legacy=_LEGACY_ATTN)
@@ -224,7 +226,7 @@ def unet_cond_from_diffusers(path: str | os.PathLike, **overrides) -> UNetCond:
   kwargs = diffusers_to_unet_cond_kwargs(ti.read_json(os.path.join(folder, CONFIG), "unet"))
   kwargs.update(overrides)
   kwargs = validate_unet_cond_kwargs(**kwargs)
-  module, abstract = ti.abstract_params(lambda: UNetCond(**kwargs, rngs=ti.nnx.Rngs(0)))
+  module, abstract = ti.abstract_params(lambda: UNetCond(**kwargs, rngs=nnx.Rngs(0)))
   state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "unet")
   params = ti.convert_state(state, abstract, what="unet", subs=_UNET_SUBS)
   return ti.load_params(module, params, kwargs["param_dtype"])
@@ -276,7 +278,7 @@ def clip_text_from_transformers(path: str | os.PathLike, **overrides) -> CLIPTex
   kwargs = transformers_to_clip_kwargs(ti.read_json(os.path.join(folder, CONFIG), "text_encoder"))
   kwargs.update(overrides)
   kwargs = validate_clip_kwargs(**kwargs)
-  module, abstract = ti.abstract_params(lambda: CLIPTextEncoder(**kwargs, rngs=ti.nnx.Rngs(0)))
+  module, abstract = ti.abstract_params(lambda: CLIPTextEncoder(**kwargs, rngs=nnx.Rngs(0)))
   state = ti.read_safetensors(folder, TRANSFORMERS_WEIGHTS, "text_encoder")
   prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
   params = ti.convert_state(state, abstract, what="text_encoder", prefix=prefix,
