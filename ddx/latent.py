@@ -4,7 +4,7 @@
                                  guidance_scale=7.5)
 
 * ``unet``: a `ddx.models.UNetCond` (or any ``model(x, t, context) -> eps/v/x0`` with
-  ``in_channels`` and ``cross_attention_dim`` attributes); ``vae``: a
+  ``in_channels``, ``cross_attention_dim`` and ``num_levels`` attributes); ``vae``: a
   `ddx.models.AutoencoderKL`.
 * ``context`` / ``uncond_context``: text-encoder hidden states [B, L, D] for the prompts and for
   the empty (or negative) prompt; ``uncond_context=None`` samples without guidance.

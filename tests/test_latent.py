@@ -96,21 +96,27 @@ def test_generate_matches_diffusers_pipeline_loop(components, name):
   assert rel_err(np.asarray(img).transpose(0, 3, 1, 2), ref_img) < 1e-5
 
 
-@pytest.mark.torch
-def test_unguided_generate(components):
-  """Without an unconditional context the sampler sees the conditional output alone (one DDIM
-  step: x0 = (x - sqrt(1-a) eps) / sqrt(a), then x' = sqrt(a') x0 + sqrt(1-a') eps)."""
-  c = components
-  sampler = latent.sd_sampler("ddim", 1)
-  x = jnp.asarray(c["x_T"].transpose(0, 2, 3, 1))
-  b = latent.generate(c["unet"], None, c["cond"], None, sampler, x)
-  t = int(sampler.timesteps[0])
-  eps = jax.jit(lambda g, s, *a: nnx.merge(g, s)(*a), static_argnums=0)(
-      *nnx.split(c["unet"]), x, jnp.full((2,), t), jnp.asarray(c["cond"]))
-  ab = np.asarray(ddx.schedules.make(**latent.SD_SCHEDULE).f64.alphas_cumprod)
-  a, a1 = ab[t], ab[0]
-  x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
-  assert rel_err(b, np.sqrt(a1) * x0 + np.sqrt(1 - a1) * eps) < 1e-5
+def test_context_guidance_wrappers():
+  """CFG over contexts: one call on [uncond; cond] (that order), u + w (c - u); and the
+  unguided wrapper passes the context through. A model whose output depends on all three
+  inputs makes a swapped half or a wrong formula visible."""
+  def model(x, t, ctx):
+    return x * ctx.sum(axis=(1, 2))[:, None, None, None] + t[:, None, None, None]
+
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+  t = jnp.array([5, 7])
+  cond = jax.random.normal(jax.random.key(1), (2, 3, 6))
+  uncond = jax.random.normal(jax.random.key(2), (2, 3, 6))
+  u, c = model(x, t, uncond), model(x, t, cond)
+
+  @jax.jit
+  def both(x, t, cond, uncond):
+    return (ddx.guidance.classifier_free_context(model, cond, uncond, 7.5)(x, t),
+            ddx.guidance.text_conditional(model, cond)(x, t))
+
+  got, plain = both(x, t, cond, uncond)
+  np.testing.assert_allclose(got, u + 7.5 * (c - u), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(plain, c, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_inputs():
