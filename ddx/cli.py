@@ -98,4 +98,7 @@ def run() -> None:
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"{prog}: error: {e}\n")
     sys.exit(1)
+  except ImportError as e:  # an optional extra (torch, transformers) that this command needs
+    sys.stderr.write(f"{prog}: error: {e} (pip install 'ddx[torch]' installs the optional extras)\n")
+    sys.exit(1)
   sys.exit(code)
