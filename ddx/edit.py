@@ -29,7 +29,9 @@ from ddx.samplers import base
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
 
-__all__ = ["DDIMInverse", "inverse_sampler", "invert", "reconstruct", "slerp", "interpolation_grid", "sdedit",
+INPAINT_METHODS = ("replace", "repaint")
+
+__all__ = ["INPAINT_METHODS", "DDIMInverse", "inverse_sampler", "invert", "reconstruct", "slerp", "interpolation_grid", "sdedit",
            "sdedit_start", "inpaint", "repaint", "repaint_plan", "known_hook", "levels", "check_mask"]
 
 
