@@ -222,9 +222,9 @@ def sdedit(model_fn: Callable, sampler, x0, strength: float, key: jax.Array, *, 
   strength 1 is plain sampling from a q_sample of x0 at the first grid level; strength < 1/N
   returns x0 unchanged. Needs a DDPM or DDIM sampler.
   """
-  start = sdedit_start(int(sampler.timesteps.shape[0]) if hasattr(sampler, "timesteps") else 0, strength)
-  x0 = _check_images("x0", x0)
   sa, s1a = levels(sampler)
+  start = sdedit_start(len(sa) - 1, strength)
+  x0 = _check_images("x0", x0)
   if start == len(sa) - 1:
     return x0
   noise = jax.random.normal(jax.random.fold_in(key, 0), x0.shape, jnp.float32)
