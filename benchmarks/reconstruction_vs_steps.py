@@ -70,6 +70,8 @@ def main(argv):
   del argv
   if not FLAGS.workdir:
     raise ValueError("--workdir: required")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   import jax
   import numpy as np
 
