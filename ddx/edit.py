@@ -173,7 +173,11 @@ def slerp(x_a, x_b, alpha) -> jax.Array:
   x_a, x_b = jnp.asarray(x_a, jnp.float32), jnp.asarray(x_b, jnp.float32)
   if x_a.shape != x_b.shape or x_a.ndim < 1:
     raise ValueError(f"x_b: shape {x_b.shape} does not match x_a {x_a.shape}")
-  alpha = jnp.asarray(alpha, jnp.float32)
+  return _slerp(x_a, x_b, jnp.asarray(alpha, jnp.float32))
+
+
+@jax.jit
+def _slerp(x_a, x_b, alpha):
   b = x_a.shape[0]
   fa, fb = x_a.reshape(b, -1), x_b.reshape(b, -1)
   cos = jnp.sum(fa * fb, -1) / (jnp.linalg.norm(fa, axis=-1) * jnp.linalg.norm(fb, axis=-1))

@@ -16,9 +16,9 @@ from ddx import cli, service
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config=configs/digits.py", "--config.data.image_size=8", "--config.model.image_size=8",
-    "--config.model.base_channels=8", "--config.model.channel_mult=(1,2)", "--config.model.attention_resolutions=(4,)",
+    "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=()",
     "--config.model.norm_num_groups=4", "--config.train.global_batch_size=8", "--config.train.sample_every=0",
-    "--config.optim.warmup_steps=1", "--config.train.checkpoint_every=2", "--config.train.total_steps=2",
+    "--config.optim.warmup_steps=1", "--config.train.checkpoint_every=1", "--config.train.total_steps=1",
 ]
 
 

@@ -86,14 +86,14 @@ def test_classifier_guidance_moves_samples_toward_the_class():
   labels = d.target
   perm = np.random.default_rng(0).permutation(len(x))
   tr, te = perm[:1500], perm[1500:]
-  clf = clf_lib.train(x[tr], labels[tr], SCHED, jax.random.key(0), num_classes=10, steps=500)
+  clf = clf_lib.train(x[tr], labels[tr], SCHED, jax.random.key(0), num_classes=10, steps=300, hidden=128)
   assert clf_lib.accuracy(clf, x[te], labels[te], SCHED, 0, jax.random.key(1)) > 0.9  # held out, clean
   assert clf_lib.accuracy(clf, x[te], labels[te], SCHED, 200, jax.random.key(1)) > 0.6  # held out, noisy
   means = np.stack([x[labels == k].mean(0) for k in range(10)])
   stds = np.array([np.sqrt(((x[labels == k] - means[k]) ** 2).mean()) for k in range(10)])
   mix = Mixture(SCHED, np.full(10, 0.1), means, stds)
-  smp = ddx.samplers.make("ddim", SCHED, 25, clip_sample=False)
-  n = 300
+  smp = ddx.samplers.make("ddim", SCHED, 20, clip_sample=False)
+  n = 200
   y = jnp.asarray(np.arange(n) % 10, jnp.int32)
   x_T = jax.random.normal(jax.random.key(2), (n, 64))
   acc = []
@@ -101,7 +101,7 @@ def test_classifier_guidance_moves_samples_toward_the_class():
     out = ddx.sample(ddx.guidance.classifier(mix.eps, clf, y, scale, SCHED), smp, x_T)
     r = mix._parts(out, jnp.zeros((n,), jnp.int32))[3][..., 0]
     acc.append(float(jnp.mean(jnp.argmax(r, -1) == y)))
-  # measured (2000 training steps, S = 50): 0.08, 0.71, 0.94 at scales 0, 1, 3
+  # measured: 0.10, 0.70, 0.995 at scales 0, 1, 4 (classifier: 0.94 clean, 0.82 at t = 200)
   assert acc[0] < 0.2 and acc[1] > acc[0] + 0.3 and acc[2] > max(acc[1], 0.8), acc
 
 
