@@ -9,8 +9,8 @@ The public surface::
 
 Modules: ``ddx.schedules``, ``ddx.samplers``, ``ddx.diffusion``, ``ddx.losses``,
 ``ddx.guidance``, ``ddx.edit`` (imported eagerly: they are small and pure), and ``ddx.models``,
-``ddx.data``, ``ddx.classifier`` (imported on first use: they pull in Flax NNX modules, grain
-and TFDS).
+``ddx.data``, ``ddx.classifier``, ``ddx.eval`` (imported on first use: they pull in Flax NNX
+modules, grain and TFDS).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ddx import diffusion, edit, guidance, losses, samplers, schedules
 from ddx.driver import sample
 from ddx.schedules import Schedule
 
-_LAZY = ("models", "data", "classifier")
+_LAZY = ("models", "data", "classifier", "eval")
 
 __all__ = ["schedules", "samplers", "sample", "Schedule", "diffusion", "losses", "guidance", "edit", *_LAZY]
 __version__ = "0.1.0"

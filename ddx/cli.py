@@ -22,6 +22,7 @@ COMMANDS = {
     "interpolate": "ddx.commands.interpolate",
     "edit": "ddx.commands.edit",
     "inpaint": "ddx.commands.inpaint",
+    "eval": "ddx.commands.eval",
 }
 
 
