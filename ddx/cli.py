@@ -18,6 +18,10 @@ COMMANDS = {
     "sample": "ddx.commands.sample",
     "info": "ddx.commands.info",
     "convert": "ddx.commands.convert",
+    "invert": "ddx.commands.invert",
+    "interpolate": "ddx.commands.interpolate",
+    "edit": "ddx.commands.edit",
+    "inpaint": "ddx.commands.inpaint",
     "eval": "ddx.commands.eval",
     "txt2img": "ddx.commands.txt2img",
 }
