@@ -18,6 +18,12 @@ COMMANDS = {
     "sample": "ddx.commands.sample",
     "info": "ddx.commands.info",
     "convert": "ddx.commands.convert",
+    "invert": "ddx.commands.invert",
+    "interpolate": "ddx.commands.interpolate",
+    "edit": "ddx.commands.edit",
+    "inpaint": "ddx.commands.inpaint",
+    "eval": "ddx.commands.eval",
+    "txt2img": "ddx.commands.txt2img",
     "verify": "ddx.commands.verify",
 }
 
@@ -110,5 +116,8 @@ def run() -> None:
     sys.exit(2)
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"{prog}: error: {e}\n")
+    sys.exit(1)
+  except ImportError as e:  # an optional extra (torch, transformers) that this command needs
+    sys.stderr.write(f"{prog}: error: {e} (pip install 'ddx[torch]' installs the optional extras)\n")
     sys.exit(1)
   sys.exit(code)

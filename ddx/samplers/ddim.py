@@ -3,7 +3,8 @@
 One model call per grid point ``t -> t'`` (t' the next grid point, or the final alpha):
 
     x0    = from the model output (eps / x0 / v), then clip or dynamic threshold
-    eps   = model eps (or, with use_clipped_model_output, re-derived from the clipped x0)
+    eps   = re-derived from the processed x0 (the default whenever x0 is clipped/thresholded),
+            or the unprocessed model eps with use_clipped_model_output=False (diffusers' default)
     sigma = eta * sqrt((1 - a') / (1 - a) * (1 - a / a'))
     x'    = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z
 
@@ -68,7 +69,7 @@ def make(
     thresholding: bool = False,
     threshold_ratio: float = 0.995,
     threshold_max: float = 1.0,
-    use_clipped_model_output: bool = False,
+    use_clipped_model_output: bool | None = None,
 ) -> DDIM:
   """Build a DDIM sampler.
 
@@ -80,7 +81,13 @@ def make(
     set_alpha_to_one: final alpha 1 (True, diffusers default) or ab[0] (False: CompVis and
       Stable Diffusion configs). Default: True, except False for the compvis spacings.
     prediction: "eps" | "x0" | "v".
-  Defaults follow diffusers' DDIMScheduler (clip_sample=True, range 1).
+    clip_sample, clip_range, thresholding, threshold_ratio, threshold_max: per-step x0
+      processing (docs/samplers.md §2.6); defaults as diffusers' DDIMScheduler (clip to [-1, 1]).
+    use_clipped_model_output: re-derive eps from the processed x0, so that each step combines one
+      consistent (x0, eps) pair. Default (None): True whenever x0 is clipped or thresholded.
+      False reproduces diffusers' default, which pairs the clipped x0 with the unclipped eps; that
+      bias accumulates with the number of steps and collapses samples of a trained model at
+      S = 500 (README, "Deliberate differences").
   """
   base.check_prediction(prediction)
   x0_proc = base.x0_processing(clip_sample=clip_sample, clip_range=clip_range, thresholding=thresholding,
@@ -112,6 +119,6 @@ def make(
       sigma=base.f32(sigma),
       prediction=prediction,
       x0_processing=x0_proc,
-      use_clipped_model_output=bool(use_clipped_model_output),
+      use_clipped_model_output=x0_proc.active if use_clipped_model_output is None else bool(use_clipped_model_output),
       stochastic=bool(eta > 0),
   )
