@@ -1,28 +1,41 @@
-"""Sample quality during training (``train.eval_every``): a tiny 16x16 digits run over two JAX
-processes writes digits FD / KID / precision / recall into metrics.jsonl and TensorBoard at
-the right steps, once; and the ``eval`` config section's bad values are one-line errors
-naming the key, raised before anything is built."""
+"""Sample quality during training (``train.eval_every``): the loop writes digits FD / KID /
+precision / recall into metrics.jsonl and TensorBoard at the right steps, sampling over a
+2-device mesh; the train command turns the ``eval`` section into the loop's arguments; bad
+values in that section are one-line errors naming the key, raised before anything is built."""
 
 import glob
 import json
 import os
 import struct
-import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+import ddx
 from ddx import config as config_lib
+from ddx import data, loop, parallel
+from ddx import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY16_FLAGS = [
-    "--config=configs/digits.py", "--config.model.base_channels=8", "--config.model.channel_mult=(1,2)",
-    "--config.model.attention_resolutions=()", "--config.model.norm_num_groups=4",
-    "--config.train.global_batch_size=8", "--config.train.log_every_seconds=100", "--config.train.sample_every=0",
-    "--config.optim.warmup_steps=2", "--config.train.checkpoint_every=4", "--config.train.total_steps=4",
-    "--config.train.eval_every=2", "--config.eval.num=24", "--config.eval.batch=12", "--config.eval.steps=2",
-]
+
+
+class _TinyEps(nnx.Module):
+  """A two-conv eps model: the loop does not care about the architecture, and it compiles in
+  a fraction of a U-Net's time (``ddx train`` with a U-Net and eval_every was run by hand over
+  2 processes: the same numbers, written once)."""
+
+  def __init__(self, *, rngs):
+    self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+    self.temb = nnx.Linear(1, 8, rngs=rngs)
+    self.conv2 = nnx.Conv(8, 1, (3, 3), rngs=rngs)
+
+  def __call__(self, x, t, y=None, dropout_key=None):
+    h = self.conv1(x) + self.temb(t[:, None].astype(jnp.float32) / 1000.0)[:, None, None, :]
+    return self.conv2(jax.nn.silu(h))
 
 
 def _tb_scalars(workdir):
@@ -42,17 +55,32 @@ def _tb_scalars(workdir):
   return out
 
 
-def test_train_evaluates_every_n_steps_over_two_processes(tmp_path):
+def _run(workdir, evaluation, eval_every=2, total_steps=4):
+  cfg = {"model": {"tiny": True}, "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear",
+                                                 "beta_start": 1e-4, "beta_end": 0.02, "prediction": "eps",
+                                                 "variance": "fixed_large"}}
+  spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=total_steps, checkpoint_every=total_steps,
+                       eval_every=eval_every, log_every_seconds=100.0)
+  return loop.run(workdir, cfg, model_factory=lambda r: _TinyEps(rngs=r), num_classes=None, use_dropout=False,
+                  source=data.make_source("digits", image_size=16), sched=ddx.schedules.make("linear", 1000),
+                  optim=train_lib.OptimizerSpec(warmup_steps=1), loss=train_lib.LossSpec(), loop=spec,
+                  sample=loop.SampleSpec(), evaluation=evaluation, mesh=parallel.data_mesh(jax.devices()[:2]))
+
+
+def test_loop_evaluates_every_n_steps(tmp_path, capsys):
+  from ddx.eval import quality  # pylint: disable=import-outside-toplevel
+  net = quality.feature_net("digits")
+  ref = quality.reference_for_source(net, data.make_source("digits", image_size=16), cache_dir=str(tmp_path / "c"),
+                                     dataset="digits", split="train")
+  ev = loop.EvalSpec(net=net, reference=ref, sampler="ddim", steps=2, sampler_kwargs={"eta": 0.0}, num=24,
+                     batch=12)
   wd = str(tmp_path / "run")
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), DDX_LOG_DIR=str(tmp_path))
-  p = subprocess.run(["bash", "launch/local_multihost.sh", "2", "1", "--", sys.executable, "-m", "ddx", "train",
-                      f"--workdir={wd}", *TINY16_FLAGS], cwd=ROOT, env=env, capture_output=True, text=True,
-                     timeout=900)
-  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-  assert "2 processes" in p.stdout and p.stdout.count("eval at step") == 2, p.stdout[-2000:]
+  _run(wd, ev)
+  out = capsys.readouterr().out
+  assert out.count("eval at step") == 2 and "ddim S=2 N=24 [digits_cnn-" in out, out
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   evals = [r for r in rows if "eval/fd" in r]
-  assert [r["step"] for r in evals] == [2, 4]  # once each: only process 0 writes
+  assert [r["step"] for r in evals] == [2, 4]
   for r in evals:
     assert set(r) == {"step", "eval/fd", "eval/kid_mean", "eval/kid_std", "eval/precision", "eval/recall"}
     assert np.isfinite(r["eval/fd"]) and r["eval/fd"] > 0 and np.isfinite(r["eval/kid_mean"])
@@ -60,11 +88,27 @@ def test_train_evaluates_every_n_steps_over_two_processes(tmp_path):
   # the weights changed between the two evaluations, so did the numbers
   assert evals[0]["eval/fd"] != evals[1]["eval/fd"]
   tb = _tb_scalars(wd)
-  assert sorted(tb["eval/fd"]) == [2, 4]
+  assert sorted(tb["eval/fd"]) == [2, 4] and sorted(tb["eval/recall"]) == [2, 4]
   np.testing.assert_allclose(tb["eval/fd"][4], evals[1]["eval/fd"], rtol=1e-6)
-  # the reference statistics were cached once, under the workdir
-  assert len(glob.glob(os.path.join(wd, "eval_cache", "digits_cnn-*__digits-train-16.npz"))) == 1
-  assert not glob.glob(os.path.join(wd, "eval_cache", "*.tmp-*"))
+
+
+def test_loop_needs_an_eval_spec(tmp_path):
+  with pytest.raises(ValueError, match="evaluation: required when loop.eval_every > 0"):
+    _run(str(tmp_path), None)
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_train_command_translates_the_eval_section(tmp_path):
+  from ddx.commands import train as train_cmd  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(_config(train__eval_every=100, eval__sampler="ddpm", eval__steps=20, eval__num=500,
+                                    eval__batch=100))
+  source = data.make_source("digits", image_size=16)
+  ev = train_cmd._eval_spec(cfg, source, str(tmp_path))  # pylint: disable=protected-access
+  assert (ev.sampler, ev.steps, ev.num, ev.batch) == ("ddpm", 20, 500, 100)
+  assert ev.sampler_kwargs == {"prediction": "eps", "variance": "fixed_large", "clip_sample": True}
+  assert ev.net.name.startswith("digits_cnn-") and ev.reference.num == 1797 and ev.reference.features.shape[1] == 64
+  assert glob.glob(os.path.join(tmp_path, "eval_cache", "digits_cnn-*__digits-train-16.npz"))
+  assert not glob.glob(os.path.join(tmp_path, "eval_cache", "*.tmp-*"))
 
 
 def _config(**overrides):
