@@ -19,6 +19,7 @@ COMMANDS = {
     "info": "ddx.commands.info",
     "convert": "ddx.commands.convert",
     "eval": "ddx.commands.eval",
+    "txt2img": "ddx.commands.txt2img",
 }
 
 
@@ -96,5 +97,8 @@ def run() -> None:
     sys.exit(2)
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"{prog}: error: {e}\n")
+    sys.exit(1)
+  except ImportError as e:  # an optional extra (torch, transformers) that this command needs
+    sys.stderr.write(f"{prog}: error: {e} (pip install 'ddx[torch]' installs the optional extras)\n")
     sys.exit(1)
   sys.exit(code)

@@ -226,7 +226,7 @@ def _write_config(path, **changes):
     (dict(add_attention=False), "add_attention"),
     (dict(block_out_channels=(32, 48)), "block_out_channels"),
     (dict(some_new_option=3), "some_new_option"),
-    (dict(_class_name="UNet2DConditionModel"), "_class_name"),
+    (dict(_class_name="UNet1DModel"), "_class_name"),
 ])
 def test_unsupported_config_raises(tmp_path, changes, key):
   path = _write_config(tmp_path, **changes)  # no weights: the config is rejected first

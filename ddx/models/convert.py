@@ -353,6 +353,9 @@ def unet_from_params(kwargs: Mapping[str, Any], params: Mapping) -> UNet:
 def from_diffusers(path: str | os.PathLike, **overrides) -> UNet:
   """Load a diffusers UNet2DModel folder as a `ddx.models.UNet` computing the same function.
 
+  A UNet2DConditionModel folder (``_class_name`` in config.json) is loaded as a
+  `ddx.models.UNetCond` instead (`ddx.models.convert_latent.unet_cond_from_diffusers`).
+
   Args:
     path: the unet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a
       pipeline folder with a ``unet/`` subfolder.
@@ -362,7 +365,11 @@ def from_diffusers(path: str | os.PathLike, **overrides) -> UNet:
   Returns:
     The UNet; call it with NHWC inputs: ``model(x_nhwc, t)``.
   """
-  kwargs = diffusers_to_unet_kwargs(load_diffusers_config(path))
+  config = load_diffusers_config(path)
+  if config.get("_class_name") == "UNet2DConditionModel":  # the latent-diffusion U-Net
+    from ddx.models.convert_latent import unet_cond_from_diffusers  # pylint: disable=import-outside-toplevel
+    return unet_cond_from_diffusers(resolve_unet_dir(path), **overrides)
+  kwargs = diffusers_to_unet_kwargs(config)
   kwargs.update(overrides)
   kwargs = unet_kwargs(**kwargs)
   state = load_diffusers_weights(path)

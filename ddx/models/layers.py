@@ -144,16 +144,19 @@ class ResnetBlock(nnx.Module):
   is a 1x1 conv when the channel count changes.
 
   ``x``: [B, H, W, in_channels], ``temb``: [B, temb_dim] -> [B, H, W, out_channels].
+  ``temb_dim=None`` builds the unconditioned block of autoencoders (no ``time_emb_proj``;
+  call it with ``temb=None``).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, temb_dim: int, *, groups: int,
+  def __init__(self, in_channels: int, out_channels: int, temb_dim: int | None, *, groups: int,
                eps: float, dropout: float, dtype=None, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.dropout_rate = float(dropout)
     self.norm1 = GroupNorm(in_channels, groups, epsilon=eps, **kw)
     self.conv1 = _conv(in_channels, out_channels, 3, rngs=rngs, **kw)
-    self.time_emb_proj = _linear(temb_dim, out_channels, rngs=rngs, **kw)
+    self.time_emb_proj = (None if temb_dim is None else
+                          _linear(temb_dim, out_channels, rngs=rngs, **kw))
     self.norm2 = GroupNorm(out_channels, groups, epsilon=eps, **kw)
     self.conv2 = _conv(out_channels, out_channels, 3, rngs=rngs, **kw)
     if in_channels != out_channels:
@@ -163,7 +166,8 @@ class ResnetBlock(nnx.Module):
 
   def __call__(self, x: Array, temb: Array, key: Array | None = None) -> Array:
     h = self.conv1(jax.nn.silu(self.norm1(x)))
-    h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+    if self.time_emb_proj is not None:
+      h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
     h = jax.nn.silu(self.norm2(h))
     h = dropout(h, self.dropout_rate, key)
     h = self.conv2(h)

@@ -27,6 +27,14 @@ _ALIASES = {"dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++", "pndm": "plms"}
 NAMES = tuple(_MAKERS)
 
 
+def canonical(name: str) -> str:
+  """The canonical sampler name for ``name`` or an alias (ValueError if unknown)."""
+  key = _ALIASES.get(name, name)
+  if key not in _MAKERS:
+    raise ValueError(f"name: unknown sampler {name!r}; expected one of {NAMES}")
+  return key
+
+
 def make(name: str, sched, num_steps: int | None = None, **kwargs):
   """Build sampler ``name`` for schedule ``sched`` with ``num_steps`` steps (S)."""
   key = _ALIASES.get(name, name)
@@ -43,4 +51,4 @@ def make(name: str, sched, num_steps: int | None = None, **kwargs):
   return maker(sched, num_steps, **kwargs)
 
 
-__all__ = ["make", "NAMES", "Sampler", "X0Processing", "DDPM", "DDIM", "PLMS", "DPMSolverPP"]
+__all__ = ["make", "canonical", "NAMES", "Sampler", "X0Processing", "DDPM", "DDIM", "PLMS", "DPMSolverPP"]
