@@ -146,3 +146,11 @@ def test_eval_config_checked_only_when_training_evaluates():
   # a 32x32 model with the default (digits) features is fine while train.eval_every = 0
   cfg = config_lib.validate(_config(data__image_size=32, model__image_size=32, eval__features="inception"))
   assert cfg["train"]["eval_every"] == 0 and cfg["eval"]["num"] == 1000
+
+
+def test_digits_large_config_is_valid_and_evaluates():
+  sys.path.insert(0, ROOT)
+  from configs import digits_large  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.validate(digits_large.get_config())
+  assert cfg["train"]["eval_every"] > 0 and cfg["train"]["total_steps"] % cfg["train"]["eval_every"] == 0
+  assert cfg["eval"]["features"] == "digits" and (cfg["model"]["image_size"], cfg["model"]["in_channels"]) == (16, 1)
