@@ -11,6 +11,7 @@ code takes; each choice set is imported from the module that owns the concept.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Mapping
 
 from ddx import diffusion, limits, losses, schedules
@@ -108,9 +109,10 @@ def validate(config) -> dict:
   _num(cfg, "train.keep_checkpoints", 1, limits.MAX_STEP, integer=True)
   _num(cfg, "train.keep_period", 0, limits.MAX_STEP, integer=True)
   _num(cfg, "train.sample_every", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.eval_every", 0, limits.MAX_STEP, integer=True)
   _num(cfg, "train.max_nonfinite", 1, limits.MAX_STEP, integer=True)
   k = t["steps_per_call"]
-  for key in ("total_steps", "checkpoint_every", "sample_every", "keep_period"):
+  for key in ("total_steps", "checkpoint_every", "sample_every", "eval_every", "keep_period"):
     if t[key] % k:
       raise ValueError(f"train.{key}: {t[key]} must be a multiple of train.steps_per_call={k}")
   if t["label_dropout"] > 0 and not cfg["model"]["num_classes"]:
@@ -131,6 +133,7 @@ def validate(config) -> dict:
   _num(cfg, "sample.num", 1, limits.MAX_SAMPLES, integer=True)
   _num(cfg, "sample.guidance", limits.MIN_GUIDANCE, limits.MAX_GUIDANCE)
   _num(cfg, "model.image_size", 1, limits.MAX_IMAGE_SIZE, integer=True)
+  _check_eval(cfg)
   # data / model consistency
   size = cfg["data"]["image_size"]
   if size and size != cfg["model"]["image_size"]:
@@ -143,6 +146,31 @@ def validate(config) -> dict:
   except TypeError as e:
     raise ValueError(f"model: {e}") from None
   return cfg
+
+
+def _check_eval(cfg: dict) -> None:
+  from ddx.eval import quality  # pylint: disable=import-outside-toplevel
+  _choice(cfg, "eval.features", quality.FEATURES)
+  _choice(cfg, "eval.sampler", SAMPLER_NAMES)
+  _num(cfg, "eval.num", 2, integer=True)
+  _num(cfg, "eval.batch", 1, integer=True)
+  _num(cfg, "eval.steps", 1, cfg["diffusion"]["num_timesteps"], integer=True)
+  _num(cfg, "eval.eta", 0)
+  e = cfg["eval"]
+  for key in ("inception_weights", "cache_dir"):
+    if e[key] is not None and not isinstance(e[key], str):
+      raise ValueError(f"eval.{key}: must be a path, got {e[key]!r}")
+  if not cfg["train"]["eval_every"]:
+    return  # the rest only matters when training evaluates
+  m = cfg["model"]
+  quality.check_features(e["features"], (m["image_size"], m["image_size"], m["in_channels"]), name="eval.features")
+  if e["features"] == "inception":
+    from ddx.eval import inception  # pylint: disable=import-outside-toplevel
+    if not e["inception_weights"]:
+      raise ValueError("eval.inception_weights: required with eval.features='inception' (ddx never downloads "
+                       f"weights: pass the path of {inception.OFFICIAL_FILE} or its .safetensors copy)")
+    if not os.path.isfile(e["inception_weights"]):
+      raise ValueError(f"eval.{inception.missing_file_error(e['inception_weights'])}")
 
 
 def schedule_kwargs(diffusion_section: Mapping) -> dict:

@@ -1,7 +1,7 @@
 """The config schema and defaults: every key that exists, with the DDPM paper's values where they apply.
 
 Sections: data, model (exactly the ddx.models.UNet keyword arguments), diffusion, train,
-optim, sample. Dataset configs start from this one and override what they change; an
+optim, sample, eval. Dataset configs start from this one and override what they change; an
 unknown key anywhere is an error (ddx.config.validate). ``configs/default.py`` re-exports
 this so that experiment files can start from it.
 """
@@ -69,6 +69,7 @@ def get_config():
   c.train.keep_checkpoints = 3      # keep the newest N ...
   c.train.keep_period = 0           # ... plus every checkpoint whose step is a multiple (0: none)
   c.train.sample_every = 10_000     # write a sample grid every M steps (0: never)
+  c.train.eval_every = 0            # measure sample quality (the eval section) every M steps (0: never)
   c.train.max_nonfinite = 10        # stop after this many consecutive non-finite steps
 
   c.optim = ml_collections.ConfigDict()
@@ -90,4 +91,17 @@ def get_config():
   c.sample.num = 64
   c.sample.guidance = 1.0           # classifier-free guidance scale (class-conditional models)
   c.sample.clip_sample = True
+
+  # Sample quality during training (train.eval_every > 0): FD / KID / precision / recall of
+  # eval.num samples (EMA weights) against the training data, into metrics.jsonl and
+  # TensorBoard; the per-step x0 handling is sample.clip_sample's.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num = 1000
+  c.eval.batch = 250                # sampling and feature batch size
+  c.eval.features = "digits"        # digits (16x16x1 models) | inception
+  c.eval.inception_weights = config_dict.placeholder(str)  # pytorch-fid's .pth or its .safetensors copy
+  c.eval.cache_dir = config_dict.placeholder(str)          # reference statistics (None: <workdir>/eval_cache)
+  c.eval.sampler = "ddim"           # ddpm | ddim | plms | dpm_solver++
+  c.eval.steps = 50
+  c.eval.eta = 0.0
   return c

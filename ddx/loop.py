@@ -1,10 +1,12 @@
-"""The training loop: data, jitted steps, logging, sample grids, checkpoints, preemption.
+"""The training loop: data, jitted steps, logging, sample grids, sample quality, checkpoints,
+preemption.
 
 `run` takes explicit arguments (translated from a config by the ``train`` entrypoint). It
 resumes from the latest complete checkpoint in the workdir, so rerunning the same command
 continues a stopped run; the batch at step k depends only on (seed, k), so the resumed run
 is bitwise identical to one that never stopped. SIGTERM (or orbax's preemption signal)
-saves a checkpoint and returns cleanly. Only process 0 prints, logs and writes images.
+saves a checkpoint and returns cleanly. Only process 0 prints, logs and writes images;
+every process takes part in the (sharded) sampling of sample grids and evaluations.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LoopSpec:
   keep_checkpoints: int = 3
   keep_period: int = 0
   sample_every: int = 0
+  eval_every: int = 0
   max_nonfinite: int = 10
 
 
@@ -55,6 +58,26 @@ class SampleSpec:
   num: int = 64
   sampler_kwargs: dict = dataclasses.field(default_factory=dict)
   guidance: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  """Sample quality every ``LoopSpec.eval_every`` steps (`ddx.eval.quality.measure`, EMA weights).
+
+  ``net`` / ``reference``: the feature network and the training data's statistics under it
+  (with features); ``sampler`` / ``steps`` / ``sampler_kwargs`` as `ddx.samplers.make`.
+  """
+  net: Any
+  reference: Any
+  sampler: str = "ddim"
+  steps: int = 50
+  sampler_kwargs: dict = dataclasses.field(default_factory=dict)
+  num: int = 1000
+  batch: int = 250
+
+
+# metrics.jsonl / TensorBoard names of the evaluation results
+EVAL_METRICS = ("fd", "kid_mean", "kid_std", "precision", "recall")
 
 
 def _log(msg: str) -> None:
@@ -80,14 +103,22 @@ def run(
     loss: train_lib.LossSpec,
     loop: LoopSpec,
     sample: SampleSpec,
+    evaluation: EvalSpec | None = None,
     mesh=None,
     stop_after_steps: int | None = None,
 ) -> dict:
   """Train (or resume) in ``workdir``; returns a summary dict.
 
+  With ``loop.eval_every > 0`` (then ``evaluation`` is required) the sample quality of the
+  EMA weights is measured every ``eval_every`` steps and written as ``eval/fd``,
+  ``eval/kid_mean``, ``eval/kid_std``, ``eval/precision``, ``eval/recall`` (metrics.jsonl and
+  TensorBoard); the samples' keys are ``fold_in(fold_in(key(seed), 3), step)``.
+
   ``stop_after_steps`` ends this invocation early after that many steps (a checkpoint is
   written), as a preemption would; used by tests and for time-boxed jobs.
   """
+  if loop.eval_every and evaluation is None:
+    raise ValueError("evaluation: required when loop.eval_every > 0")
   mesh = mesh if mesh is not None else parallel.data_mesh()
   parallel.check_batch(loop.global_batch_size, mesh, "train.global_batch_size")
   writer = MetricWriter(workdir)
@@ -115,6 +146,10 @@ def run(
   if loop.sample_every:
     sampler = ddx.samplers.make(sample.sampler, sched, sample.steps, **sample.sampler_kwargs)
     sample_fn = service.make_sample_fn(graphdef, sampler, num_classes, mesh, sample.guidance)
+  eval_fn = None
+  if loop.eval_every:
+    eval_sampler = ddx.samplers.make(evaluation.sampler, sched, evaluation.steps, **evaluation.sampler_kwargs)
+    eval_fn = service.make_sample_fn(graphdef, eval_sampler, num_classes, mesh)
   p_index, p_count = data.process_slice(mesh, loop.global_batch_size)
   batches = data.make_batches(source, seed=loop.seed, global_batch_size=loop.global_batch_size, start_step=step,
                               process_index=p_index, process_count=p_count, random_flip=loop.random_flip,
@@ -168,6 +203,10 @@ def run(
         t_log, step_at_log = now, step
       if sample_fn is not None and step % loop.sample_every == 0:
         _write_samples(sample_fn, state, step, workdir, writer, sample, num_classes, base, source.image_shape)
+      if eval_fn is not None and step % loop.eval_every == 0:
+        t_eval = time.time()
+        _evaluate(eval_fn, state, step, writer, evaluation, num_classes, base, source.image_shape)
+        t_log += time.time() - t_eval  # keep the evaluation out of the next steps/s
       preempt = _agree(stop["signal"] is not None) or ckpt.reached_preemption(step)
       if step % loop.checkpoint_every == 0 or step >= end or preempt:
         ckpt.save(step, train_lib.checkpoint_items(state))
@@ -259,3 +298,19 @@ def _write_samples(sample_fn, state, step, workdir, writer, spec: SampleSpec, nu
     png, _ = images.save_samples(os.path.join(workdir, "samples", f"step_{step:08d}"), x, labels, scale=2)
     writer.image(step, "samples", images.make_grid(images.to_uint8(x)))
     _log(f"samples: {png}")
+
+
+def _evaluate(eval_fn, state, step, writer, spec: EvalSpec, num_classes, base, image_shape) -> None:
+  from ddx.eval import quality  # pylint: disable=import-outside-toplevel
+  t0 = time.time()
+  try:
+    m = quality.measure(eval_fn, state.ema_params, image_shape=tuple(int(d) for d in image_shape), num=spec.num,
+                        batch=spec.batch, key=jax.random.fold_in(jax.random.fold_in(base, 3), step), net=spec.net,
+                        reference=spec.reference, num_classes=num_classes)
+  except quality.NonFiniteSamples as e:
+    _log(f"eval at step {step}: skipped, {e}")  # training goes on; the checkpoint decides
+    return
+  writer.scalars(step, {f"eval/{k}": m[k] for k in EVAL_METRICS if k in m})
+  pr = f"  precision {m['precision']:.3f}  recall {m['recall']:.3f}" if "precision" in m else ""
+  _log(f"eval at step {step}: {spec.sampler} S={spec.steps} N={spec.num} [{spec.net.name}]  FD {m['fd']:.4g}  "
+       f"KID {m['kid_mean']:.4g} ± {m['kid_std']:.2g}{pr}  ({time.time() - t0:.0f} s)")

@@ -53,20 +53,43 @@ def main(argv: list[str]) -> int:
       ema_decay=t["ema_decay"], ema_warmup=t["ema_warmup"], label_dropout=t["label_dropout"],
       log_every_seconds=t["log_every_seconds"], checkpoint_every=t["checkpoint_every"],
       keep_checkpoints=t["keep_checkpoints"], keep_period=t["keep_period"], sample_every=t["sample_every"],
-      max_nonfinite=t["max_nonfinite"])
+      eval_every=t["eval_every"], max_nonfinite=t["max_nonfinite"])
   s = cfg["sample"]
   sample = loop.SampleSpec(
       sampler=s["sampler"], steps=s["steps"], num=s["num"], guidance=s["guidance"],
       sampler_kwargs=config_lib.sampler_kwargs(cfg["diffusion"], sampler=s["sampler"], eta=s["eta"],
                                                clip_sample=s["clip_sample"]))
+  evaluation = _eval_spec(cfg, source, workdir) if t["eval_every"] else None
   sched = ddx.schedules.make(**config_lib.schedule_kwargs(cfg["diffusion"]))
   summary = loop.run(
       workdir, cfg, model_factory=lambda rngs: UNet(**m, rngs=rngs),
       num_classes=m["num_classes"], use_dropout=m["dropout"] > 0, source=source, sched=sched,
       optim=config_lib.optimizer_spec(cfg), loss=config_lib.loss_spec(cfg), loop=spec, sample=sample,
-      stop_after_steps=stop_after)
+      evaluation=evaluation, stop_after_steps=stop_after)
   summary.pop("state")
   if summary["preempted"]:
     print(f"stopped at step {summary['step']} after a preemption signal; rerun the same command to resume")
   print("summary: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
   return 0
+
+
+def _eval_spec(cfg: dict, source, workdir: str):
+  """The loop's EvalSpec from the validated ``eval`` section: the feature network and the
+  training data's reference statistics (cached under eval.cache_dir, default <workdir>/eval_cache)."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
+  from ddx import loop  # pylint: disable=import-outside-toplevel
+  from ddx.eval import quality  # pylint: disable=import-outside-toplevel
+  e, d = cfg["eval"], cfg["data"]
+  try:
+    net = quality.feature_net(e["features"], e["inception_weights"])
+  except ValueError as err:
+    raise ValueError(f"eval.{err}") from None
+  cache_dir = os.path.abspath(e["cache_dir"]) if e["cache_dir"] else os.path.join(os.path.abspath(workdir), "eval_cache")
+  ref = quality.reference_for_source(net, source, cache_dir=cache_dir, dataset=d["name"], split=d["split"],
+                                     batch=e["batch"])
+  kwargs = config_lib.sampler_kwargs(cfg["diffusion"], sampler=e["sampler"], eta=e["eta"],
+                                     clip_sample=cfg["sample"]["clip_sample"])
+  return loop.EvalSpec(net=net, reference=ref, sampler=e["sampler"], steps=e["steps"], sampler_kwargs=kwargs,
+                       num=e["num"], batch=e["batch"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import uuid
 from typing import Any, Callable, Iterable
 
 import jax
@@ -121,7 +122,7 @@ def reference_stats(
     batch_size: feature-extraction batch.
     keep_features: also store the features (KID and precision/recall need them; FD does not).
 
-  The file is written atomically (temporary file + rename); a cached file written without
+  The file is written atomically (a uniquely named temporary file + rename); a cached file written without
   features is recomputed when ``keep_features`` asks for them.
   """
   path = reference_path(cache_dir, net.name, dataset, split, image_size)
@@ -141,7 +142,8 @@ def reference_stats(
   arrays = dict(mu=mu, sigma=sigma, num=np.int64(feats.shape[0]), key=np.asarray(key))
   if keep_features:
     arrays["features"] = feats
-  tmp = path + ".tmp.npz"
+  # a unique temporary name: several processes of one run may miss the cache at once
+  tmp = f"{path}.tmp-{uuid.uuid4().hex}.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
   return Reference(mu, sigma, int(feats.shape[0]), feats if keep_features else None, path)

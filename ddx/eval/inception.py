@@ -271,7 +271,7 @@ class FIDInceptionV3(nnx.Module):
 # --- weights -----------------------------------------------------------------------------
 
 
-def _missing(path: str) -> ValueError:
+def missing_file_error(path: str) -> ValueError:
   return ValueError(
       f"inception_weights: no file at {path!r}; ddx never downloads weights: get {OFFICIAL_FILE} (pytorch-fid's "
       f"release, {OFFICIAL_URL}, or its copy in ~/.cache/torch/hub/checkpoints/ on a machine that ran pytorch-fid) "
@@ -298,7 +298,7 @@ def read_torch_state_dict(path: str, *, sha256_prefix: str | None = OFFICIAL_SHA
   Returns ``(arrays, sha256 of the file)``; the hash must start with ``sha256_prefix``.
   """
   if not os.path.isfile(path):
-    raise _missing(path)
+    raise missing_file_error(path)
   sha = sha256_file(path)
   _check_sha(path, sha, sha256_prefix)
   try:
@@ -332,7 +332,7 @@ def read_weights(path: str, *, sha256_prefix: str | None = OFFICIAL_SHA256_PREFI
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise _missing(path)
+    raise missing_file_error(path)
   if not path.endswith(".safetensors"):
     return read_torch_state_dict(path, sha256_prefix=sha256_prefix)
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
