@@ -8,8 +8,8 @@ The public surface::
     x0 = ddx.sample(model_fn, sampler, x_T, key)
 
 Modules: ``ddx.schedules``, ``ddx.samplers``, ``ddx.diffusion``, ``ddx.losses``,
-``ddx.guidance`` (imported eagerly: they are small and pure), and ``ddx.models``, ``ddx.data``
-(imported on first use: they pull in Flax NNX modules, grain and TFDS).
+``ddx.guidance`` (imported eagerly: they are small and pure), and ``ddx.models``, ``ddx.data``,
+``ddx.eval`` (imported on first use: they pull in Flax NNX modules, grain and TFDS).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ddx import diffusion, guidance, losses, samplers, schedules
 from ddx.driver import sample
 from ddx.schedules import Schedule
 
-_LAZY = ("models", "data")
+_LAZY = ("models", "data", "eval")
 
 __all__ = ["schedules", "samplers", "sample", "Schedule", "diffusion", "losses", "guidance", *_LAZY]
 __version__ = "0.1.0"

@@ -18,6 +18,7 @@ COMMANDS = {
     "sample": "ddx.commands.sample",
     "info": "ddx.commands.info",
     "convert": "ddx.commands.convert",
+    "eval": "ddx.commands.eval",
 }
 
 

@@ -57,6 +57,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree, mesh: Mesh):
+  """Place a host-complete pytree on every device of ``mesh`` (works across processes: each
+  process fills its own devices from its own identical copy)."""
+  repl = replicated(mesh)
+
+  def put(x):
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])
+
+  return jax.tree_util.tree_map(put, tree)
+
+
 def check_batch(global_batch_size: int, mesh: Mesh, what: str = "global_batch_size") -> None:
   n = mesh.devices.size
   if global_batch_size % n:

@@ -27,6 +27,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ddx import losses
+from ddx import parallel
 from ddx.parallel import DATA
 from ddx.schedules import Schedule
 
@@ -207,21 +208,13 @@ def make_train_fn(mesh: Mesh, steps_per_call: int, *, unroll: bool | None = None
 
 def replicate(state: TrainState, mesh: Mesh) -> TrainState:
   """Place a host-complete state on every device of ``mesh`` (works across processes)."""
-  repl = NamedSharding(mesh, P())
-
-  def put(x):
-    x = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])
-
-  return jax.tree_util.tree_map(put, state)
+  return parallel.replicate(state, mesh)
 
 
 def checkpoint_items(state: TrainState) -> dict:
   """The checkpoint items of a TrainState (see `ddx.checkpoint`): params, EMA, optimizer state
   and a JSON ``train`` record (step, base key data, non-finite counters)."""
-  from ddx.parallel import host_key_data  # pylint: disable=import-outside-toplevel
-
-  train = {"step": int(jax.device_get(state.step)), "key": host_key_data(state.key).tolist(),
+  train = {"step": int(jax.device_get(state.step)), "key": parallel.host_key_data(state.key).tolist(),
            "nonfinite": int(jax.device_get(state.nonfinite)), "skipped": int(jax.device_get(state.skipped))}
   return {"params": state.params, "ema_params": state.ema_params, "opt_state": state.opt_state, "train": train}
 

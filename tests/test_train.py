@@ -225,8 +225,9 @@ def test_cli_train_kill9_resume_is_bitwise_identical(tmp_path):
   # metrics.jsonl has no duplicated steps after the resume
   steps = [json.loads(l)["step"] for l in open(os.path.join(b, "metrics.jsonl"))]
   assert steps == sorted(set(steps))
-  # a single-process sampler reads the run (PNG grid + npz)
-  s = _ddx(["sample", f"--workdir={b}", "--steps=3", "--num=4"])
+  # a single-process sampler over 2 devices reads the run (PNG grid + npz); the restored
+  # weights must be replicated onto the mesh the batch is sharded over
+  s = _ddx(["sample", f"--workdir={b}", "--steps=3", "--num=4"], devices=2)
   assert os.path.exists(glob.glob(os.path.join(b, "samples", "sample_*_ddim3.png"))[0])
   npz = np.load(glob.glob(os.path.join(b, "samples", "sample_*_ddim3.npz"))[0])
   assert npz["samples"].shape == (4, 8, 8, 1) and np.all(np.isfinite(npz["samples"]))

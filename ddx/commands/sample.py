@@ -76,6 +76,7 @@ def main(argv: list[str]) -> int:
   model, _, step = service.load_model(workdir, which=which, step=step)
   graphdef, params = nnx.split(model, nnx.Param)
   mesh = parallel.data_mesh()
+  params = parallel.replicate(params, mesh)  # restored onto one device; the batch spans them all
   fn = service.make_sample_fn(graphdef, sampler, num_classes, mesh, scale)
   labels = service.default_labels(num, num_classes, label)
   size, ch = cfg["model"]["image_size"], cfg["model"]["in_channels"]
