@@ -106,7 +106,10 @@ def run() -> None:
   """Console entry point (``ddx`` script / ``python -m ddx``): one line per error."""
   from absl import logging  # pylint: disable=import-outside-toplevel
 
+  from ddx import runtime  # pylint: disable=import-outside-toplevel
+
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  runtime.setup()  # XLA:CPU flags and the compilation cache, before any JAX backend starts
   prog = f"ddx {sys.argv[1]}" if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else "ddx"
   _one_line_warnings(prog)
   try:

@@ -174,6 +174,7 @@ def diffusers_to_unet_kwargs(config: Mapping[str, Any]) -> dict:
       dtype=None,
       param_dtype="float32",
       remat=False,
+      conv_impl="auto",
   )
   try:
     return validate_kwargs(**kwargs)
