@@ -21,7 +21,7 @@ from ddx.eval.frechet import feature_stats, frechet_distance, frechet_distance_f
 from ddx.eval.kernel_distance import kid
 from ddx.eval.precision_recall import precision_recall
 
-_LAZY = ("inception", "digits_net")
+_LAZY = ("inception", "digits_net", "quality")
 
 __all__ = ["frechet_distance", "frechet_distance_from_stats", "feature_stats", "kid", "precision_recall",
            "FeatureNet", "Reference", "compute_features", "reference_stats", *_LAZY]
