@@ -21,7 +21,7 @@ from ddx import diffusion, edit, guidance, losses, samplers, schedules
 from ddx.driver import sample
 from ddx.schedules import Schedule
 
-_LAZY = ("models", "data", "classifier", "eval", "latent", "pipeline", "parallel")
+_LAZY = ("models", "data", "classifier", "eval", "latent", "pipeline", "parallel", "runtime")
 
 __all__ = ["schedules", "samplers", "sample", "Schedule", "diffusion", "losses", "guidance", "edit", *_LAZY]
 __version__ = "0.1.0"
