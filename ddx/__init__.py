@@ -8,22 +8,22 @@ The public surface::
     x0 = ddx.sample(model_fn, sampler, x_T, key)
 
 Modules: ``ddx.schedules``, ``ddx.samplers``, ``ddx.diffusion``, ``ddx.losses``,
-``ddx.guidance`` (imported eagerly: they are small and pure), and ``ddx.models``, ``ddx.data``,
-``ddx.eval``, ``ddx.latent``, ``ddx.pipeline`` (imported on first use: they pull in Flax NNX
-modules, grain and TFDS).
+``ddx.guidance``, ``ddx.edit`` (imported eagerly: they are small and pure), and ``ddx.models``,
+``ddx.data``, ``ddx.classifier``, ``ddx.eval``, ``ddx.latent``, ``ddx.pipeline`` (imported on first
+use: they pull in Flax NNX modules, grain, TFDS and the optional extras).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from ddx import diffusion, guidance, losses, samplers, schedules
+from ddx import diffusion, edit, guidance, losses, samplers, schedules
 from ddx.driver import sample
 from ddx.schedules import Schedule
 
-_LAZY = ("models", "data", "eval", "latent", "pipeline")
+_LAZY = ("models", "data", "classifier", "eval", "latent", "pipeline", "parallel")
 
-__all__ = ["schedules", "samplers", "sample", "Schedule", "diffusion", "losses", "guidance", *_LAZY]
+__all__ = ["schedules", "samplers", "sample", "Schedule", "diffusion", "losses", "guidance", "edit", *_LAZY]
 __version__ = "0.1.0"
 
 

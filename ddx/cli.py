@@ -18,8 +18,13 @@ COMMANDS = {
     "sample": "ddx.commands.sample",
     "info": "ddx.commands.info",
     "convert": "ddx.commands.convert",
+    "invert": "ddx.commands.invert",
+    "interpolate": "ddx.commands.interpolate",
+    "edit": "ddx.commands.edit",
+    "inpaint": "ddx.commands.inpaint",
     "eval": "ddx.commands.eval",
     "txt2img": "ddx.commands.txt2img",
+    "verify": "ddx.commands.verify",
 }
 
 
@@ -55,6 +60,8 @@ def parse(name: str, argv: list[str]):
   module = importlib.import_module(COMMANDS[name])
   fv = module.FLAGS
   fv.unparse_flags()
+  for flag in [f for f in fv if f.startswith("config.")]:
+    delattr(fv, flag)  # ml_collections defines one flag per override at parse time: parse can run again
   _config_roots(argv)
   if "--help" in argv or "-h" in argv or "--helpfull" in argv:
     print(f"python -m ddx {name}: {module.HELP}\n\nflags:\n{fv.get_help()}")
@@ -84,12 +91,27 @@ def main(argv: list[str]) -> int:
   return int(module.main(positional) or 0)
 
 
+def _one_line_warnings(prog: str) -> None:
+  """ddx's own warnings (logger ``ddx``, e.g. a checkpoint without checksums) as
+  ``<prog>: warning: <message>`` on stderr."""
+  import logging as py_logging  # pylint: disable=import-outside-toplevel
+  handler = py_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(py_logging.Formatter(f"{prog}: warning: %(message)s"))
+  logger = py_logging.getLogger("ddx")
+  logger.addHandler(handler)
+  logger.propagate = False
+
+
 def run() -> None:
   """Console entry point (``ddx`` script / ``python -m ddx``): one line per error."""
   from absl import logging  # pylint: disable=import-outside-toplevel
 
+  from ddx import runtime  # pylint: disable=import-outside-toplevel
+
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  runtime.setup()  # XLA:CPU flags and the compilation cache, before any JAX backend starts
   prog = f"ddx {sys.argv[1]}" if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else "ddx"
+  _one_line_warnings(prog)
   try:
     code = main(sys.argv)
   except UsageError as e:

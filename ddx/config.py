@@ -10,10 +10,11 @@ code takes; each choice set is imported from the module that owns the concept.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Mapping
 
-from ddx import diffusion, losses, schedules
+from ddx import diffusion, limits, losses, schedules
 from ddx import train as train_lib
 from ddx.data.sources import DATASETS
 from ddx.samplers import NAMES as SAMPLER_NAMES
@@ -59,6 +60,8 @@ def _num(cfg, key, lo=None, hi=None, *, integer=False, lo_open=False):
   ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
   if isinstance(v, bool) or not ok_type:
     raise ValueError(f"{key}: must be {'an integer' if integer else 'a number'}, got {v!r}")
+  if not math.isfinite(v):
+    raise ValueError(f"{key}: must be a finite number, got {v}")
   if lo is not None and (v <= lo if lo_open else v < lo):
     raise ValueError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {v}")
   if hi is not None and v > hi:
@@ -78,12 +81,12 @@ def validate(config) -> dict:
   """Validate a config; return it as a plain dict. Raises ValueError naming the key."""
   cfg = to_dict(config)
   _check_keys(cfg, _default_schema())
-  _num(cfg, "seed", 0, integer=True)
+  _num(cfg, "seed", 0, limits.MAX_SEED, integer=True)
   _choice(cfg, "data.name", DATASETS)
-  _num(cfg, "data.image_size", 0, integer=True)
-  _num(cfg, "data.num_threads", 0, integer=True)
+  _num(cfg, "data.image_size", 0, limits.MAX_IMAGE_SIZE, integer=True)
+  _num(cfg, "data.num_threads", 0, limits.MAX_THREADS, integer=True)
   _choice(cfg, "diffusion.beta_schedule", schedules.SCHEDULE_NAMES)
-  _num(cfg, "diffusion.num_timesteps", 1, integer=True)
+  _num(cfg, "diffusion.num_timesteps", 1, limits.MAX_TIMESTEPS, integer=True)
   _num(cfg, "diffusion.beta_start", 0, 1, lo_open=True)
   _num(cfg, "diffusion.beta_end", 0, 1, lo_open=True)
   _choice(cfg, "diffusion.prediction", diffusion.PREDICTIONS)
@@ -96,18 +99,18 @@ def validate(config) -> dict:
   if (cfg["diffusion"]["variance"] == "learned_range") != bool(cfg["model"]["learn_sigma"]):
     raise ValueError("diffusion.variance: 'learned_range' goes with model.learn_sigma=True (and only with it)")
   t = cfg["train"]
-  _num(cfg, "train.global_batch_size", 1, integer=True)
-  _num(cfg, "train.total_steps", 1, integer=True)
-  _num(cfg, "train.steps_per_call", 1, integer=True)
+  _num(cfg, "train.global_batch_size", 1, limits.MAX_BATCH, integer=True)
+  _num(cfg, "train.total_steps", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.steps_per_call", 1, limits.MAX_STEP, integer=True)
   _num(cfg, "train.ema_decay", 0, 1)
   _num(cfg, "train.label_dropout", 0, 1)
   _num(cfg, "train.log_every_seconds", 0, lo_open=True)
-  _num(cfg, "train.checkpoint_every", 1, integer=True)
-  _num(cfg, "train.keep_checkpoints", 1, integer=True)
-  _num(cfg, "train.keep_period", 0, integer=True)
-  _num(cfg, "train.sample_every", 0, integer=True)
-  _num(cfg, "train.eval_every", 0, integer=True)
-  _num(cfg, "train.max_nonfinite", 1, integer=True)
+  _num(cfg, "train.checkpoint_every", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.keep_checkpoints", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.keep_period", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.sample_every", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.eval_every", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.max_nonfinite", 1, limits.MAX_STEP, integer=True)
   k = t["steps_per_call"]
   for key in ("total_steps", "checkpoint_every", "sample_every", "eval_every", "keep_period"):
     if t[key] % k:
@@ -117,7 +120,7 @@ def validate(config) -> dict:
   _choice(cfg, "optim.name", train_lib.OPTIMIZERS)
   _choice(cfg, "optim.decay", train_lib.LR_DECAYS)
   _num(cfg, "optim.learning_rate", 0, lo_open=True)
-  _num(cfg, "optim.warmup_steps", 0, integer=True)
+  _num(cfg, "optim.warmup_steps", 0, limits.MAX_STEP, integer=True)
   _num(cfg, "optim.final_lr_fraction", 0, 1)
   _num(cfg, "optim.b1", 0, 1)
   _num(cfg, "optim.b2", 0, 1)
@@ -126,9 +129,10 @@ def validate(config) -> dict:
   _num(cfg, "optim.grad_clip", 0)
   _choice(cfg, "sample.sampler", SAMPLER_NAMES)
   _num(cfg, "sample.steps", 1, cfg["diffusion"]["num_timesteps"], integer=True)
-  _num(cfg, "sample.eta", 0)
-  _num(cfg, "sample.num", 1, integer=True)
-  _num(cfg, "sample.guidance", None)
+  _num(cfg, "sample.eta", 0, limits.MAX_ETA)
+  _num(cfg, "sample.num", 1, limits.MAX_SAMPLES, integer=True)
+  _num(cfg, "sample.guidance", limits.MIN_GUIDANCE, limits.MAX_GUIDANCE)
+  _num(cfg, "model.image_size", 1, limits.MAX_IMAGE_SIZE, integer=True)
   _check_eval(cfg)
   # data / model consistency
   size = cfg["data"]["image_size"]

@@ -44,6 +44,7 @@ def get_config():
   c.model.dtype = "float32"         # compute dtype: float32 | bfloat16
   c.model.param_dtype = "float32"
   c.model.remat = False
+  c.model.conv_impl = "auto"        # auto (per backend) | lax | dots: same parameters
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000

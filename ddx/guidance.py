@@ -1,27 +1,43 @@
-"""Model-function wrappers for ``ddx.sample``: class conditioning and classifier-free guidance.
+"""Model-function wrappers for ``ddx.sample``: class conditioning, classifier-free guidance and
+classifier guidance.
 
 The wrappers are ``jax.tree_util.Partial`` objects, so the model's parameters travel into the
-compiled sampling loop as arguments rather than constants.
+compiled sampling loop as arguments rather than constants. A model output with twice the
+channels of x (channels-last) carries a learned variance in its second half: guidance acts on
+the first half (eps / x0 / v) only and passes the variance channels of the conditional branch
+through unchanged.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["conditional", "classifier_free"]
+from ddx import diffusion
+
+__all__ = ["conditional", "classifier_free", "classifier", "text_conditional", "classifier_free_context"]
 
 
 def _conditional(model, y, x, t):
   return model(x, t, y)
 
 
+def _split(out, x):
+  """(prediction channels, variance channels or None) of a model output for sample x."""
+  c = x.shape[-1]
+  if out.shape[-1] == 2 * c and out.shape[:-1] == x.shape[:-1]:
+    return out[..., :c], out[..., c:]
+  return out, None
+
+
 def _cfg(model, y, null, scale, x, t):
-  # one batched call on [uncond; cond] (the usual layout), then eps_u + w (eps_c - eps_u)
+  # one batched call on [uncond; cond] (the usual layout), then out_u + w (out_c - out_u)
   b = x.shape[0]
   out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([jnp.full_like(y, null), y]))
-  u, c = out[:b], out[b:]
-  return u + scale * (c - u)
+  (u, _), (c, var) = _split(out[:b], x), _split(out[b:], x)
+  guided = u + scale * (c - u)
+  return guided if var is None else jnp.concatenate([guided, var], axis=-1)
 
 
 def conditional(model, labels) -> jax.tree_util.Partial:
@@ -31,7 +47,8 @@ def conditional(model, labels) -> jax.tree_util.Partial:
 
 def classifier_free(model, labels, null_label: int, scale: float) -> jax.tree_util.Partial:
   """Classifier-free guidance ``out_u + scale (out_c - out_u)`` for any scale (1 = conditional only,
-  0 = unconditional; unlike diffusers' pipelines, scales in (0, 1] are not silently ignored)."""
+  0 = unconditional; unlike diffusers' pipelines, scales in (0, 1] are not silently ignored).
+  Learned-variance channels come from the conditional branch, unguided."""
   return jax.tree_util.Partial(_cfg, model, jnp.asarray(labels, jnp.int32), int(null_label), jnp.float32(scale))
 
 
@@ -58,3 +75,51 @@ def classifier_free_context(model, context, uncond_context, scale: float) -> jax
   the unconditional one is usually the empty prompt's embedding), evaluated as one batch of 2B."""
   return jax.tree_util.Partial(_cfg_context, model, jnp.asarray(context, jnp.float32),
                                jnp.asarray(uncond_context, jnp.float32), jnp.float32(scale))
+
+
+def _classifier_guided(model_fn, classifier_fn, y, scale, sqrt_a, sqrt_1ma, prediction, x, t):
+  out = model_fn(x, t)
+  pred, var = _split(out, x)
+  shape = (-1,) + (1,) * (x.ndim - 1)
+  sa, s1a = sqrt_a[t].reshape(shape), sqrt_1ma[t].reshape(shape)
+
+  def log_p(xx):
+    logp = jax.nn.log_softmax(classifier_fn(xx, t).astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=-1))
+
+  grad = jax.grad(log_p)(x.astype(jnp.float32))
+  _, eps = diffusion.to_x0_eps_sqrt(pred.astype(jnp.float32), x, sa, s1a, prediction)
+  eps = eps - scale * s1a * grad
+  if prediction == "eps":
+    new = eps
+  else:
+    x0 = (x - s1a * eps) / sa
+    new = x0 if prediction == "x0" else sa * eps - s1a * x0
+  new = new.astype(out.dtype)
+  return new if var is None else jnp.concatenate([new, var], axis=-1)
+
+
+def classifier(model_fn, classifier_fn, labels, scale: float, sched, prediction: str = "eps") -> jax.tree_util.Partial:
+  """Classifier guidance (Dhariwal & Nichol 2021, Alg. 2 in its DDIM form):
+  ``eps' = eps - scale sqrt(1 - ab[t]) grad_x log p(y | x_t, t)``.
+
+  Args:
+    model_fn: ``(x, t) -> output`` (eps / x0 / v per ``prediction``; learned-variance channels
+      are passed through).
+    classifier_fn: ``(x_t, t) -> logits [B, K]``, a noise-conditioned classifier (e.g.
+      `ddx.classifier.NoisyClassifier`); a Partial or nnx.Module keeps its weights traced.
+    labels: int [B], the class each sample is steered toward.
+    scale: the guidance scale s (0 = unguided).
+    sched: the model's `ddx.Schedule`.
+    prediction: "eps" | "x0" | "v"; x0 / v outputs are converted to eps at x_t, guided and
+      converted back.
+  """
+  if prediction not in diffusion.PREDICTIONS:
+    raise ValueError(f"prediction: unknown prediction type {prediction!r}; expected one of {diffusion.PREDICTIONS}")
+  if not np.isfinite(scale):
+    raise ValueError(f"scale: must be finite, got {scale!r}")
+  f = sched.f64.alphas_cumprod
+  sqrt_a = jnp.asarray(np.sqrt(f).astype(np.float32))
+  sqrt_1ma = jnp.asarray(np.sqrt(1.0 - f).astype(np.float32))
+  return jax.tree_util.Partial(_classifier_guided, model_fn, classifier_fn, jnp.asarray(labels, jnp.int32),
+                               jnp.float32(scale), sqrt_a, sqrt_1ma, prediction)

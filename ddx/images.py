@@ -42,11 +42,52 @@ def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
 
 
 def save_samples(path_prefix: str, samples, labels=None, ncols: int | None = None, scale: int = 1) -> tuple[str, str]:
-  """Write ``<prefix>.png`` (a grid) and ``<prefix>.npz`` (float samples in [-1, 1], labels)."""
+  """Write ``<prefix>.png`` (a grid) and ``<prefix>.npz`` (float samples in [-1, 1], labels).
+
+  Refuses (ValueError, nothing written) samples with a NaN or an infinity: they would show as
+  plausible-looking black or white pixels.
+  """
   samples = np.asarray(samples, np.float32)
+  bad = int(samples.size - np.count_nonzero(np.isfinite(samples)))
+  if bad:
+    raise ValueError(f"samples: {bad} of {samples.size} values are not finite; nothing written to {path_prefix}.*")
   png = save_png(path_prefix + ".png", make_grid(to_uint8(samples), ncols), scale=scale)
   arrays = {"samples": samples}
   if labels is not None:
     arrays["labels"] = np.asarray(labels)
   np.savez_compressed(path_prefix + ".npz", **arrays)
   return png, path_prefix + ".npz"
+
+
+def load_png(path: str, size: int, channels: int, what: str = "--input") -> np.ndarray:
+  """Read a PNG as float32 [size, size, channels] in [-1, 1] (uint8 0..255 mapped linearly).
+
+  ``channels`` 1 takes a greyscale PNG (mode L), 3 an RGB one. A file of another size or
+  colour mode is an error naming ``what`` (no silent resize or conversion).
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"{what}: no such file {path!r}")
+  try:
+    im = Image.open(path)
+    im.load()
+  except Exception as e:  # PIL raises several types for a bad file; one line with the cause
+    raise ValueError(f"{what}: cannot read {path!r} as an image ({type(e).__name__})") from None
+  want = {1: ("L",), 3: ("RGB",)}.get(channels)
+  if want is None:
+    raise ValueError(f"channels: must be 1 or 3, got {channels}")
+  if im.mode not in want:
+    raise ValueError(f"{what}: {path} has mode {im.mode} ({len(im.getbands())} channels), the model takes "
+                     f"{channels} channel{'s' if channels > 1 else ''} (mode {want[0]})")
+  if im.size != (size, size):
+    raise ValueError(f"{what}: {path} is {im.size[0]}x{im.size[1]}, the model takes {size}x{size}")
+  x = np.asarray(im, np.float32).reshape(size, size, channels)
+  return x / 127.5 - 1.0
+
+
+def load_mask(path: str, size: int, channels: int, what: str = "--mask") -> np.ndarray:
+  """A binary mask PNG (greyscale, 0 = fill, 255 = keep) as float32 [size, size, channels] of 0/1."""
+  m = load_png(path, size, 1, what)
+  u = np.unique(m)
+  if not np.all(np.isin(u, (-1.0, 1.0))):
+    raise ValueError(f"{what}: {path} must be binary (0 = fill, 255 = keep), got {len(u)} distinct grey levels")
+  return np.repeat((m > 0).astype(np.float32), channels, axis=-1)

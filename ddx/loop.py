@@ -130,12 +130,9 @@ def run(
   graphdef, state = train_lib.init_state(model, tx, jax.random.fold_in(base, 1))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
-  start = ckpt.latest_step()
+  start, state = _resume(ckpt, state, workdir)
   if start is not None:
-    items = ckpt.restore(start, train_lib.checkpoint_targets(state))
-    state = train_lib.state_from_checkpoint(state, items, start)
     writer.truncate_after(start)
-    _log(f"resumed from {checkpoint.checkpoint_dir(workdir)}/{start}")
   state = train_lib.replicate(state, mesh)
   step = int(jax.device_get(state.step))
   K = loop.steps_per_call
@@ -229,6 +226,51 @@ def run(
           "skipped": int(jax.device_get(state.skipped)), "params": n_params, "state": state}
 
 
+def _resume(ckpt: checkpoint.Checkpointer, template, workdir: str):
+  """Restore the newest checkpoint that verifies: ``(step, state)``, or ``(None, template)``
+  for a fresh run.
+
+  Newer steps that fail (unreadable, or a leaf that differs from its checksum) are moved to
+  ``<workdir>/checkpoints_corrupt/`` (kept, never deleted) once an older step has verified:
+  the run will save those step numbers again, and orbax's max_to_keep garbage collection
+  would otherwise count them and delete good steps. If no step verifies, nothing is moved
+  (the cause may be a changed config rather than damage) and the run stops.
+  """
+  bad = []
+  for step in reversed(ckpt.all_steps()):
+    try:
+      items = ckpt.restore(step, train_lib.checkpoint_targets(template))
+      state = train_lib.state_from_checkpoint(template, items, step)
+    except ValueError as e:  # CorruptCheckpointError, or a train record that disagrees
+      _log(f"checkpoint step {step} does not verify: {e}")
+      bad.append(step)
+      continue
+    moved = []
+    if bad:
+      if jax.process_index() == 0:
+        moved = [checkpoint.set_aside(workdir, b) for b in bad]
+      _sync("ddx_set_aside")
+      ckpt.reload()
+    where = f"{checkpoint.checkpoint_dir(workdir)}/{step}"
+    if bad:
+      _log(f"resumed from {where}, the newest checkpoint that verifies (step {', '.join(map(str, bad))} failed "
+           f"verification; moved to {', '.join(moved)}, not deleted)")
+    else:
+      _log(f"resumed from {where}")
+    return step, state
+  if bad:
+    raise checkpoint.CorruptCheckpointError(
+        f"no checkpoint in {checkpoint.checkpoint_dir(workdir)} verifies (steps {', '.join(map(str, bad))}; see "
+        "`python -m ddx verify`); move them away to start over", bad[0])
+  return None, template
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def _main_thread() -> bool:
   import threading  # pylint: disable=import-outside-toplevel
   return threading.current_thread() is threading.main_thread()
@@ -248,6 +290,11 @@ def _write_samples(sample_fn, state, step, workdir, writer, spec: SampleSpec, nu
   shape = (spec.num,) + tuple(int(d) for d in image_shape)
   x = service.to_host(sample_fn(state.ema_params, jax.random.fold_in(jax.random.fold_in(base, 2), step), shape, labels))
   if jax.process_index() == 0:
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+      _log(f"warning: sample grid at step {step}: {bad} of {np.size(x)} values are not finite; nothing written, "
+           "training goes on")
+      return
     png, _ = images.save_samples(os.path.join(workdir, "samples", f"step_{step:08d}"), x, labels, scale=2)
     writer.image(step, "samples", images.make_grid(images.to_uint8(x)))
     _log(f"samples: {png}")

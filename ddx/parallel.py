@@ -8,6 +8,7 @@ are replicated. The same jitted program runs on one CPU, 8 fake CPU devices or a
 from __future__ import annotations
 
 import os
+import socket
 
 import jax
 import numpy as np
@@ -23,8 +24,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   * explicit arguments, or ``DDX_COORDINATOR`` / ``DDX_NUM_PROCESSES`` / ``DDX_PROCESS_ID``
     (and optionally ``DDX_COORDINATOR_BIND``, the address process 0 listens on): used as
     given (the local launcher: 127.0.0.1:PORT);
-  * ``DDX_DISTRIBUTED=auto`` (TPU pods, launch/tpu_pod.sh) or a SLURM job with several
-    tasks: ``jax.distributed.initialize()`` auto-detects everything;
+  * a SLURM step with several tasks (launch/slurm_gpu.sbatch): ``jax.distributed`` reads the
+    coordinator (first node of ``SLURM_STEP_NODELIST``), process count and index from the
+    SLURM environment; the GPUs this task drives come from `slurm_local_device_ids`;
+  * ``DDX_DISTRIBUTED=auto`` (TPU pods, launch/tpu_pod.sh): ``jax.distributed.initialize()``
+    auto-detects everything;
   * otherwise a single process, left alone.
   """
   coordinator_address = coordinator_address or os.environ.get("DDX_COORDINATOR")
@@ -38,8 +42,108 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, local_device_ids=local_device_ids,
                                coordinator_bind_address=os.environ.get("DDX_COORDINATOR_BIND"))
-  elif os.environ.get("DDX_DISTRIBUTED") == "auto" or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    jax.distributed.initialize()
+  elif in_slurm_step() and int(os.environ["SLURM_NTASKS"]) > 1:
+    if local_device_ids is None:
+      local_device_ids = slurm_local_device_ids(os.environ)
+    jax.distributed.initialize(local_device_ids=local_device_ids)
+  elif os.environ.get("DDX_DISTRIBUTED") == "auto":
+    jax.distributed.initialize(local_device_ids=local_device_ids)
+
+
+# What jax.distributed's SLURM detection needs (jax/_src/clusters/slurm_cluster.py); srun
+# sets all of them in every task of a step.
+SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+def in_slurm_step(env=None) -> bool:
+  env = os.environ if env is None else env
+  return all(v in env for v in SLURM_STEP_VARS)
+
+
+def _visible_gpus(env) -> int | None:
+  """How many GPUs CUDA shows this process (entries of CUDA_VISIBLE_DEVICES), None if unset."""
+  if "CUDA_VISIBLE_DEVICES" not in env:
+    return None
+  return len([e for e in env["CUDA_VISIBLE_DEVICES"].split(",") if e.strip()])
+
+
+def slurm_local_device_ids(env) -> list[int]:
+  """The GPUs a SLURM task drives, as ordinals among the GPUs CUDA shows it.
+
+  ``CUDA_VISIBLE_DEVICES`` is left as SLURM set it (ddx never changes it); JAX renumbers the
+  visible GPUs 0..n-1 and ``local_device_ids`` index that list (jax.distributed turns them
+  into ``jax_cuda_visible_devices``). So:
+
+  * ``JAX_LOCAL_DEVICE_IDS="0,1"`` (JAX's own override): used as given;
+  * ``DDX_GPUS_PER_PROCESS=all`` (one task per node): every visible GPU, 0..n-1, with n the
+    entries of ``CUDA_VISIBLE_DEVICES`` or, if that is unset, ``SLURM_GPUS_ON_NODE``. (JAX's
+    own SLURM default would be ``[SLURM_LOCALID]`` = [0]: one GPU per node.)
+  * ``DDX_GPUS_PER_PROCESS=1`` or unset (one task per GPU): ``[SLURM_LOCALID]``, JAX's own
+    default, when the task sees all of its node's GPUs; ``[0]`` when SLURM bound the task to
+    a single GPU (``--gpus-per-task=1`` / ``--gpu-bind``: one visible entry).
+
+  Raises ValueError when an id is not among the visible GPUs (e.g. the task sees one GPU,
+  renumbered 0, and is asked for GPU 3).
+  """
+  visible = _visible_gpus(env)
+  mode = env.get("DDX_GPUS_PER_PROCESS", "1")
+  if mode not in ("1", "all"):
+    raise ValueError(f"DDX_GPUS_PER_PROCESS: must be 1 or all, got {mode!r}")
+  if env.get("JAX_LOCAL_DEVICE_IDS"):
+    try:
+      ids = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
+    except ValueError:
+      raise ValueError(f"JAX_LOCAL_DEVICE_IDS: must be comma-separated integers, got {env['JAX_LOCAL_DEVICE_IDS']!r}") from None
+    what = "JAX_LOCAL_DEVICE_IDS"
+  elif mode == "all":
+    if env.get("SLURM_NTASKS_PER_NODE", "1") != "1":
+      raise ValueError("DDX_GPUS_PER_PROCESS: all drives every GPU of the node from one task, so it needs "
+                       f"--ntasks-per-node=1, got SLURM_NTASKS_PER_NODE={env['SLURM_NTASKS_PER_NODE']}")
+    n = visible if visible is not None else int(env.get("SLURM_GPUS_ON_NODE", "0"))
+    if n < 1:
+      raise ValueError("DDX_GPUS_PER_PROCESS: all needs CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE to count "
+                       f"this node's GPUs, got CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r}, "
+                       f"SLURM_GPUS_ON_NODE={env.get('SLURM_GPUS_ON_NODE')!r}")
+    return list(range(n))
+  else:
+    ids = [0] if visible == 1 else [int(env["SLURM_LOCALID"])]
+    what = "SLURM_LOCALID"
+  if visible is not None and max(ids) >= visible:
+    raise ValueError(f"{what}: GPU ordinal(s) {ids} are not among the {visible} GPU(s) this task sees "
+                     f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}), got {env.get(what)!r}")
+  return ids
+
+
+# The environment that decides which devices a process drives (printed by `device_report`).
+REPORT_ENV = ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS", "DDX_GPUS_PER_PROCESS", "SLURM_JOB_ID",
+              "SLURM_STEP_NODELIST", "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
+              "SLURM_GPUS_ON_NODE", "TPU_WORKER_ID")
+
+
+def device_report() -> dict:
+  """What this process drives: process index/count, host, backend, its local devices (global
+  id, kind, local hardware id = the ordinal among the GPUs CUDA shows it), the
+  ``local_device_ids`` jax.distributed applied (``"all"``: not restricted), the coordinator
+  and the environment variables in `REPORT_ENV` that are set."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel  # the coordinator it connected to
+  return {
+      "process_index": jax.process_index(), "process_count": jax.process_count(), "host": socket.gethostname(),
+      "backend": jax.default_backend(), "device_count": jax.device_count(),
+      "devices": [{"id": d.id, "kind": d.device_kind, "local_hardware_id": d.local_hardware_id}
+                  for d in jax.local_devices()],
+      "local_device_ids": jax.config.read("jax_cuda_visible_devices"),
+      "coordinator": distributed.global_state.coordinator_address,
+      "env": {k: os.environ[k] for k in REPORT_ENV if k in os.environ},
+  }
+
+
+def format_device_report(r: dict) -> str:
+  """One line: ``process I/N (host H): K local <backend> devices [id: kind #local_hw, ...] of M; key=value...``."""
+  devs = ", ".join(f"{d['id']}: {d['kind']} #{d['local_hardware_id']}" for d in r["devices"])
+  kv = {"local_device_ids": r["local_device_ids"], **({"coordinator": r["coordinator"]} if r["coordinator"] else {}),
+        **r["env"]}
+  return (f"process {r['process_index']}/{r['process_count']} (host {r['host']}): {len(r['devices'])} local "
+          f"{r['backend']} devices [{devs}] of {r['device_count']}; " + " ".join(f"{k}={v}" for k, v in kv.items()))
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -68,6 +68,17 @@ def initial_noise(key, *, shape, sharding):
   return jax.lax.with_sharding_constraint(jax.random.normal(key, shape, jnp.float32), sharding)
 
 
+def guided_model_fn(model, num_classes: int | None, num: int, labels=None, guidance_scale: float = 1.0):
+  """``model_fn(x, t)`` for a batch of ``num``: unconditional, class-conditional (``labels``
+  int [num]; None = the null label), or classifier-free guided when ``guidance_scale != 1``."""
+  if not num_classes:
+    return guidance.conditional(model, None)
+  y = jnp.full((num,), num_classes, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
+  if guidance_scale != 1.0:
+    return guidance.classifier_free(model, y, num_classes, guidance_scale)
+  return guidance.conditional(model, y)
+
+
 def make_sample_fn(graphdef, sampler, num_classes: int | None, mesh, guidance_scale: float = 1.0):
   """``fn(params, key, shape, labels=None) -> samples [shape]``, batch sharded over ``mesh``.
 
@@ -77,13 +88,7 @@ def make_sample_fn(graphdef, sampler, num_classes: int | None, mesh, guidance_sc
   """
 
   def fn(params, key, shape, labels=None):
-    model = nnx.merge(graphdef, params)
-    if num_classes:
-      y = jnp.full((shape[0],), num_classes, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
-      model_fn = (guidance.classifier_free(model, y, num_classes, guidance_scale) if guidance_scale != 1.0
-                  else guidance.conditional(model, y))
-    else:
-      model_fn = guidance.conditional(model, None)
+    model_fn = guided_model_fn(nnx.merge(graphdef, params), num_classes, shape[0], labels, guidance_scale)
     sharding = parallel.batch_sharding(mesh) if shape[0] % mesh.devices.size == 0 else parallel.replicated(mesh)
     x_T = initial_noise(jax.random.fold_in(key, 0), shape=tuple(shape), sharding=sharding)
     return ddx.sample(model_fn, sampler, x_T, jax.random.fold_in(key, 1))

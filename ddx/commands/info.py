@@ -1,29 +1,42 @@
-"""``python -m ddx info --config=configs/cifar10.py``: parameter count, devices and mesh."""
+"""``python -m ddx info [--config=configs/cifar10.py]``: every process prints the devices it
+drives (run it under a launcher to check a multi-host setup); with --config, process 0 also
+prints the parameter count and the mesh."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 from absl import flags
 from ml_collections import config_flags
 
 from ddx.commands import common
 
-HELP = "print parameter count, devices and mesh for --config"
+HELP = "print the devices of every process [and parameter count, mesh for --config]"
 FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py).",
+config_flags.DEFINE_config_file("config", None, "An ml_collections config file (configs/*.py); optional.",
                                 flag_values=FLAGS, lock_config=True)
 common.define_distributed(FLAGS)
 
 
 def main(argv: list[str]) -> int:
   del argv
-  common.require(FLAGS, "config")
-  from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.validate(FLAGS.config)
+  common.check_distributed(FLAGS)
+  cfg = None
+  if FLAGS.config is not None:
+    from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
+    cfg = config_lib.validate(FLAGS.config)
   common.init_distributed(FLAGS)
   import jax  # pylint: disable=import-outside-toplevel
   from ddx import parallel  # pylint: disable=import-outside-toplevel
   from ddx.models import unet_param_count  # pylint: disable=import-outside-toplevel
 
+  # one write() per line: every process shares the launcher's stdout, and a pipe keeps a
+  # write of under 4 KiB whole, so lines of different processes never interleave
+  sys.stdout.flush()
+  os.write(sys.stdout.fileno(), (parallel.format_device_report(parallel.device_report()) + "\n").encode())
+  if cfg is None or jax.process_index() != 0:
+    return 0
   mesh = parallel.data_mesh()
   n = unet_param_count(**cfg["model"])
   b = cfg["train"]["global_batch_size"]

@@ -33,37 +33,44 @@ flags.DEFINE_string("out", None, "Output prefix (default: <workdir>/samples/samp
                     flag_values=FLAGS)
 common.define_distributed(FLAGS)
 
-MAX_NUM = 1 << 20
-
 
 def main(argv: list[str]) -> int:
   del argv
   workdir = common.workdir(FLAGS)
+  from ddx import limits  # pylint: disable=import-outside-toplevel
+  # each flag's own range first: nothing is read, built or written for a bad one
+  steps = common.check_int(FLAGS, "steps", lo=1, hi=limits.MAX_TIMESTEPS)
+  num = common.check_int(FLAGS, "num", lo=1, hi=limits.MAX_SAMPLES)
+  eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
+  scale = common.check_float(FLAGS, "guidance", lo=limits.MIN_GUIDANCE, hi=limits.MAX_GUIDANCE)
+  label = common.check_int(FLAGS, "label", lo=0)
+  common.check_int(FLAGS, "seed", lo=0, hi=limits.MAX_SEED)
+  checkpoint_step = common.check_int(FLAGS, "checkpoint_step", lo=0, hi=limits.MAX_STEP)
+  common.check_distributed(FLAGS)
   from ddx import checkpoint, samplers  # pylint: disable=import-outside-toplevel
+  if FLAGS.sampler is not None and FLAGS.sampler not in samplers.NAMES:
+    raise ValueError(f"--sampler: must be one of {samplers.NAMES}, got {FLAGS.sampler!r}")
+  # then the ranges that depend on the model
   cfg = checkpoint.read_config(workdir)  # clear error for a missing / empty workdir
-  step = checkpoint.resolve_step(workdir, common.check_int(FLAGS, "checkpoint_step", lo=0))
   defaults = cfg.get("sample", {})
   sampler_name = FLAGS.sampler if FLAGS.sampler is not None else defaults.get("sampler", "ddim")
   if sampler_name not in samplers.NAMES:
-    raise ValueError(f"--sampler: must be one of {samplers.NAMES}, got {sampler_name!r}")
+    raise ValueError(f"sample.sampler: must be one of {samplers.NAMES}, got {sampler_name!r} (workdir config)")
   T = cfg["diffusion"].get("num_timesteps", 1000)
-  steps = common.check_int(FLAGS, "steps", lo=1, hi=T)
+  if steps is not None and steps > T:
+    raise ValueError(f"--steps: must be <= {T} (the model's diffusion.num_timesteps), got {steps}")
   steps = steps if steps is not None else defaults.get("steps", 50)
-  num = common.check_int(FLAGS, "num", lo=1, hi=MAX_NUM)
   num = num if num is not None else defaults.get("num", 64)
-  eta = common.check_float(FLAGS, "eta", lo=0.0)
   eta = eta if eta is not None else defaults.get("eta", 0.0)
-  scale = common.check_float(FLAGS, "guidance")
   scale = scale if scale is not None else defaults.get("guidance", 1.0)
-  common.check_int(FLAGS, "seed", lo=0)
   num_classes = cfg["model"].get("num_classes")
-  label = common.check_int(FLAGS, "label", lo=0)
   if label is not None and not num_classes:
     raise ValueError("--label: this model is unconditional")
   if label is not None and label > num_classes:
     raise ValueError(f"--label: must be in [0, {num_classes}] ({num_classes} = unconditional), got {label}")
   if scale != 1.0 and not num_classes:
     raise ValueError("--guidance: classifier-free guidance needs a class-conditional model")
+  step = checkpoint.resolve_step(workdir, checkpoint_step)
   common.init_distributed(FLAGS)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel

@@ -27,7 +27,9 @@ def main(argv: list[str]) -> int:
   del argv
   workdir = common.workdir(FLAGS)
   common.require(FLAGS, "config")
-  stop_after = common.check_int(FLAGS, "stop_after_steps", lo=1)
+  from ddx import limits  # pylint: disable=import-outside-toplevel
+  stop_after = common.check_int(FLAGS, "stop_after_steps", lo=1, hi=limits.MAX_STEP)
+  common.check_distributed(FLAGS)
   from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
   cfg = config_lib.validate(FLAGS.config)  # before any JAX work
   common.init_distributed(FLAGS)

@@ -174,6 +174,7 @@ def diffusers_to_unet_kwargs(config: Mapping[str, Any]) -> dict:
       dtype=None,
       param_dtype="float32",
       remat=False,
+      conv_impl="auto",
   )
   try:
     return validate_kwargs(**kwargs)
@@ -257,11 +258,52 @@ def load_diffusers_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
   for fname in files:
     if not os.path.isfile(fname):
       raise WeightsNotFoundError(f"missing weights shard {fname}")
+    check_safetensors(fname)
     try:
       state.update(load_file(fname))
     except Exception as e:  # safetensors raises its own error types
       raise ValueError(f"{fname}: cannot read safetensors file ({e})") from None
   return state
+
+
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_safetensors(fname: str) -> None:
+  """Check a safetensors file's header against its size (reads only the header): a truncated
+  file or a tensor whose byte range does not fit its dtype and shape is a one-line ValueError
+  naming the tensor (safetensors' own errors do not)."""
+  size = os.path.getsize(fname)
+  with open(fname, "rb") as f:
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or 8 + n > size:
+      raise ValueError(f"{fname}: not a safetensors file or truncated inside its header ({size} bytes)")
+    try:
+      header = json.loads(f.read(n))
+    except ValueError:
+      raise ValueError(f"{fname}: corrupt safetensors header (not valid JSON)") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{fname}: corrupt safetensors header (not a JSON object)")
+  tensors = []
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      start, end = (int(o) for o in info["data_offsets"])
+      count = int(np.prod([int(d) for d in info["shape"]]))
+      itemsize = _SAFETENSORS_ITEMSIZE[info["dtype"]]
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{fname}: tensor {name}: corrupt safetensors header entry {info!r}") from None
+    if end - start != count * itemsize:
+      raise ValueError(f"{fname}: tensor {name}: {info['dtype']}{list(info['shape'])} needs {count * itemsize} bytes, "
+                       f"the header gives it {end - start}")
+    tensors.append((start, end, name))
+  for start, end, name in sorted(tensors):
+    if 8 + n + end > size:
+      raise ValueError(f"{fname}: tensor {name} is truncated: its data ends at byte {8 + n + end}, the file at "
+                       f"{size} (an interrupted download or copy?)")
 
 
 _LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -319,6 +361,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray], abstract_params: dict) -
     if tuple(w.shape) != tuple(like.shape):
       raise ValueError(f"weights: {name} has shape {w.shape} after conversion, "
                        f"ddx expects {tuple(like.shape)}")
+    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    if bad:
+      raise ValueError(f"weights: {name} has {bad} non-finite values of {w.size}")
     return w
 
   def walk(node, path):

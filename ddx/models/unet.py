@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddx.models.layers import (AttentionBlock, Downsample, GroupNorm, ResnetBlock,
-                               TimestepEmbedding, Upsample)
+from ddx.models.layers import (CONV_IMPLS, AttentionBlock, Conv, Downsample, GroupNorm,
+                               ResnetBlock, TimestepEmbedding, Upsample)
 
 Array = jax.Array
 
@@ -98,6 +98,9 @@ class UNet(nnx.Module):
     dtype: compute dtype (None / "float32" or "bfloat16"); outputs are always float32.
     param_dtype: parameter storage dtype (default float32).
     remat: rematerialise each residual / attention block in the backward pass.
+    conv_impl: how convolutions run: "auto" (default: chosen per backend when traced, see
+      `ddx.models.layers.resolve_conv_impl`), "lax" (XLA's convolution op everywhere) or
+      "dots" (matrix products with float32 accumulation). Parameters are the same.
     rngs: ``nnx.Rngs`` used for initialisation only.
 
   Raises:
@@ -128,6 +131,7 @@ class UNet(nnx.Module):
       dtype: Any = None,
       param_dtype: Any = "float32",
       remat: bool = False,
+      conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     kwargs = validate_kwargs(
@@ -138,12 +142,13 @@ class UNet(nnx.Module):
         flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
         resample_with_conv=resample_with_conv, downsample_padding=downsample_padding,
         num_classes=num_classes, learn_sigma=learn_sigma, dtype=dtype, param_dtype=param_dtype,
-        remat=remat)
+        remat=remat, conv_impl=conv_impl)
     self._kwargs_json = json.dumps(kwargs, sort_keys=True)  # static, hashable
     k = kwargs
     cdtype = _DTYPES[k["dtype"]] if k["dtype"] else None
     pdtype = _DTYPES[k["param_dtype"]]
     kw = dict(dtype=cdtype, param_dtype=pdtype)
+    ckw = dict(kw, conv_impl=k["conv_impl"])
     gn = dict(groups=k["norm_num_groups"], eps=k["norm_eps"])
     ch = k["base_channels"]
     mult = k["channel_mult"]
@@ -164,13 +169,13 @@ class UNet(nnx.Module):
       return c // k["head_dim"] if k["head_dim"] else k["num_heads"]
 
     def res(cin, cout):
-      return ResnetBlock(cin, cout, temb, dropout=k["dropout"], rngs=rngs, **gn, **kw)
+      return ResnetBlock(cin, cout, temb, dropout=k["dropout"], rngs=rngs, **gn, **ckw)
 
     def attn(c):
       return AttentionBlock(c, heads(c), rngs=rngs, **gn, **kw)
 
-    self.conv_in = nnx.Conv(k["in_channels"], ch, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
-                            **kw)
+    self.conv_in = Conv(k["in_channels"], ch, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
+                        impl=k["conv_impl"], **kw)
     # The time-embedding MLP always computes in float32 (negligible cost; keeps t precise).
     self.time_embedding = TimestepEmbedding(ch, temb, flip_sin_to_cos=k["flip_sin_to_cos"],
                                             freq_shift=k["freq_shift"], rngs=rngs, dtype=None,
@@ -197,7 +202,7 @@ class UNet(nnx.Module):
       resample = None
       if lev != nlev - 1:
         resample = Downsample(cur, with_conv=k["resample_with_conv"],
-                              padding=k["downsample_padding"], rngs=rngs, **kw)
+                              padding=k["downsample_padding"], rngs=rngs, **ckw)
         skip_ch.append(cur)
       down.append(_Level(resnets, attns, resample))
     self.down_blocks = nnx.List(down)
@@ -216,14 +221,15 @@ class UNet(nnx.Module):
           attns.append(attn(cur))
       resample = None
       if lev != 0:
-        resample = Upsample(cur, with_conv=k["resample_with_conv"], rngs=rngs, **kw)
+        resample = Upsample(cur, with_conv=k["resample_with_conv"], rngs=rngs, **ckw)
       up.append(_Level(resnets, attns, resample))
     self.up_blocks = nnx.List(up)
     assert not skip_ch
 
     self.conv_norm_out = GroupNorm(cur, k["norm_num_groups"], epsilon=k["norm_eps"], **kw)
     nout = k["out_channels"] * (2 if k["learn_sigma"] else 1)
-    self.conv_out = nnx.Conv(cur, nout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
+    self.conv_out = Conv(cur, nout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
+                         impl=k["conv_impl"], **kw)
 
   # ------------------------------------------------------------------ helpers
 
@@ -432,6 +438,10 @@ def validate_kwargs(**k) -> dict:
     raise ValueError(f"num_classes: must be None or an int >= 0, got {nc!r}")
   out["num_classes"] = int(nc) if nc else None
 
+  if k["conv_impl"] not in CONV_IMPLS:
+    raise ValueError(f"conv_impl: must be one of {list(CONV_IMPLS)}, got {k['conv_impl']!r}")
+  out["conv_impl"] = k["conv_impl"]
+
   out["dtype"] = _dtype_name(k["dtype"])
   pd = _dtype_name(k["param_dtype"])
   if pd is None:
@@ -482,4 +492,4 @@ UNET_KWARGS = ("image_size", "in_channels", "out_channels", "base_channels", "ch
                "num_res_blocks", "attention_resolutions", "num_heads", "head_dim", "dropout",
                "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift",
                "resample_with_conv", "downsample_padding", "num_classes", "learn_sigma", "dtype",
-               "param_dtype", "remat")
+               "param_dtype", "remat", "conv_impl")

@@ -1,0 +1,70 @@
+"""``python -m ddx inpaint --workdir=W --input=a.png --mask=m.png [--method=repaint --num=4]``.
+
+Fills the pixels where the mask PNG is black (0) and keeps those where it is white (255), by
+replacement (``--method=replace``: the known pixels are re-noised to the current level before
+every model call) or RePaint (``--method=repaint``, with ``--jump_length`` and
+``--jump_n_sample`` resampling). Writes ``<out>.png`` (one row per input: the input, the
+masked input, the fills) and ``<out>.npz``.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from ddx.commands import common
+
+HELP = "inpaint PNG images under a mask PNG (white = keep): --workdir=... --input=a.png --mask=m.png"
+FLAGS = flags.FlagValues()
+common.define_model_flags(FLAGS)
+flags.DEFINE_string("input", None, "Comma-separated PNG files (the model's size; grey for 1 channel).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("mask", None, "Mask PNG of the model's size, greyscale 0 (fill) / 255 (keep).", flag_values=FLAGS)
+flags.DEFINE_string("method", "repaint", "replace | repaint.", flag_values=FLAGS)
+flags.DEFINE_integer("jump_length", 10, "RePaint: grid steps per jump back up.", flag_values=FLAGS)
+flags.DEFINE_integer("jump_n_sample", 10, "RePaint: passes over each jump (1 = replacement).", flag_values=FLAGS)
+flags.DEFINE_integer("num", 4, "Fills per input.", flag_values=FLAGS)
+flags.DEFINE_string("sampler", "ddpm", "ddpm | ddim.", flag_values=FLAGS)
+flags.DEFINE_integer("steps", None, "Sampling steps S (default: the config's sample.steps).", flag_values=FLAGS)
+flags.DEFINE_float("eta", 1.0, "DDIM eta (with --sampler=ddim).", flag_values=FLAGS)
+
+SAMPLERS = ("ddpm", "ddim")  # the single-step samplers a plan can revisit
+
+
+def main(argv: list[str]) -> int:
+  del argv
+  from ddx.edit import INPAINT_METHODS  # pylint: disable=import-outside-toplevel
+  m = common.EditModel(FLAGS)
+  paths = common.check_paths(FLAGS, "input")
+  mask_path = common.check_paths(FLAGS, "mask", 1)[0]
+  if FLAGS.method not in INPAINT_METHODS:
+    raise ValueError(f"--method: must be one of {INPAINT_METHODS}, got {FLAGS.method!r}")
+  if FLAGS.sampler not in SAMPLERS:
+    raise ValueError(f"--sampler: must be one of {SAMPLERS}, got {FLAGS.sampler!r}")
+  jl = common.check_int(FLAGS, "jump_length", lo=1)
+  jn = common.check_int(FLAGS, "jump_n_sample", lo=1)
+  num = common.check_int(FLAGS, "num", lo=1, hi=4096)
+  steps = common.check_int(FLAGS, "steps", lo=1, hi=m.T) or m.cfg.get("sample", {}).get("steps", 50)
+  eta = common.check_float(FLAGS, "eta", lo=0.0)
+  x0 = m.load_images(paths, "--input")
+  from ddx import images  # pylint: disable=import-outside-toplevel
+  mask = images.load_mask(mask_path, m.size, m.channels)
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  from ddx import edit, service  # pylint: disable=import-outside-toplevel
+  sampler = m.sampler(FLAGS.sampler, steps, eta=eta)
+  batch = np.repeat(x0, num, axis=0)
+  key = jax.random.key(FLAGS.seed)
+  progress = common.progress_printer(FLAGS.method)
+  if FLAGS.method == "repaint":
+    out = edit.repaint(m.model_fn(len(batch)), sampler, batch, mask, key, jl, jn, progress=progress)
+  else:
+    out = edit.inpaint(m.model_fn(len(batch)), sampler, batch, mask, key, progress=progress)
+  out = service.to_host(out)
+  masked = x0 * mask + (1 - mask) * 0.0  # unknown pixels shown mid-grey
+  rows = np.concatenate([x0[:, None], masked[:, None], out.reshape((len(paths), num) + x0.shape[1:])], 1)
+  png, npz = common.write_outputs(m.prefix(f"inpaint_{FLAGS.method}_{FLAGS.sampler}{steps}"),
+                                  rows.reshape((-1,) + x0.shape[1:]), num + 2, max(1, 128 // m.size),
+                                  inputs=x0, mask=mask, fills=out)
+  print(f"wrote {png} and {npz} ({len(paths)} x {num} fills, {FLAGS.method}, {FLAGS.sampler} {steps} steps)")
+  return 0
