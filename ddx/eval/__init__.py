@@ -9,7 +9,8 @@
 Metrics are float64 numpy on features ``[N, D]``. Feature networks (`FeatureNet`: images
 [B, H, W, C] in [-1, 1] -> [B, D]): ``ddx.eval.inception.load(path)`` (pytorch-fid's FID
 Inception, 2048-d, weights from a file you have) and ``ddx.eval.digits_net.load()`` (the
-digits classifier shipped with ddx, 64-d). `reference_stats` caches a data split's statistics.
+digits classifier shipped with ddx, 64-d). `reference_stats` caches a data split's statistics;
+``ddx.eval.quality.measure`` samples a model and measures it (the eval command's core).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ddx.eval.frechet import feature_stats, frechet_distance, frechet_distance_f
 from ddx.eval.kernel_distance import kid
 from ddx.eval.precision_recall import precision_recall
 
-_LAZY = ("inception", "digits_net")
+_LAZY = ("inception", "digits_net", "quality")
 
 __all__ = ["frechet_distance", "frechet_distance_from_stats", "feature_stats", "kid", "precision_recall",
            "FeatureNet", "Reference", "compute_features", "reference_stats", *_LAZY]
