@@ -152,10 +152,10 @@ def _check_eval(cfg: dict) -> None:
   from ddx.eval import quality  # pylint: disable=import-outside-toplevel
   _choice(cfg, "eval.features", quality.FEATURES)
   _choice(cfg, "eval.sampler", SAMPLER_NAMES)
-  _num(cfg, "eval.num", 2, integer=True)
-  _num(cfg, "eval.batch", 1, integer=True)
+  _num(cfg, "eval.num", 2, limits.MAX_SAMPLES, integer=True)
+  _num(cfg, "eval.batch", 1, limits.MAX_BATCH, integer=True)
   _num(cfg, "eval.steps", 1, cfg["diffusion"]["num_timesteps"], integer=True)
-  _num(cfg, "eval.eta", 0)
+  _num(cfg, "eval.eta", 0, limits.MAX_ETA)
   e = cfg["eval"]
   for key in ("inception_weights", "cache_dir"):
     if e[key] is not None and not isinstance(e[key], str):

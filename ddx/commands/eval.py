@@ -42,16 +42,13 @@ flags.DEFINE_integer("seed", 0, "PRNG seed (samples and KID subsets).", flag_val
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
 flags.DEFINE_bool("use_ema", True, "Use the EMA weights (else the raw params).", flag_values=FLAGS)
 
-MAX_NUM = 1 << 20
-
-
 def main(argv: list[str]) -> int:
   del argv
   workdir = common.workdir(FLAGS)
-  from ddx import checkpoint, samplers  # pylint: disable=import-outside-toplevel
+  from ddx import checkpoint, limits, samplers  # pylint: disable=import-outside-toplevel
   from ddx.eval import quality  # pylint: disable=import-outside-toplevel
   cfg = checkpoint.read_config(workdir)
-  step = checkpoint.resolve_step(workdir, common.check_int(FLAGS, "checkpoint_step", lo=0))
+  step = checkpoint.resolve_step(workdir, common.check_int(FLAGS, "checkpoint_step", lo=0, hi=limits.MAX_STEP))
   defaults = cfg.get("sample", {})
   sampler_name = FLAGS.sampler if FLAGS.sampler is not None else defaults.get("sampler", "ddim")
   if sampler_name not in samplers.NAMES:
@@ -59,11 +56,11 @@ def main(argv: list[str]) -> int:
   T = cfg["diffusion"].get("num_timesteps", 1000)
   steps = common.check_int(FLAGS, "steps", lo=1, hi=T)
   steps = steps if steps is not None else defaults.get("steps", 50)
-  num = common.check_int(FLAGS, "num", lo=2, hi=MAX_NUM)
-  batch = common.check_int(FLAGS, "batch", lo=1)
-  eta = common.check_float(FLAGS, "eta", lo=0.0)
+  num = common.check_int(FLAGS, "num", lo=2, hi=limits.MAX_SAMPLES)
+  batch = common.check_int(FLAGS, "batch", lo=1, hi=limits.MAX_BATCH)
+  eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
   eta = eta if eta is not None else defaults.get("eta", 0.0)
-  seed = common.check_int(FLAGS, "seed", lo=0)
+  seed = common.check_int(FLAGS, "seed", lo=0, hi=limits.MAX_SEED)
   size, ch = cfg["model"]["image_size"], cfg["model"]["in_channels"]
   quality.check_features(FLAGS.features, (size, size, ch), name="--features")
   if FLAGS.features == "inception":

@@ -9,7 +9,8 @@
 Metrics are float64 numpy on features ``[N, D]``. Feature networks (`FeatureNet`: images
 [B, H, W, C] in [-1, 1] -> [B, D]): ``ddx.eval.inception.load(path)`` (pytorch-fid's FID
 Inception, 2048-d, weights from a file you have) and ``ddx.eval.digits_net.load()`` (the
-digits classifier shipped with ddx, 64-d). `reference_stats` caches a data split's statistics.
+digits classifier shipped with ddx, 64-d). `reference_stats` caches a data split's statistics;
+``ddx.eval.quality.measure`` samples a model and measures it (the eval command's core).
 """
 
 from __future__ import annotations
