@@ -36,6 +36,8 @@ common.define_distributed(FLAGS)
 
 def main(argv: list[str]) -> int:
   del argv
+  if FLAGS.out is not None and not FLAGS.out.strip():
+    raise ValueError("--out: must be a non-empty path prefix")
   workdir = common.workdir(FLAGS)
   from ddx import limits  # pylint: disable=import-outside-toplevel
   # each flag's own range first: nothing is read, built or written for a bad one
@@ -95,7 +97,7 @@ def main(argv: list[str]) -> int:
     raise ValueError(f"samples: {bad} of {np.size(x)} values are not finite (checkpoint step {step}, {which}); "
                      "nothing written")
   if jax.process_index() == 0:
-    prefix = FLAGS.out or os.path.join(workdir, "samples", f"sample_{step:08d}_{sampler_name.replace('+', 'p')}{steps}")
+    prefix = FLAGS.out if FLAGS.out is not None else os.path.join(workdir, "samples", f"sample_{step:08d}_{sampler_name.replace('+', 'p')}{steps}")
     png, npz = images.save_samples(prefix, x, labels, scale=max(1, 128 // size))
     print(f"wrote {png} and {npz} ({num} samples, {sampler_name} {steps} steps, {dt:.1f}s incl. compile)")
   return 0

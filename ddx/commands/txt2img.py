@@ -40,6 +40,8 @@ flags.DEFINE_string("out", None, "Output prefix (default: ./txt2img_<sampler><st
 
 def main(argv: list[str]) -> int:
   del argv
+  if FLAGS.out is not None and not FLAGS.out.strip():
+    raise ValueError("--out: must be a non-empty path prefix")
   common.require(FLAGS, "pipeline", "prompt")
   from ddx import samplers  # pylint: disable=import-outside-toplevel
   try:
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> int:
                      height=FLAGS.height, width=FLAGS.width, eta=FLAGS.eta)
   out = np.asarray(out)
   dt = time.time() - t0
-  prefix = FLAGS.out or os.path.abspath(f"txt2img_{FLAGS.sampler.replace('+', 'p')}{FLAGS.steps}")
+  prefix = FLAGS.out if FLAGS.out is not None else os.path.abspath(f"txt2img_{FLAGS.sampler.replace('+', 'p')}{FLAGS.steps}")
   ncols = FLAGS.num if len(FLAGS.prompt) > 1 else None  # one row per prompt
   png = images.save_png(prefix + ".png", images.make_grid(images.to_uint8(out), ncols))
   npz = prefix + ".npz"
