@@ -169,12 +169,15 @@ def run(
   acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
   end = loop.total_steps if stop_after_steps is None else min(loop.total_steps, step + stop_after_steps)
   preempted = False
+  train_step = None
   try:
     while step < end:
       local = [next(batches) for _ in range(K)]
       stacked = {k: np.stack([b[k] for b in local]) for k in ("image", "label")}
       glob = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in stacked.items()}
-      state, metrics = train_fn(state, glob)
+      if train_step is None:  # processes meet after compiling, before the first collective
+        train_step = parallel.compile_then_meet(train_fn, state, glob, name="train_step_compiled")
+      state, metrics = train_step(state, glob)
       step += K
       m = jax.device_get(metrics)
       finite = m["finite"]

@@ -7,6 +7,7 @@ are replicated. The same jitted program runs on one CPU, 8 fake CPU devices or a
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 
@@ -179,6 +180,35 @@ def check_batch(global_batch_size: int, mesh: Mesh, what: str = "global_batch_si
     raise ValueError(f"{what}: {global_batch_size} is not divisible by the {n} devices of the mesh")
   if global_batch_size % jax.process_count():
     raise ValueError(f"{what}: {global_batch_size} is not divisible by the {jax.process_count()} processes")
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_seconds: int = 3600) -> None:
+  """Block until every process has reached its ``barrier(name)`` (returns at once with one
+  process). Every process must call the same barriers in the same order.
+
+  The wait goes through the coordination service's key-value store, not through a device
+  collective. That matters on CPU: XLA's gloo collectives give the peers of a new set of
+  devices only 30 s to meet at their first collective, and processes whose compile times
+  differ by more than that (a loaded host, a warm compilation cache on one of them) fail
+  with "Gloo context initialization failed". Compiling ahead and meeting here first
+  removes that skew.
+  """
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  key = f"ddx/{name}/{next(_BARRIERS)}"
+  ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_seconds * 1000)
+
+
+def compile_then_meet(fn, *args, name: str):
+  """``fn.lower(*args).compile()`` (``fn`` jitted), then :func:`barrier`: the compiled
+  executable, to be called with arguments shaped and sharded like ``args``."""
+  compiled = fn.lower(*args).compile()
+  barrier(name)
+  return compiled
 
 
 def host_key_data(key: jax.Array) -> np.ndarray:
