@@ -24,3 +24,13 @@ MAX_ETA = 1.0
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 100.0
 MAX_PROCESSES = 1 << 16
 MAX_THREADS = 1024
+# edits / fills / interpolants per input: one PNG row each, all drawn in one batch
+MAX_PER_INPUT = 4096
+# RePaint's plan is a host table of about steps * jump_n_sample model calls
+MAX_JUMP_N_SAMPLE = 1000
+# --- model config (ddx.models.UNet): past these a U-Net cannot be built in any memory
+MAX_CHANNELS = 1 << 14      # image channels, base_channels, head_dim
+MAX_CHANNEL_MULT = 64       # base_channels * channel_mult per level
+MAX_RES_BLOCKS = 64         # residual blocks per level
+MAX_HEADS = 1024
+MAX_CLASSES = 1 << 20       # the label embedding table has num_classes + 1 rows

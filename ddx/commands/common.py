@@ -75,6 +75,30 @@ def check_float(fv: flags.FlagValues, name: str, lo: float | None = None, hi: fl
   return v
 
 
+def check_out(fv: flags.FlagValues, name: str = "out") -> str | None:
+  """An output prefix if given (not given is None; an empty one is an error, never the default)."""
+  v = fv[name].value
+  if v is not None and not v.strip():
+    raise ValueError(f"--{name}: must be a non-empty path prefix")
+  return v
+
+
+def check_steps(fv: flags.FlagValues, num_timesteps: int, source: str = "the model's diffusion.num_timesteps",
+                name: str = "steps") -> int | None:
+  """--steps if given: 1 <= S <= the model's T (named by ``source``)."""
+  from ddx import limits  # pylint: disable=import-outside-toplevel
+  v = check_int(fv, name, lo=1, hi=limits.MAX_TIMESTEPS)
+  if v is not None and v > num_timesteps:
+    raise ValueError(f"--{name}: must be <= {num_timesteps} ({source}), got {v}")
+  return v
+
+
+def check_eta_sampler(eta: float | None, sampler: str) -> None:
+  """A non-zero --eta is DDIM's alone: the other samplers would ignore or reject it later."""
+  if eta is not None and eta != 0 and sampler != "ddim":
+    raise ValueError(f"--eta: only the ddim sampler takes eta > 0, got {eta} with sampler {sampler}")
+
+
 # --- what the editing commands (invert, interpolate, edit, inpaint) share -------------------
 
 
@@ -106,21 +130,24 @@ class EditModel:
   ``model_fn(num)``. Flags are checked before anything is restored."""
 
   def __init__(self, fv: flags.FlagValues):
-    from ddx import checkpoint  # pylint: disable=import-outside-toplevel
+    from ddx import checkpoint, limits  # pylint: disable=import-outside-toplevel
     self.workdir = workdir(fv)
+    check_out(fv)
+    # each flag's own range first, then the ranges that depend on the model
+    self.label = check_int(fv, "label", lo=0)
+    check_int(fv, "seed", lo=0, hi=limits.MAX_SEED)
+    step = check_int(fv, "checkpoint_step", lo=0, hi=limits.MAX_STEP)
     self.cfg = checkpoint.read_config(self.workdir)  # clear error for a missing / empty workdir
-    self.step = checkpoint.resolve_step(self.workdir, check_int(fv, "checkpoint_step", lo=0))
     self.size = int(self.cfg["model"]["image_size"])
     self.channels = int(self.cfg["model"]["in_channels"])
     self.num_classes = self.cfg["model"].get("num_classes")
     self.T = int(self.cfg["diffusion"].get("num_timesteps", 1000))
-    self.label = check_int(fv, "label", lo=0)
     if self.label is not None and not self.num_classes:
       raise ValueError("--label: this model is unconditional")
     if self.label is not None and self.label > self.num_classes:
       raise ValueError(f"--label: must be in [0, {self.num_classes}] ({self.num_classes} = unconditional), "
                        f"got {self.label}")
-    check_int(fv, "seed", lo=0)
+    self.step = checkpoint.resolve_step(self.workdir, step)
     self.which = "ema_params" if fv.use_ema else "params"
     self.fv = fv
     self._model = None
@@ -144,7 +171,9 @@ class EditModel:
     return service.guided_model_fn(self._model, self.num_classes, num, labels)
 
   def prefix(self, default_name: str) -> str:
-    return self.fv.out or os.path.join(self.workdir, "edits", f"{default_name}_{self.step:08d}")
+    if self.fv.out is not None:
+      return self.fv.out
+    return os.path.join(self.workdir, "edits", f"{default_name}_{self.step:08d}")
 
 
 def progress_printer(what: str):
@@ -163,13 +192,15 @@ def progress_printer(what: str):
   return progress
 
 
-def refuse_nonfinite(**arrays) -> None:
-  """ValueError (nothing written) if any output holds NaN or inf."""
+def refuse_nonfinite(context: str = "", /, **arrays) -> None:
+  """ValueError (nothing written) if any output holds NaN or inf; ``context`` (e.g. which
+  weights made them) goes into the message in parentheses."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   for name, a in arrays.items():
     bad = int(np.size(a) - np.isfinite(a).sum())
     if bad:
-      raise ValueError(f"{name}: {bad} of {np.size(a)} values are not finite; nothing written")
+      where = f" ({context})" if context else ""
+      raise ValueError(f"{name}: {bad} of {np.size(a)} values are not finite{where}; nothing written")
 
 
 def write_outputs(prefix: str, rows, ncols: int, scale: int, **arrays) -> tuple[str, str]:

@@ -22,24 +22,28 @@ flags.DEFINE_float("strength", None, "In (0, 1]: 1 = sample from (almost) pure n
 flags.DEFINE_integer("num", 4, "Edits per input.", flag_values=FLAGS)
 flags.DEFINE_string("sampler", "ddim", "ddim | ddpm.", flag_values=FLAGS)
 flags.DEFINE_integer("steps", None, "Sampling steps S (default: the config's sample.steps).", flag_values=FLAGS)
-flags.DEFINE_float("eta", 0.0, "DDIM eta.", flag_values=FLAGS)
+flags.DEFINE_float("eta", None, "DDIM eta (--sampler=ddim only; default 0).", flag_values=FLAGS)
 
 SAMPLERS = ("ddim", "ddpm")  # the single-step samplers a run can start mid-grid with
 
 
 def main(argv: list[str]) -> int:
   del argv
+  from ddx import limits  # pylint: disable=import-outside-toplevel
   m = common.EditModel(FLAGS)
-  paths = common.check_paths(FLAGS, "input")
   common.require(FLAGS, "strength")
   strength = common.check_float(FLAGS, "strength")
   if not 0.0 < strength <= 1.0:
     raise ValueError(f"--strength: must be in (0, 1], got {strength}")
+  num = common.check_int(FLAGS, "num", lo=1, hi=limits.MAX_PER_INPUT)
+  steps = common.check_steps(FLAGS, m.T)
+  steps = steps if steps is not None else m.cfg.get("sample", {}).get("steps", 50)
+  eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
   if FLAGS.sampler not in SAMPLERS:
     raise ValueError(f"--sampler: must be one of {SAMPLERS}, got {FLAGS.sampler!r}")
-  num = common.check_int(FLAGS, "num", lo=1, hi=4096)
-  steps = common.check_int(FLAGS, "steps", lo=1, hi=m.T) or m.cfg.get("sample", {}).get("steps", 50)
-  eta = common.check_float(FLAGS, "eta", lo=0.0)
+  common.check_eta_sampler(eta, FLAGS.sampler)
+  eta = eta if eta is not None else 0.0
+  paths = common.check_paths(FLAGS, "input")
   x0 = m.load_images(paths, "--input")
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel

@@ -47,20 +47,26 @@ def main(argv: list[str]) -> int:
   workdir = common.workdir(FLAGS)
   from ddx import checkpoint, limits, samplers  # pylint: disable=import-outside-toplevel
   from ddx.eval import quality  # pylint: disable=import-outside-toplevel
+  # each flag's own range first: nothing is read, built or written for a bad one
+  checkpoint_step = common.check_int(FLAGS, "checkpoint_step", lo=0, hi=limits.MAX_STEP)
+  num = common.check_int(FLAGS, "num", lo=2, hi=limits.MAX_SAMPLES)
+  batch = common.check_int(FLAGS, "batch", lo=1, hi=limits.MAX_BATCH)
+  eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
+  seed = common.check_int(FLAGS, "seed", lo=0, hi=limits.MAX_SEED)
+  if FLAGS.cache_dir is not None and not FLAGS.cache_dir.strip():
+    raise ValueError("--cache_dir: must be a non-empty path")
+  # then the ranges that depend on the model
   cfg = checkpoint.read_config(workdir)
-  step = checkpoint.resolve_step(workdir, common.check_int(FLAGS, "checkpoint_step", lo=0, hi=limits.MAX_STEP))
+  T = cfg["diffusion"].get("num_timesteps", 1000)
+  steps = common.check_steps(FLAGS, T)
   defaults = cfg.get("sample", {})
   sampler_name = FLAGS.sampler if FLAGS.sampler is not None else defaults.get("sampler", "ddim")
   if sampler_name not in samplers.NAMES:
     raise ValueError(f"--sampler: must be one of {samplers.NAMES}, got {sampler_name!r}")
-  T = cfg["diffusion"].get("num_timesteps", 1000)
-  steps = common.check_int(FLAGS, "steps", lo=1, hi=T)
+  common.check_eta_sampler(eta, sampler_name)
   steps = steps if steps is not None else defaults.get("steps", 50)
-  num = common.check_int(FLAGS, "num", lo=2, hi=limits.MAX_SAMPLES)
-  batch = common.check_int(FLAGS, "batch", lo=1, hi=limits.MAX_BATCH)
-  eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
   eta = eta if eta is not None else defaults.get("eta", 0.0)
-  seed = common.check_int(FLAGS, "seed", lo=0, hi=limits.MAX_SEED)
+  step = checkpoint.resolve_step(workdir, checkpoint_step)
   size, ch = cfg["model"]["image_size"], cfg["model"]["in_channels"]
   quality.check_features(FLAGS.features, (size, size, ch), name="--features")
   if FLAGS.features == "inception":
@@ -70,7 +76,7 @@ def main(argv: list[str]) -> int:
   if data_size is not None and data_size != size:
     raise ValueError(f"{os.path.join(workdir, 'config.json')}: data.image_size {data_size} differs from "
                      f"model.image_size {size}")
-  cache_dir = os.path.abspath(FLAGS.cache_dir) if FLAGS.cache_dir else os.path.join(workdir, "eval_cache")
+  cache_dir = os.path.abspath(FLAGS.cache_dir) if FLAGS.cache_dir is not None else os.path.join(workdir, "eval_cache")
 
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel

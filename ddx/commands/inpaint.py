@@ -25,7 +25,7 @@ flags.DEFINE_integer("jump_n_sample", 10, "RePaint: passes over each jump (1 = r
 flags.DEFINE_integer("num", 4, "Fills per input.", flag_values=FLAGS)
 flags.DEFINE_string("sampler", "ddpm", "ddpm | ddim.", flag_values=FLAGS)
 flags.DEFINE_integer("steps", None, "Sampling steps S (default: the config's sample.steps).", flag_values=FLAGS)
-flags.DEFINE_float("eta", 1.0, "DDIM eta (with --sampler=ddim).", flag_values=FLAGS)
+flags.DEFINE_float("eta", None, "DDIM eta (--sampler=ddim only; default 1).", flag_values=FLAGS)
 
 SAMPLERS = ("ddpm", "ddim")  # the single-step samplers a plan can revisit
 
@@ -33,18 +33,25 @@ SAMPLERS = ("ddpm", "ddim")  # the single-step samplers a plan can revisit
 def main(argv: list[str]) -> int:
   del argv
   from ddx.edit import INPAINT_METHODS  # pylint: disable=import-outside-toplevel
+  from ddx import limits  # pylint: disable=import-outside-toplevel
   m = common.EditModel(FLAGS)
-  paths = common.check_paths(FLAGS, "input")
-  mask_path = common.check_paths(FLAGS, "mask", 1)[0]
+  num = common.check_int(FLAGS, "num", lo=1, hi=limits.MAX_PER_INPUT)
+  steps = common.check_steps(FLAGS, m.T)
+  steps = steps if steps is not None else m.cfg.get("sample", {}).get("steps", 50)
+  jl = common.check_int(FLAGS, "jump_length", lo=1, hi=limits.MAX_TIMESTEPS)
+  jn = common.check_int(FLAGS, "jump_n_sample", lo=1, hi=limits.MAX_JUMP_N_SAMPLE)
+  eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
   if FLAGS.method not in INPAINT_METHODS:
     raise ValueError(f"--method: must be one of {INPAINT_METHODS}, got {FLAGS.method!r}")
   if FLAGS.sampler not in SAMPLERS:
     raise ValueError(f"--sampler: must be one of {SAMPLERS}, got {FLAGS.sampler!r}")
-  jl = common.check_int(FLAGS, "jump_length", lo=1)
-  jn = common.check_int(FLAGS, "jump_n_sample", lo=1)
-  num = common.check_int(FLAGS, "num", lo=1, hi=4096)
-  steps = common.check_int(FLAGS, "steps", lo=1, hi=m.T) or m.cfg.get("sample", {}).get("steps", 50)
-  eta = common.check_float(FLAGS, "eta", lo=0.0)
+  common.check_eta_sampler(eta, FLAGS.sampler)
+  eta = eta if eta is not None else 1.0
+  if FLAGS.method == "repaint" and jn > 1 and jl >= steps:
+    # RePaint jumps back from grid points below S - jump_length: none would be left
+    raise ValueError(f"--jump_length: must be < the number of steps ({steps}) for RePaint to resample, got {jl}")
+  paths = common.check_paths(FLAGS, "input")
+  mask_path = common.check_paths(FLAGS, "mask", 1)[0]
   x0 = m.load_images(paths, "--input")
   from ddx import images  # pylint: disable=import-outside-toplevel
   mask = images.load_mask(mask_path, m.size, m.channels)

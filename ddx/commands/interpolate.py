@@ -22,20 +22,25 @@ flags.DEFINE_integer("steps", None, "DDIM steps S (default: the config's sample.
 
 def main(argv: list[str]) -> int:
   del argv
+  from ddx import limits  # pylint: disable=import-outside-toplevel
   m = common.EditModel(FLAGS)
-  if (FLAGS.seeds is None) == (FLAGS.input is None):
-    raise ValueError("--seeds: give exactly one of --seeds=a,b and --input=a.png,b.png")
+  num = common.check_int(FLAGS, "num", lo=2, hi=limits.MAX_PER_INPUT)
+  steps = common.check_steps(FLAGS, m.T)
+  steps = steps if steps is not None else m.cfg.get("sample", {}).get("steps", 50)
   seeds = None
   if FLAGS.seeds is not None:
     try:
       seeds = [int(s) for s in FLAGS.seeds.split(",")]
     except ValueError:
       raise ValueError(f"--seeds: expected two comma-separated integers, got {FLAGS.seeds!r}") from None
-    if len(seeds) != 2 or min(seeds) < 0:
-      raise ValueError(f"--seeds: expected two comma-separated integers >= 0, got {FLAGS.seeds!r}")
+    if len(seeds) != 2:
+      raise ValueError(f"--seeds: expected two comma-separated integers, got {FLAGS.seeds!r}")
+    for s in seeds:
+      if not 0 <= s <= limits.MAX_SEED:
+        raise ValueError(f"--seeds: each seed must be in [0, {limits.MAX_SEED}], got {s}")
+  if (FLAGS.seeds is None) == (FLAGS.input is None):
+    raise ValueError("--seeds: give exactly one of --seeds=a,b and --input=a.png,b.png")
   paths = common.check_paths(FLAGS, "input", 2) if FLAGS.input is not None else None
-  num = common.check_int(FLAGS, "num", lo=2, hi=1024)
-  steps = common.check_int(FLAGS, "steps", lo=1, hi=m.T) or m.cfg.get("sample", {}).get("steps", 50)
   x0 = m.load_images(paths, "--input") if paths else None
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

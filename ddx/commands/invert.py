@@ -23,8 +23,9 @@ flags.DEFINE_integer("steps", None, "DDIM steps S (default: the config's sample.
 def main(argv: list[str]) -> int:
   del argv
   m = common.EditModel(FLAGS)
+  steps = common.check_steps(FLAGS, m.T)
+  steps = steps if steps is not None else m.cfg.get("sample", {}).get("steps", 50)
   paths = common.check_paths(FLAGS, "input")
-  steps = common.check_int(FLAGS, "steps", lo=1, hi=m.T) or m.cfg.get("sample", {}).get("steps", 50)
   x0 = m.load_images(paths, "--input")
   import numpy as np  # pylint: disable=import-outside-toplevel
 

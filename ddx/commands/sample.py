@@ -58,6 +58,7 @@ def main(argv: list[str]) -> int:
   sampler_name = FLAGS.sampler if FLAGS.sampler is not None else defaults.get("sampler", "ddim")
   if sampler_name not in samplers.NAMES:
     raise ValueError(f"sample.sampler: must be one of {samplers.NAMES}, got {sampler_name!r} (workdir config)")
+  common.check_eta_sampler(eta, sampler_name)
   T = cfg["diffusion"].get("num_timesteps", 1000)
   if steps is not None and steps > T:
     raise ValueError(f"--steps: must be <= {T} (the model's diffusion.num_timesteps), got {steps}")

@@ -40,40 +40,54 @@ flags.DEFINE_string("out", None, "Output prefix (default: ./txt2img_<sampler><st
 
 def main(argv: list[str]) -> int:
   del argv
-  if FLAGS.out is not None and not FLAGS.out.strip():
-    raise ValueError("--out: must be a non-empty path prefix")
+  out_prefix = common.check_out(FLAGS)
   common.require(FLAGS, "pipeline", "prompt")
-  from ddx import samplers  # pylint: disable=import-outside-toplevel
+  from ddx import limits, samplers  # pylint: disable=import-outside-toplevel
   try:
-    samplers.canonical(FLAGS.sampler)
+    sampler = samplers.canonical(FLAGS.sampler)
   except ValueError:
     raise ValueError(f"--sampler: must be one of {samplers.NAMES}, got {FLAGS.sampler!r}") from None
-  common.check_int(FLAGS, "steps", lo=1)
-  common.check_int(FLAGS, "num", lo=1)
-  common.check_int(FLAGS, "height", lo=1)
-  common.check_int(FLAGS, "width", lo=1)
-  common.check_float(FLAGS, "guidance")
-  common.check_float(FLAGS, "eta", lo=0.0)
+  # each flag's own range first: nothing is loaded, built or written for a bad one
+  steps = common.check_int(FLAGS, "steps", lo=1, hi=limits.MAX_TIMESTEPS)
+  num = common.check_int(FLAGS, "num", lo=1, hi=limits.MAX_SAMPLES)
+  height = common.check_int(FLAGS, "height", lo=1, hi=limits.MAX_IMAGE_SIZE)
+  width = common.check_int(FLAGS, "width", lo=1, hi=limits.MAX_IMAGE_SIZE)
+  guidance = common.check_float(FLAGS, "guidance", lo=limits.MIN_GUIDANCE, hi=limits.MAX_GUIDANCE)
+  eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
+  common.check_eta_sampler(eta, sampler)
+  seed = common.check_int(FLAGS, "seed", lo=0, hi=limits.MAX_SEED)
   if any(not p.strip() for p in FLAGS.prompt):
     raise ValueError("--prompt: must not be empty")
+  prompts = [p for p in FLAGS.prompt for _ in range(num)]
+  if len(prompts) > limits.MAX_SAMPLES:
+    raise ValueError(f"--num: {len(FLAGS.prompt)} prompts x {num} images exceed {limits.MAX_SAMPLES} images")
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from ddx import images, pipeline  # pylint: disable=import-outside-toplevel
 
   pipe = pipeline.load(FLAGS.pipeline, dtype=None if FLAGS.dtype == "float32" else FLAGS.dtype)
-  prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num)]
+  # then the ranges that depend on the pipeline (before anything is compiled)
+  T = pipe.diffusion["num_timesteps"]
+  if steps > T:
+    raise ValueError(f"--steps: must be <= {T} (the pipeline scheduler's num_train_timesteps), got {steps}")
+  try:
+    pipe.latent_shape(len(prompts), height, width)
+  except ValueError as e:
+    raise ValueError(f"--{e}") from None
   t0 = time.time()
   out = pipe.txt2img(prompts, negative_prompt=FLAGS.negative_prompt, sampler=FLAGS.sampler,
-                     steps=FLAGS.steps, guidance=FLAGS.guidance, key=jax.random.key(FLAGS.seed),
-                     height=FLAGS.height, width=FLAGS.width, eta=FLAGS.eta)
+                     steps=steps, guidance=guidance, key=jax.random.key(seed),
+                     height=height, width=width, eta=eta if sampler == "ddim" else None)
   out = np.asarray(out)
   dt = time.time() - t0
-  prefix = FLAGS.out if FLAGS.out is not None else os.path.abspath(f"txt2img_{FLAGS.sampler.replace('+', 'p')}{FLAGS.steps}")
-  ncols = FLAGS.num if len(FLAGS.prompt) > 1 else None  # one row per prompt
+  common.refuse_nonfinite(f"pipeline {FLAGS.pipeline}", samples=out)
+  prefix = out_prefix if out_prefix is not None else os.path.abspath(
+      f"txt2img_{FLAGS.sampler.replace('+', 'p')}{steps}")
+  ncols = num if len(FLAGS.prompt) > 1 else None  # one row per prompt
   png = images.save_png(prefix + ".png", images.make_grid(images.to_uint8(out), ncols))
   npz = prefix + ".npz"
   np.savez_compressed(npz, samples=out, prompts=np.asarray(prompts))
   print(f"wrote {png} and {npz} ({len(prompts)} images {out.shape[1]}x{out.shape[2]}, "
-        f"{FLAGS.sampler} {FLAGS.steps} steps, guidance {FLAGS.guidance}, {dt:.1f}s incl. compile)")
+        f"{FLAGS.sampler} {steps} steps, guidance {guidance}, {dt:.1f}s incl. compile)")
   return 0
