@@ -54,9 +54,20 @@ def _check_keys(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
       raise ValueError(f"{prefix}{k}: missing from the config")
 
 
-def _num(cfg, key, lo=None, hi=None, *, integer=False, lo_open=False):
-  section, field = key.split(".") if "." in key else (None, key)
-  v = cfg[section][field] if section else cfg[field]
+_FROM_CFG = object()
+
+
+def _num(cfg, key, lo=None, hi=None, *, integer=False, lo_open=False, hi_open=False, optional=False,
+         value=_FROM_CFG):
+  """The number at ``key`` ("section.field"), checked for type and range; ``optional``: None
+  passes; ``value``: check this value (e.g. a list entry) under the name ``key``."""
+  if value is _FROM_CFG:
+    section, field = key.split(".") if "." in key else (None, key)
+    v = cfg[section][field] if section else cfg[field]
+  else:
+    v = value
+  if optional and v is None:
+    return None
   ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
   if isinstance(v, bool) or not ok_type:
     raise ValueError(f"{key}: must be {'an integer' if integer else 'a number'}, got {v!r}")
@@ -64,9 +75,34 @@ def _num(cfg, key, lo=None, hi=None, *, integer=False, lo_open=False):
     raise ValueError(f"{key}: must be a finite number, got {v}")
   if lo is not None and (v <= lo if lo_open else v < lo):
     raise ValueError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {v}")
-  if hi is not None and v > hi:
-    raise ValueError(f"{key}: must be <= {hi}, got {v}")
+  if hi is not None and (v >= hi if hi_open else v > hi):
+    raise ValueError(f"{key}: must be {'<' if hi_open else '<='} {hi}, got {v}")
   return v
+
+
+def _check_model(cfg: dict) -> None:
+  """Ranges of the model section (the U-Net checks the consistency of the rest)."""
+  _num(cfg, "model.image_size", 1, limits.MAX_IMAGE_SIZE, integer=True)
+  _num(cfg, "model.in_channels", 1, limits.MAX_CHANNELS, integer=True)
+  _num(cfg, "model.out_channels", 1, limits.MAX_CHANNELS, integer=True, optional=True)
+  _num(cfg, "model.base_channels", 1, limits.MAX_CHANNELS, integer=True)
+  mult = cfg["model"]["channel_mult"]
+  if isinstance(mult, (list, tuple)):  # anything else: the U-Net's own one-line error
+    for i, m in enumerate(mult):
+      _num(cfg, f"model.channel_mult[{i}]", 1, limits.MAX_CHANNEL_MULT, integer=True, value=m)
+  _num(cfg, "model.num_res_blocks", 1, limits.MAX_RES_BLOCKS, integer=True)
+  ares = cfg["model"]["attention_resolutions"]
+  if isinstance(ares, (list, tuple)):
+    for i, r in enumerate(ares):
+      _num(cfg, f"model.attention_resolutions[{i}]", 1, limits.MAX_IMAGE_SIZE, integer=True, value=r)
+  _num(cfg, "model.num_heads", 1, limits.MAX_HEADS, integer=True)
+  _num(cfg, "model.head_dim", 1, limits.MAX_CHANNELS, integer=True, optional=True)
+  _num(cfg, "model.dropout", 0, 1, hi_open=True)
+  _num(cfg, "model.norm_num_groups", 1, limits.MAX_CHANNELS, integer=True)
+  _num(cfg, "model.norm_eps", 0, lo_open=True)
+  _num(cfg, "model.freq_shift")
+  # None is unconditional; 0 is not a second spelling of it
+  _num(cfg, "model.num_classes", 1, limits.MAX_CLASSES, integer=True, optional=True)
 
 
 def _choice(cfg, key, choices):
@@ -132,7 +168,7 @@ def validate(config) -> dict:
   _num(cfg, "sample.eta", 0, limits.MAX_ETA)
   _num(cfg, "sample.num", 1, limits.MAX_SAMPLES, integer=True)
   _num(cfg, "sample.guidance", limits.MIN_GUIDANCE, limits.MAX_GUIDANCE)
-  _num(cfg, "model.image_size", 1, limits.MAX_IMAGE_SIZE, integer=True)
+  _check_model(cfg)
   _check_eval(cfg)
   # data / model consistency
   size = cfg["data"]["image_size"]

@@ -4,6 +4,7 @@ non-finite samples refused, every numeric flag range-checked, damaged safetensor
 import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ from ddx import train as train_lib
 from ddx.models import UNet, convert, unet_kwargs
 from ddx.models.unet import abstract_unet
 from ddx.models.convert import unet_from_params
+from tests.test_pipeline import folder  # noqa: F401  (the tiny random Stable Diffusion pipeline fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
@@ -325,6 +327,32 @@ def test_sample_refuses_a_model_that_outputs_nan(tmp_path):
   assert not os.path.exists(tmp_path / "out") and not os.path.exists(os.path.join(wd, "samples"))
 
 
+@pytest.mark.torch
+def test_txt2img_refuses_non_finite_images(folder, tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "pipe")
+  shutil.copytree(folder[0], path)
+  vae = os.path.join(path, "vae", "diffusion_pytorch_model.safetensors")
+  state = load_file(vae)
+  state["decoder.conv_out.bias"] = np.full_like(state["decoder.conv_out.bias"], np.nan)
+  save_file(state, vae)
+  out = tmp_path / "out"
+  argv = ["ddx", "txt2img", f"--pipeline={path}", "--prompt=a cat", "--sampler=ddim", "--steps=1", f"--out={out}/t"]
+  # the ranges that depend on the pipeline are checked once it is read, before anything compiles
+  for extra, msg in [
+      (["--steps=1001"], "--steps: must be <= 1000 (the pipeline scheduler's num_train_timesteps), got 1001"),
+      (["--height=6"], "--height: must be a positive multiple of 4, got 6"),
+  ]:
+    with pytest.raises(ValueError) as e:
+      cli.main(argv + extra)
+    assert str(e.value) == msg
+  # the images (16 x 16 x 3) are NaN: one line, nothing written
+  with pytest.raises(ValueError) as e:
+    cli.main(argv)
+  assert str(e.value) == f"samples: 768 of 768 values are not finite (pipeline {path}); nothing written"
+  assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
 def test_images_refuse_non_finite_samples(tmp_path):
   from ddx import images  # pylint: disable=import-outside-toplevel
   x = np.zeros((2, 4, 4, 1), np.float32)
@@ -351,20 +379,68 @@ def test_training_sample_grids_skip_non_finite_samples_and_training_goes_on(tmp_
 # --- every numeric flag of every command: its own range, 0 included -----------------------
 
 BIG = 10**9
-# command -> [(flags, the one-line error)]; a flag's value 0 is checked like any other value
+MAX_SEED = 2**63 - 1
+NO_STEP_0 = "no checkpoint for step 0 in"
+
+
+def _model_flag_cases(command, tail):
+  """The flags every editing command shares (define_model_flags): the workdir's model is
+  class-conditional with 10 classes, T = 1000, a checkpoint at step 1. ``tail``: the error
+  that shows --label=0 and --seed=0 passed."""
+  return [
+      (["--seed=-1"], "--seed: must be >= 0, got -1"),
+      ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
+      (["--label=-1"], "--label: must be >= 0, got -1"),
+      (["--label=11"], "--label: must be in [0, 10] (10 = unconditional), got 11"),
+      ([f"--label={BIG}"], f"--label: must be in [0, 10] (10 = unconditional), got {BIG}"),
+      (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
+      ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
+      (["--checkpoint_step=0"], NO_STEP_0),
+      (["--out="], "--out: must be a non-empty path prefix"),
+      (["--label=0", "--seed=0"], tail),
+  ]
+
+
+def _steps_cases():
+  return [
+      (["--steps=0"], "--steps: must be >= 1, got 0"),
+      (["--steps=-3"], "--steps: must be >= 1, got -3"),
+      (["--steps=1001"], "--steps: must be <= 1000 (the model's diffusion.num_timesteps), got 1001"),
+      ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
+  ]
+
+
+def _eta_cases(sampler=None):
+  cases = [
+      (["--eta=-0.5"], "--eta: must be >= 0.0, got -0.5"),
+      (["--eta=1e30"], "--eta: must be <= 1.0, got 1e+30"),
+      (["--eta=nan"], "--eta: must be a finite number, got nan"),
+      (["--eta=-inf"], "--eta: must be a finite number, got -inf"),
+  ]
+  if sampler:  # a non-zero eta is DDIM's alone: another sampler would ignore it
+    cases.append((["--eta=0.5", f"--sampler={sampler}"],
+                  f"--eta: only the ddim sampler takes eta > 0, got 0.5 with sampler {sampler}"))
+  return cases
+
+
+def _num_cases(lo, hi):
+  return [
+      (["--num=0"], f"--num: must be >= {lo}, got 0"),
+      (["--num=-1"], f"--num: must be >= {lo}, got -1"),
+      ([f"--num={BIG}"], f"--num: must be <= {hi}, got {BIG}"),
+  ]
+
+
+# command -> [(flags, the one-line error)]; a flag's value 0 is checked like any other value.
+# Every numeric flag of every command needs a case with 0, a negative and an absurd value (and
+# a non-finite one for floats): see test_every_numeric_flag_is_covered. Where 0 is in range,
+# its case ends with the error of a flag checked later, which shows that 0 passed.
 FLAG_CASES = {
     "sample": [
-        (["--steps=0"], "--steps: must be >= 1, got 0"),
-        (["--steps=-3"], "--steps: must be >= 1, got -3"),
-        (["--steps=1001"], "--steps: must be <= 1000 (the model's diffusion.num_timesteps), got 1001"),
-        ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
-        (["--num=0"], "--num: must be >= 1, got 0"),
-        (["--num=-1"], "--num: must be >= 1, got -1"),
-        ([f"--num={BIG}"], f"--num: must be <= 1048576, got {BIG}"),
-        (["--eta=-0.5"], "--eta: must be >= 0.0, got -0.5"),
+        *_steps_cases(),
+        *_num_cases(1, 1048576),
+        *_eta_cases("ddpm"),
         (["--eta=1.5"], "--eta: must be <= 1.0, got 1.5"),
-        (["--eta=nan"], "--eta: must be a finite number, got nan"),
-        (["--eta=inf"], "--eta: must be a finite number, got inf"),
         (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
         (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
         (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
@@ -372,24 +448,30 @@ FLAG_CASES = {
         (["--label=11"], "--label: must be in [0, 10] (10 = unconditional), got 11"),
         ([f"--label={BIG}"], f"--label: must be in [0, 10] (10 = unconditional), got {BIG}"),
         (["--seed=-1"], "--seed: must be >= 0, got -1"),
-        ([f"--seed={2**63}"], f"--seed: must be <= {2**63 - 1}, got {2**63}"),
+        ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
         (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
         ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
-        (["--checkpoint_step=0"], "no checkpoint for step 0 in"),
+        (["--checkpoint_step=0"], NO_STEP_0),
         (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+        (["--num_processes=-2"], "--num_processes: must be >= 1, got -2"),
         ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
         (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
+        ([f"--process_id={BIG}"], f"--process_id: must be <= 65535, got {BIG}"),
         (["--num_processes=2", "--process_id=2"], "--process_id: must be <= 1, got 2"),
         # 0 is in range for these: the next flag's error shows they passed
-        (["--eta=0", "--guidance=0", "--seed=0", "--label=0", "--checkpoint_step=-2"], "--checkpoint_step: must be >= 0"),
+        (["--eta=0", "--guidance=0", "--seed=0", "--label=0", "--checkpoint_step=0", "--process_id=0",
+          "--sampler=euler"], "--sampler: must be one of"),
     ],
     "train": [
         (["--stop_after_steps=0"], "--stop_after_steps: must be >= 1, got 0"),
         (["--stop_after_steps=-2"], "--stop_after_steps: must be >= 1, got -2"),
         ([f"--stop_after_steps={2**31}"], f"--stop_after_steps: must be <= {2**31 - 1}, got {2**31}"),
         (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+        (["--num_processes=-1"], "--num_processes: must be >= 1, got -1"),
+        ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
         (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
-        (["--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
+        ([f"--process_id={BIG}"], f"--process_id: must be <= 65535, got {BIG}"),
+        (["--process_id=0", "--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
         ([f"--config.train.total_steps={2**31}"], f"train.total_steps: must be <= {2**31 - 1}, got {2**31}"),
         (["--config.sample.num=0"], "sample.num: must be >= 1, got 0"),
         ([f"--config.sample.num={BIG}"], f"sample.num: must be <= 1048576, got {BIG}"),
@@ -406,19 +488,145 @@ FLAG_CASES = {
         (["--config.seed=-1"], "seed: must be >= 0, got -1"),
         ([f"--config.diffusion.num_timesteps={BIG}"], f"diffusion.num_timesteps: must be <= 100000, got {BIG}"),
         ([f"--config.data.image_size={BIG}"], f"data.image_size: must be <= 4096, got {BIG}"),
+        # the model section: every number within what a U-Net can be built with
+        ([f"--config.model.image_size={BIG}"], f"model.image_size: must be <= 4096, got {BIG}"),
+        (["--config.model.in_channels=0"], "model.in_channels: must be >= 1, got 0"),
+        ([f"--config.model.in_channels={BIG}"], f"model.in_channels: must be <= 16384, got {BIG}"),
+        (["--config.model.out_channels=0"], "model.out_channels: must be >= 1, got 0"),
+        (["--config.model.base_channels=0"], "model.base_channels: must be >= 1, got 0"),
+        (["--config.model.base_channels=-8"], "model.base_channels: must be >= 1, got -8"),
+        ([f"--config.model.base_channels={BIG}"], f"model.base_channels: must be <= 16384, got {BIG}"),
+        (["--config.model.channel_mult=(1,0)"], "model.channel_mult[1]: must be >= 1, got 0"),
+        (["--config.model.channel_mult=(1,2,1000)"], "model.channel_mult[2]: must be <= 64, got 1000"),
+        (["--config.model.num_res_blocks=0"], "model.num_res_blocks: must be >= 1, got 0"),
+        ([f"--config.model.num_res_blocks={BIG}"], f"model.num_res_blocks: must be <= 64, got {BIG}"),
+        (["--config.model.attention_resolutions=(8,-1)"], "model.attention_resolutions[1]: must be >= 1, got -1"),
+        ([f"--config.model.attention_resolutions=({BIG},)"],
+         f"model.attention_resolutions[0]: must be <= 4096, got {BIG}"),
+        (["--config.model.num_heads=0"], "model.num_heads: must be >= 1, got 0"),
+        ([f"--config.model.num_heads={BIG}"], f"model.num_heads: must be <= 1024, got {BIG}"),
+        (["--config.model.head_dim=0"], "model.head_dim: must be >= 1, got 0"),
+        ([f"--config.model.head_dim={BIG}"], f"model.head_dim: must be <= 16384, got {BIG}"),
+        (["--config.model.dropout=1.0"], "model.dropout: must be < 1, got 1.0"),
+        (["--config.model.dropout=-0.1"], "model.dropout: must be >= 0, got -0.1"),
+        (["--config.model.dropout=nan"], "model.dropout: must be a finite number, got nan"),
+        (["--config.model.norm_num_groups=0"], "model.norm_num_groups: must be >= 1, got 0"),
+        (["--config.model.norm_eps=0.0"], "model.norm_eps: must be > 0, got 0.0"),
+        (["--config.model.norm_eps=inf"], "model.norm_eps: must be a finite number, got inf"),
+        (["--config.model.freq_shift=nan"], "model.freq_shift: must be a finite number, got nan"),
+        (["--config.model.num_classes=0"], "model.num_classes: must be >= 1, got 0"),
+        ([f"--config.model.num_classes={BIG}"], f"model.num_classes: must be <= 1048576, got {BIG}"),
+        # 0 is in range for dropout: the U-Net's own consistency check comes after
+        (["--config.model.dropout=0.0", "--config.model.norm_num_groups=3"], "model.norm_num_groups: 3 does not"),
     ],
     "info": [
         (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
         (["--num_processes=-4"], "--num_processes: must be >= 1, got -4"),
+        ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
         (["--num_processes=3", f"--process_id={BIG}"], f"--process_id: must be <= 2, got {BIG}"),
-        (["--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
+        (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
+        (["--process_id=0", "--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
     ],
     "verify": [
         (["--step=-1"], "--step: must be >= 0, got -1"),
         ([f"--step={2**31}"], f"--step: must be <= {2**31 - 1}, got {2**31}"),
-        (["--step=0"], "no checkpoint for step 0 in"),
+        (["--step=0"], NO_STEP_0),
+    ],
+    "eval": [
+        *_steps_cases(),
+        *_num_cases(2, 1048576),
+        (["--num=1"], "--num: must be >= 2, got 1"),
+        (["--batch=0"], "--batch: must be >= 1, got 0"),
+        (["--batch=-1"], "--batch: must be >= 1, got -1"),
+        ([f"--batch={BIG}"], f"--batch: must be <= 1048576, got {BIG}"),
+        *_eta_cases("plms"),
+        (["--seed=-1"], "--seed: must be >= 0, got -1"),
+        ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
+        (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
+        ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
+        (["--checkpoint_step=0"], NO_STEP_0),
+        (["--cache_dir="], "--cache_dir: must be a non-empty path"),
+        (["--eta=0", "--seed=0", "--checkpoint_step=0"], NO_STEP_0),
+    ],
+    "invert": [
+        *_model_flag_cases("invert", "--input: required"),
+        *_steps_cases(),
+    ],
+    "interpolate": [
+        *_model_flag_cases("interpolate", "--seeds: give exactly one of"),
+        *_steps_cases(),
+        *_num_cases(2, 4096),
+        (["--num=1"], "--num: must be >= 2, got 1"),
+        (["--seeds=-1,2"], f"--seeds: each seed must be in [0, {MAX_SEED}], got -1"),
+        ([f"--seeds=1,{2**63}"], f"--seeds: each seed must be in [0, {MAX_SEED}], got {2**63}"),
+        (["--seeds=1,x"], "--seeds: expected two comma-separated integers, got '1,x'"),
+        (["--seeds=1,2,3"], "--seeds: expected two comma-separated integers, got '1,2,3'"),
+        # seeds 0 parse: the error after them is the --seeds / --input choice
+        (["--seeds=0,0", "--input=a.png,b.png"], "--seeds: give exactly one of"),
+    ],
+    "edit": [  # run with --strength=0.5 unless a case gives another
+        *_model_flag_cases("edit", "--input: required"),
+        *_steps_cases(),
+        *_num_cases(1, 4096),
+        *_eta_cases("ddpm"),
+        (["--strength=0"], "--strength: must be in (0, 1], got 0.0"),
+        (["--strength=-0.5"], "--strength: must be in (0, 1], got -0.5"),
+        (["--strength=1e30"], "--strength: must be in (0, 1], got 1e+30"),
+        (["--strength=nan"], "--strength: must be a finite number, got nan"),
+        (["--strength=inf"], "--strength: must be a finite number, got inf"),
+        (["--eta=0", "--sampler=ddpm"], "--input: required"),
+    ],
+    "inpaint": [
+        *_model_flag_cases("inpaint", "--input: required"),
+        *_steps_cases(),
+        *_num_cases(1, 4096),
+        *_eta_cases("ddpm"),
+        (["--jump_length=0"], "--jump_length: must be >= 1, got 0"),
+        (["--jump_length=-1"], "--jump_length: must be >= 1, got -1"),
+        ([f"--jump_length={BIG}"], f"--jump_length: must be <= 100000, got {BIG}"),
+        # the default 50 steps: a jump of 50 or more would never happen
+        (["--jump_length=50"], "--jump_length: must be < the number of steps (50) for RePaint to resample, got 50"),
+        (["--jump_n_sample=0"], "--jump_n_sample: must be >= 1, got 0"),
+        (["--jump_n_sample=-1"], "--jump_n_sample: must be >= 1, got -1"),
+        ([f"--jump_n_sample={BIG}"], f"--jump_n_sample: must be <= 1000, got {BIG}"),
+        (["--eta=0"], "--input: required"),
+        (["--eta=0.5", "--sampler=ddim"], "--input: required"),
+    ],
+    "txt2img": [  # flags first: the pipeline folder (which does not exist) is read after them
+        (["--steps=0"], "--steps: must be >= 1, got 0"),
+        (["--steps=-1"], "--steps: must be >= 1, got -1"),
+        ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
+        *_num_cases(1, 1048576),
+        (["--num=1048576", "--prompt=b"], "--num: 2 prompts x 1048576 images exceed 1048576 images"),
+        (["--height=0"], "--height: must be >= 1, got 0"),
+        (["--height=-8"], "--height: must be >= 1, got -8"),
+        ([f"--height={BIG}"], f"--height: must be <= 4096, got {BIG}"),
+        (["--width=0"], "--width: must be >= 1, got 0"),
+        (["--width=-8"], "--width: must be >= 1, got -8"),
+        ([f"--width={BIG}"], f"--width: must be <= 4096, got {BIG}"),
+        (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
+        (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
+        (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
+        (["--guidance=inf"], "--guidance: must be a finite number, got inf"),
+        *_eta_cases("plms"),
+        (["--seed=-1"], "--seed: must be >= 0, got -1"),
+        ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
+        (["--out="], "--out: must be a non-empty path prefix"),
+        (["--prompt= "], "--prompt: must not be empty"),
+        (["--eta=0", "--guidance=0", "--seed=0"], "pipeline: folder not found"),
     ],
 }
+
+
+def _base_argv(command, workdir, tmp_path):
+  """What a command needs besides the flags under test (nothing the cases check)."""
+  if command == "train":
+    return [f"--workdir={tmp_path}/t", "--config=configs/digits.py"]
+  if command == "info":
+    return ["--config=configs/digits.py"]
+  if command == "txt2img":
+    return [f"--pipeline={tmp_path}/t/pipeline", "--prompt=a cat", f"--out={tmp_path}/t/t2i"]
+  return [f"--workdir={workdir}"] + (["--strength=0.5"] if command == "edit" else [])
 
 
 @pytest.fixture(scope="module")
@@ -429,36 +637,52 @@ def conditional_workdir(tmp_path_factory):
   return wd
 
 
-# the commands whose flags this file reviews (eval, invert, interpolate, edit, inpaint and
-# txt2img came later and check their own flags)
-REVIEWED = ("train", "sample", "info", "convert", "verify")
+def _numeric_flags(command):
+  """{name: "int" | "float"} of a command's flags parsed as numbers."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  import importlib  # pylint: disable=import-outside-toplevel
+  fv = importlib.import_module(cli.COMMANDS[command]).FLAGS
+  return {f.name: "float" if isinstance(f.parser, flags.FloatParser) else "int"
+          for f in fv._flags().values()  # pylint: disable=protected-access
+          if isinstance(f.parser, (flags.IntegerParser, flags.FloatParser))}
+
+
+def _kinds(command):
+  """{flag: the kinds of values its cases try}: zero, negative, absurd (>= 1e9), nonfinite."""
+  out = {}
+  for args, _ in FLAG_CASES.get(command, ()):
+    for a in args:
+      if a.startswith("--config") or "=" not in a:
+        continue
+      name, value = a[2:].split("=", 1)
+      kinds = out.setdefault(name, set())
+      try:
+        v = float(value)
+      except ValueError:
+        continue
+      kinds.add("nonfinite" if not math.isfinite(v) else "zero" if v == 0 else "negative" if v < 0 else
+                "absurd" if v >= 1e9 else "other")
+  return out
 
 
 def test_every_numeric_flag_is_covered():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  import importlib  # pylint: disable=import-outside-toplevel
-  numeric = {}
-  for name in REVIEWED:
-    path = cli.COMMANDS[name]
-    fv = importlib.import_module(path).FLAGS
-    numeric[name] = {f.name for f in fv._flags().values()  # pylint: disable=protected-access
-                     if isinstance(f.parser, (flags.IntegerParser, flags.FloatParser))}
-  tested = {name: {a.split("=")[0][2:] for args, _ in cases for a in args if not a.startswith("--config")}
-            for name, cases in FLAG_CASES.items()}
-  for name, flag_names in numeric.items():
-    assert flag_names <= tested.get(name, set()), (name, flag_names - tested.get(name, set()))
+  # every command of the dispatcher, so that a new command's flags fail here until reviewed
+  missing = {}
+  for command in cli.COMMANDS:
+    tried = _kinds(command)
+    for name, kind in _numeric_flags(command).items():
+      need = {"zero", "negative", "absurd"} | ({"nonfinite"} if kind == "float" else set())
+      if need - tried.get(name, set()):
+        missing[f"{command} --{name}"] = sorted(need - tried.get(name, set()))
+  assert not missing, missing
+  assert set(FLAG_CASES) <= set(cli.COMMANDS)
 
 
 @pytest.mark.parametrize("command", sorted(FLAG_CASES))
 def test_numeric_flags_are_range_checked(command, conditional_workdir, tmp_path, monkeypatch):
   before = sorted(os.listdir(conditional_workdir))
   for args, message in FLAG_CASES[command]:
-    if command in ("sample", "verify"):
-      argv = [f"--workdir={conditional_workdir}", *args]
-    elif command == "train":
-      argv = [f"--workdir={tmp_path}/t", "--config=configs/digits.py", *args]
-    else:
-      argv = ["--config=configs/digits.py", *args]
+    argv = [*_base_argv(command, conditional_workdir, tmp_path), *args]
     # as `python -m ddx` does (ml_collections reads --config.* overrides from sys.argv)
     monkeypatch.setattr(sys, "argv", ["ddx", command, *argv])
     with pytest.raises((ValueError, FileNotFoundError)) as e:
