@@ -8,8 +8,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -309,6 +311,81 @@ def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
   assert str(e.value) == (f"no checkpoint in {wd}/checkpoints verifies (steps 6, 4; see `python -m ddx verify`); "
                           "move them away to start over")
   assert checkpoint.all_steps(wd) == [4, 6] and os.listdir(os.path.join(wd, checkpoint.CORRUPT_SUBDIR)) == ["4"]
+
+
+# Two JAX processes on 127.0.0.1 sharing one workdir: train to step 4, damage step 4 (process 0),
+# resume. Every process verifies, process 0 alone moves the bad step, all meet before reloading.
+_TWO_PROCESS_RESUME = textwrap.dedent(
+    """
+    import glob, os, sys
+    import jax, jax.numpy as jnp
+    pid, port, wd = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from flax import nnx
+    from jax.experimental import multihost_utils
+    import ddx
+    from ddx import loop, parallel
+    from ddx import train as train_lib
+    from ddx.models import convert
+
+    class PixelModel(nnx.Module):
+      def __init__(self, rngs):
+        self.lin = nnx.Linear(2, 512, rngs=rngs)
+        self.out = nnx.Linear(512, 1, rngs=rngs)
+
+      def __call__(self, x, t, y=None, dropout_key=None):
+        tt = jnp.broadcast_to((t.astype(x.dtype) / 1000.0)[:, None, None, None], x.shape)
+        return self.out(jax.nn.silu(self.lin(jnp.stack([x, tt], -1))))[..., 0]
+
+    def train(stop=None):
+      spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=6, checkpoint_every=2, keep_checkpoints=2,
+                           sample_every=0, log_every_seconds=100.0)
+      return loop.run(wd, {"model": {"pixel": 512}, "diffusion": convert.diffusers_scheduler_to_diffusion(None)},
+                      model_factory=PixelModel, num_classes=None, use_dropout=False,
+                      source=ddx.data.make_source("digits", image_size=8), sched=ddx.schedules.make("linear", 1000),
+                      optim=train_lib.OptimizerSpec(learning_rate=1e-2, warmup_steps=1), loss=train_lib.LossSpec(),
+                      loop=spec, sample=loop.SampleSpec(), mesh=parallel.data_mesh(), stop_after_steps=stop)
+
+    train(stop=4)
+    multihost_utils.sync_global_devices("trained")
+    if pid == 0:
+      files = glob.glob(os.path.join(wd, "checkpoints", "4", "params", "ocdbt.process_*", "d", "*"))
+      big = max(files, key=os.path.getsize)
+      data = bytearray(open(big, "rb").read())
+      for i in range(len(data) // 2, len(data) // 2 + 256):
+        data[i] ^= 0xFF
+      open(big, "wb").write(bytes(data))
+    multihost_utils.sync_global_devices("damaged")
+    print("DONE", pid, train()["step"], flush=True)
+    jax.distributed.shutdown()
+    """)
+
+
+def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
+  from tests.test_data import _subprocess_env  # pylint: disable=import-outside-toplevel
+  wd = str(tmp_path)
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_RESUME, str(pid), str(port), wd], cwd=ROOT,
+                            env=_subprocess_env(device_count=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for pid in range(2)]
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for pid, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0 and f"DONE {pid} 6" in out, out[-3000:]
+  aside = os.path.join(wd, checkpoint.CORRUPT_SUBDIR, "4")
+  assert "checkpoint step 4 does not verify: corrupt" in outs[0], outs[0][-3000:]
+  assert (f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
+          f"moved to {aside}, not deleted)") in outs[0], outs[0][-3000:]
+  # moved once (not once per process), kept, and both steps written anew verify
+  assert os.listdir(os.path.join(wd, checkpoint.CORRUPT_SUBDIR)) == ["4"]
+  assert checkpoint.all_steps(wd) == [4, 6]
+  assert checkpoint.verify(wd, 4)[0] == checkpoint.verify(wd, 6)[0] == "ok"
 
 
 # --- non-finite outputs ---------------------------------------------------------------------
