@@ -652,6 +652,7 @@ FLAG_CASES = {
         (["--strength=nan"], "--strength: must be a finite number, got nan"),
         (["--strength=inf"], "--strength: must be a finite number, got inf"),
         (["--eta=0", "--sampler=ddpm"], "--input: required"),
+        (["--input=,"], "--input: no file given, got ','"),
     ],
     "inpaint": [
         *_model_flag_cases("inpaint", "--input: required"),

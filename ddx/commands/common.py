@@ -117,6 +117,8 @@ def check_paths(fv: flags.FlagValues, name: str, count: int | None = None) -> li
   """A comma-separated list of existing files (``count`` of them if given)."""
   require(fv, name)
   paths = [p for p in fv[name].value.split(",") if p]
+  if not paths:
+    raise ValueError(f"--{name}: no file given, got {fv[name].value!r}")
   if count is not None and len(paths) != count:
     raise ValueError(f"--{name}: expected {count} comma-separated files, got {len(paths)}")
   for p in paths:
