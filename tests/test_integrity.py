@@ -348,13 +348,13 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
 
     train(stop=4)
     multihost_utils.sync_global_devices("trained")
-    if pid == 0:
-      files = glob.glob(os.path.join(wd, "checkpoints", "4", "params", "ocdbt.process_*", "d", "*"))
-      big = max(files, key=os.path.getsize)
-      data = bytearray(open(big, "rb").read())
-      for i in range(len(data) // 2, len(data) // 2 + 256):
-        data[i] ^= 0xFF
-      open(big, "wb").write(bytes(data))
+    if pid == 0:  # every data file of the item (after the processes' writes are merged, the root's are read)
+      item = os.path.join(wd, "checkpoints", "4", "params")
+      for f in glob.glob(os.path.join(item, "d", "*")) + glob.glob(os.path.join(item, "ocdbt.process_*", "d", "*")):
+        data = bytearray(open(f, "rb").read())
+        for i in range(len(data) // 2, len(data) // 2 + min(64, len(data) // 2)):
+          data[i] ^= 0xFF
+        open(f, "wb").write(bytes(data))
     multihost_utils.sync_global_devices("damaged")
     print("DONE", pid, train()["step"], flush=True)
     jax.distributed.shutdown()
