@@ -241,11 +241,19 @@ def _resume(ckpt: checkpoint.Checkpointer, template, workdir: str):
   """
   bad = []
   for step in reversed(ckpt.all_steps()):
+    error = None
     try:
       items = ckpt.restore(step, train_lib.checkpoint_targets(template))
       state = train_lib.state_from_checkpoint(template, items, step)
     except ValueError as e:  # CorruptCheckpointError, or a train record that disagrees
-      _log(f"checkpoint step {step} does not verify: {e}")
+      error = e
+    # Every process resumes from the same step: one that any process cannot verify (a
+    # host-local read error, say) is bad for all of them.
+    if _agree(error is not None):
+      if error is not None and jax.process_index() > 0:
+        print(f"process {jax.process_index()}: checkpoint step {step} does not verify: {error}", flush=True)
+      _log(f"checkpoint step {step} does not verify: {error}" if error is not None else
+           f"checkpoint step {step} does not verify on every process (see the other processes' output)")
       bad.append(step)
       continue
     moved = []

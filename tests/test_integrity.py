@@ -314,7 +314,8 @@ def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
 
 
 # Two JAX processes on 127.0.0.1 sharing one workdir: train to step 4, damage step 4 (process 0),
-# resume. Every process verifies, process 0 alone moves the bad step, all meet before reloading.
+# resume; then a step that only process 1 fails to read. Every process verifies, they agree on
+# the step to resume from, process 0 alone moves the bad step, all meet before reloading.
 _TWO_PROCESS_RESUME = textwrap.dedent(
     """
     import glob, os, sys
@@ -324,7 +325,7 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
     from flax import nnx
     from jax.experimental import multihost_utils
     import ddx
-    from ddx import loop, parallel
+    from ddx import checkpoint, loop, parallel
     from ddx import train as train_lib
     from ddx.models import convert
 
@@ -337,8 +338,8 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
         tt = jnp.broadcast_to((t.astype(x.dtype) / 1000.0)[:, None, None, None], x.shape)
         return self.out(jax.nn.silu(self.lin(jnp.stack([x, tt], -1))))[..., 0]
 
-    def train(stop=None):
-      spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=6, checkpoint_every=2, keep_checkpoints=2,
+    def train(total, stop=None):
+      spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=total, checkpoint_every=2, keep_checkpoints=2,
                            sample_every=0, log_every_seconds=100.0)
       return loop.run(wd, {"model": {"pixel": 512}, "diffusion": convert.diffusers_scheduler_to_diffusion(None)},
                       model_factory=PixelModel, num_classes=None, use_dropout=False,
@@ -346,7 +347,7 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
                       optim=train_lib.OptimizerSpec(learning_rate=1e-2, warmup_steps=1), loss=train_lib.LossSpec(),
                       loop=spec, sample=loop.SampleSpec(), mesh=parallel.data_mesh(), stop_after_steps=stop)
 
-    train(stop=4)
+    train(6, stop=4)
     multihost_utils.sync_global_devices("trained")
     if pid == 0:  # every data file of the item (after the processes' writes are merged, the root's are read)
       item = os.path.join(wd, "checkpoints", "4", "params")
@@ -356,7 +357,19 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
           data[i] ^= 0xFF
         open(f, "wb").write(bytes(data))
     multihost_utils.sync_global_devices("damaged")
-    print("DONE", pid, train()["step"], flush=True)
+    print("DONE", pid, train(6)["step"], flush=True)
+    # step 6 fails its checksums on process 1 alone (injected after the real read: the disk is
+    # shared here, a host's own bad copy is not): it is bad for both
+    real = checkpoint.Checkpointer.restore
+
+    def restore(self, step, targets):
+      items = real(self, step, targets)
+      if pid == 1 and step == 6:
+        raise checkpoint.CorruptCheckpointError(f"step {step}: injected mismatch on process 1", step)
+      return items
+
+    checkpoint.Checkpointer.restore = restore
+    print("DONE", pid, train(8)["step"], flush=True)
     jax.distributed.shutdown()
     """)
 
@@ -377,15 +390,20 @@ def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
       if p.poll() is None:
         p.kill()
   for pid, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0 and f"DONE {pid} 6" in out, out[-3000:]
-  aside = os.path.join(wd, checkpoint.CORRUPT_SUBDIR, "4")
+    assert p.returncode == 0 and f"DONE {pid} 6" in out and f"DONE {pid} 8" in out, out[-3000:]
+  aside = os.path.join(wd, checkpoint.CORRUPT_SUBDIR)
   assert "checkpoint step 4 does not verify: corrupt" in outs[0], outs[0][-3000:]
   assert (f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
-          f"moved to {aside}, not deleted)") in outs[0], outs[0][-3000:]
-  # moved once (not once per process), kept, and both steps written anew verify
-  assert os.listdir(os.path.join(wd, checkpoint.CORRUPT_SUBDIR)) == ["4"]
-  assert checkpoint.all_steps(wd) == [4, 6]
-  assert checkpoint.verify(wd, 4)[0] == checkpoint.verify(wd, 6)[0] == "ok"
+          f"moved to {aside}/4, not deleted)") in outs[0], outs[0][-3000:]
+  # step 6 failed on process 1 only: both processes resumed from step 4
+  assert "process 1: checkpoint step 6 does not verify: step 6: injected mismatch on process 1" in outs[1]
+  assert "checkpoint step 6 does not verify on every process" in outs[0], outs[0][-3000:]
+  assert (f"resumed from {wd}/checkpoints/4, the newest checkpoint that verifies (step 6 failed verification; "
+          f"moved to {aside}/6, not deleted)") in outs[0], outs[0][-3000:]
+  # moved once (not once per process), kept, and the steps written anew verify
+  assert sorted(os.listdir(aside)) == ["4", "6"]
+  assert checkpoint.all_steps(wd) == [6, 8]
+  assert checkpoint.verify(wd, 6)[0] == checkpoint.verify(wd, 8)[0] == "ok"
 
 
 # --- non-finite outputs ---------------------------------------------------------------------
