@@ -37,15 +37,9 @@ import time
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
-                                          "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1)
+from _cifar_unet import write_fixture
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
@@ -175,20 +169,9 @@ def main() -> None:
     print(json.dumps(fn(args)))
     return
 
-  import torch  # pylint: disable=import-outside-toplevel
-  from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
-
   with tempfile.TemporaryDirectory() as d:
     args.dir = d
-    torch.manual_seed(0)
-    model = UNet2DModel(**CIFAR10)
-    n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(os.path.join(d, "unet"), safe_serialization=True)
-    del model
-    rng = np.random.RandomState(0)
-    np.savez(os.path.join(d, "inputs.npz"),
-             x=rng.randn(args.batch, 3, 32, 32).astype(np.float32),
-             t=rng.randint(0, 1000, args.batch).astype(np.int64))
+    n_params = write_fixture(d, args.batch)
 
     rows = [run_worker(args, "ddx")]
     workers = ["ddx"]

@@ -45,14 +45,9 @@ import time
 
 import numpy as np
 
+from _cifar_unet import write_fixture
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
-                                          "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1)
 BETAS = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
 LR, CLIP, EMA = 2e-4, 1.0, 0.9999
 
@@ -172,8 +167,10 @@ def worker_ddx(args) -> dict:
   out["step_loss"] = float(m["loss"][0])
   out["step"] = timed(one_step, args.step_runs)
 
-  # A whole DDIM run (deterministic, eta = 0), one jitted scan.
-  sampler = ddx.samplers.make("ddim", sched, args.steps, eta=0.0)
+  # A whole DDIM run (deterministic, eta = 0), one jitted scan, with DDIMScheduler's defaults
+  # (ddx's own default re-derives eps from the clipped x0, diffusers' does not) so that the
+  # two samples can be compared.
+  sampler = ddx.samplers.make("ddim", sched, args.steps, eta=0.0, use_clipped_model_output=False)
   x_T = jnp.asarray(data["xT"].transpose(0, 2, 3, 1))
   with Timer() as tm:
     ddx.sample(model, sampler, x_T).block_until_ready()
@@ -435,25 +432,12 @@ def main() -> None:
     paper(args)
     return
 
-  import torch  # pylint: disable=import-outside-toplevel
-  from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
-
   t_start = time.perf_counter()
   load0 = os.getloadavg()[0]
   all_rows = []
   with tempfile.TemporaryDirectory() as d:
     args.dir = d
-    torch.manual_seed(0)
-    model = UNet2DModel(**CIFAR10)
-    n_params = sum(q.numel() for q in model.parameters())
-    model.save_pretrained(os.path.join(d, "unet"), safe_serialization=True)
-    del model
-    rng = np.random.RandomState(0)
-    np.savez(os.path.join(d, "inputs.npz"),
-             x=rng.randn(args.batch, 3, 32, 32).astype(np.float32),
-             t=rng.randint(0, 1000, args.batch).astype(np.int64),
-             x0=np.clip(rng.randn(args.batch, 3, 32, 32) * 0.5, -1, 1).astype(np.float32),
-             xT=rng.randn(args.batch, 3, 32, 32).astype(np.float32))
+    n_params = write_fixture(d, args.batch)
     print(f"CIFAR-10 U-Net ({n_params:,} params), batch {args.batch}; {os.cpu_count()} CPUs; "
           f"{args.repeats} ddx/torch pair(s) per dtype, sides alternating; load average {load0:.1f}")
     for dtype in args.dtypes.split(","):

@@ -24,6 +24,20 @@ def refs():
   return torch, diffusers, transformers
 
 
+def save_perturbed(model, path):
+  """Perturb the biases and norm affines of a freshly built reference ``model`` (their default
+  zeros / ones would hide transposed or misrouted tensors), save it as safetensors in ``path``
+  and return it (in eval mode). The perturbation continues torch's current random stream."""
+  torch = refs()[0]
+  model = model.eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.2 * torch.randn_like(p))
+  model.save_pretrained(str(path), safe_serialization=True)
+  return model
+
+
 def numpy_init(make, seed=0, scale=0.2):
   """``make()`` (a function building an NNX module from ``nnx.Rngs(0)``) with parameters drawn
   from ``normal(0, scale / sqrt(fan_in))`` (kernels) / ``1 + normal(0, scale)`` (norm scales) /

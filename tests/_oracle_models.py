@@ -205,6 +205,13 @@ def _upcast_alphas(sch, schedule: str, zero_snr: bool = False, num_train: int = 
     sch.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if sch.config.set_alpha_to_one else sch.alphas_cumprod[0]
 
 
+def _case(defaults: dict, changes: dict) -> dict:
+  """``defaults`` updated with ``changes``, whose keys must all be known."""
+  unknown = set(changes) - set(defaults)
+  assert not unknown, unknown
+  return {**defaults, **changes}
+
+
 # --------------------------------------------------------------------------------------------
 # DDIM
 # --------------------------------------------------------------------------------------------
@@ -215,11 +222,7 @@ DDIM_DEFAULTS = dict(schedule="linear", spacing="leading", steps_offset=0, S=20,
 
 
 def ddim_case(**kw) -> dict:
-  c = dict(DDIM_DEFAULTS)
-  unknown = set(kw) - set(c)
-  assert not unknown, unknown
-  c.update(kw)
-  return c
+  return _case(DDIM_DEFAULTS, kw)
 
 
 def ddim_reference(c: dict, key, dtype=torch.float32) -> list:
@@ -261,11 +264,7 @@ DDPM_DEFAULTS = dict(schedule="linear", variance="fixed_small", spacing="leading
 
 
 def ddpm_case(**kw) -> dict:
-  c = dict(DDPM_DEFAULTS)
-  unknown = set(kw) - set(c)
-  assert not unknown, unknown
-  c.update(kw)
-  return c
+  return _case(DDPM_DEFAULTS, kw)
 
 
 def _ddpm_train_kwargs(c):
@@ -311,11 +310,7 @@ PLMS_DEFAULTS = dict(schedule="scaled_linear", spacing="leading", steps_offset=1
 
 
 def plms_case(**kw) -> dict:
-  c = dict(PLMS_DEFAULTS)
-  unknown = set(kw) - set(c)
-  assert not unknown, unknown
-  c.update(kw)
-  return c
+  return _case(PLMS_DEFAULTS, kw)
 
 
 def plms_scheduler(c: dict, dtype=torch.float32) -> PNDMScheduler:
@@ -358,11 +353,7 @@ DPM_DEFAULTS = dict(schedule="scaled_linear", spacing="linspace", S=20, solver_o
 
 
 def dpm_case(**kw) -> dict:
-  c = dict(DPM_DEFAULTS)
-  unknown = set(kw) - set(c)
-  assert not unknown, unknown
-  c.update(kw)
-  return c
+  return _case(DPM_DEFAULTS, kw)
 
 
 def dpm_scheduler(c: dict) -> DPMSolverMultistepScheduler:

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ddx.models import AutoencoderKL, DiagonalGaussian, autoencoder_from_diffusers
-from tests._latent_refs import numpy_init, refs
+from tests._latent_refs import numpy_init, refs, save_perturbed
 
 TINY = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
             latent_channels=4, norm_num_groups=4, sample_size=16,
@@ -27,13 +27,7 @@ def make_vae(path, seed=0, **changes):
   """A random diffusers AutoencoderKL (biases / norm affines perturbed too) saved to ``path``."""
   torch, diffusers, _ = refs()
   torch.manual_seed(seed)
-  model = diffusers.AutoencoderKL(**{**TINY, **changes}).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
-        p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(str(path), safe_serialization=True)
-  return model
+  return save_perturbed(diffusers.AutoencoderKL(**{**TINY, **changes}), path)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ddx.models import CLIPTextEncoder, clip_text_from_transformers
-from tests._latent_refs import refs
+from tests._latent_refs import refs, save_perturbed
 
 TINY = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
             num_attention_heads=2, max_position_embeddings=9, layer_norm_eps=1e-5)
@@ -26,13 +26,7 @@ def make_clip(path, seed=0, **changes):
   torch, _, transformers = refs()
   torch.manual_seed(seed)
   config = transformers.CLIPTextConfig(**{**TINY, **changes})
-  model = transformers.CLIPTextModel(config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
-        p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(str(path), safe_serialization=True)
-  return model
+  return save_perturbed(transformers.CLIPTextModel(config), path)
 
 
 @functools.partial(jax.jit, static_argnums=0)

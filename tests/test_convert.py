@@ -263,10 +263,10 @@ def test_wrong_weights_raise(small_ddpm, tmp_path):
   _write_config(tmp_path)
   fname = str(tmp_path / convert.WEIGHTS_NAME)
   save_file({k: v for k, v in state.items() if k != "conv_out.bias"}, fname)
-  with pytest.raises(ValueError, match="missing diffusers weight conv_out.bias"):
+  with pytest.raises(ValueError, match="^weights: missing tensor conv_out.bias in"):
     from_diffusers(str(tmp_path))
   save_file({**state, "extra.weight": np.zeros(3, np.float32)}, fname)
-  with pytest.raises(ValueError, match="unexpected diffusers weights, e.g. extra.weight"):
+  with pytest.raises(ValueError, match="^weights: 1 unexpected tensors in the safetensors weights, e.g. extra.weight$"):
     from_diffusers(str(tmp_path))
   save_file({**state, "conv_out.bias": np.zeros(4, np.float32)}, fname)
   with pytest.raises(ValueError, match="conv_out.bias has shape"):

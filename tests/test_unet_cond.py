@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ddx.models import UNetCond, from_diffusers, unet_cond_from_diffusers
-from tests._latent_refs import numpy_init, refs
+from tests._latent_refs import numpy_init, refs, save_perturbed
 
 # SD 1.x layout (1x1-conv projections, one head count for all levels) with a timestep-type
 # class embedding; SD 2.x layout (linear projections, per-level head counts) with a class table
@@ -38,13 +38,7 @@ def rel_err(a, b):
 def make_unet(path, config, seed=0):
   torch, diffusers, _ = refs()
   torch.manual_seed(seed)
-  model = diffusers.UNet2DConditionModel(**config).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("bias") or "norm" in name:
-        p.add_(0.2 * torch.randn_like(p))
-  model.save_pretrained(str(path), safe_serialization=True)
-  return model
+  return save_perturbed(diffusers.UNet2DConditionModel(**config), path)
 
 
 @functools.partial(jax.jit, static_argnums=0)

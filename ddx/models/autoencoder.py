@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddx.models import dtypes
 from ddx.models.layers import AttentionBlock, Downsample, GroupNorm, ResnetBlock, Upsample
-from ddx.models.unet import _DTYPES, _dtype_name
 
 Array = jax.Array
 
@@ -190,8 +190,8 @@ class AutoencoderKL(nnx.Module):
         use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv,
         mid_block_add_attention=mid_block_add_attention, dtype=dtype, param_dtype=param_dtype)
     self._kwargs_json = json.dumps(k, sort_keys=True)
-    cdtype = _DTYPES[k["dtype"]] if k["dtype"] else None
-    kw = dict(dtype=cdtype, param_dtype=_DTYPES[k["param_dtype"]])
+    cdtype, pdtype = dtypes.resolve(k)
+    kw = dict(dtype=cdtype, param_dtype=pdtype)
     self.dtype = cdtype
     self.in_channels = k["in_channels"]
     self.latent_channels = k["latent_channels"]
@@ -299,9 +299,5 @@ def validate_autoencoder_kwargs(**k) -> dict:
     if not isinstance(k[name], (bool, np.bool_)):
       raise ValueError(f"{name}: must be a bool, got {k[name]!r}")
     out[name] = bool(k[name])
-  out["dtype"] = _dtype_name(k["dtype"])
-  pd = _dtype_name(k["param_dtype"])
-  if pd is None:
-    raise ValueError("param_dtype: must not be None")
-  out["param_dtype"] = pd
+  out.update(dtypes.checked(k["dtype"], k["param_dtype"]))
   return out

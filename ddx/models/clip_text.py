@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddx.models.unet import _DTYPES, _dtype_name
+from ddx.models import dtypes
 
 Array = jax.Array
 
@@ -128,8 +128,7 @@ class CLIPTextEncoder(nnx.Module):
         layer_norm_eps=layer_norm_eps, eos_token_id=eos_token_id, dtype=dtype,
         param_dtype=param_dtype)
     self._kwargs_json = json.dumps(k, sort_keys=True)
-    cdtype = _DTYPES[k["dtype"]] if k["dtype"] else None
-    pdtype = _DTYPES[k["param_dtype"]]
+    cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype, rngs=rngs)
     self.dtype = cdtype
     self.vocab_size = k["vocab_size"]
@@ -209,9 +208,5 @@ def validate_clip_kwargs(**k) -> dict:
   if not isinstance(eos, (int, np.integer)) or isinstance(eos, bool) or eos < 0:
     raise ValueError(f"eos_token_id: must be an int >= 0, got {eos!r}")
   out["eos_token_id"] = int(eos)
-  out["dtype"] = _dtype_name(k["dtype"])
-  pd = _dtype_name(k["param_dtype"])
-  if pd is None:
-    raise ValueError("param_dtype: must not be None")
-  out["param_dtype"] = pd
+  out.update(dtypes.checked(k["dtype"], k["param_dtype"]))
   return out

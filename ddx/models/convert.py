@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from ddx import schedules
+from ddx.models import torch_import
 from ddx.models.unet import UNet, abstract_unet, unet_kwargs, validate_kwargs
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -306,11 +307,8 @@ def check_safetensors(fname: str) -> None:
                        f"{size} (an interrupted download or copy?)")
 
 
-_LEGACY_ATTN = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
-
-
-def _diffusers_key(path: tuple) -> tuple[str, str]:
-  """ddx pure-dict path -> (diffusers module prefix, diffusers leaf name)."""
+def _diffusers_name(path: tuple) -> str:
+  """ddx pure-dict path -> diffusers UNet2DModel tensor name."""
   *mods, leaf = path
   parts = []
   for m in mods:
@@ -320,8 +318,7 @@ def _diffusers_key(path: tuple) -> tuple[str, str]:
       parts.append("to_out.0")
     else:
       parts.append(str(m))
-  dleaf = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}[leaf]
-  return ".".join(parts), dleaf
+  return ".".join(parts) + "." + torch_import.LEAF[leaf]
 
 
 def convert_state_dict(state: Mapping[str, np.ndarray], abstract_params: dict) -> dict:
@@ -335,47 +332,10 @@ def convert_state_dict(state: Mapping[str, np.ndarray], abstract_params: dict) -
     A pure dict with the same structure holding float32 numpy arrays.
 
   Raises:
-    ValueError: a missing / unexpected / wrongly-shaped weight.
+    ValueError: one line naming a missing, unexpected, wrongly-shaped or non-finite tensor.
   """
-  used = set()
-
-  def fetch(path, like):
-    prefix, dleaf = _diffusers_key(path)
-    name = f"{prefix}.{dleaf}"
-    if name not in state:
-      for new, old in _LEGACY_ATTN.items():
-        if prefix.endswith("." + new):
-          legacy = f"{prefix[:-len(new)]}{old}.{dleaf}"
-          if legacy in state:
-            name = legacy
-          break
-    if name not in state:
-      raise ValueError(f"weights: missing diffusers weight {prefix}.{dleaf}")
-    used.add(name)
-    w = np.asarray(state[name], dtype=np.float32)
-    if path[-1] == "kernel":
-      if w.ndim == 4:
-        w = w.transpose(2, 3, 1, 0)
-      elif w.ndim == 2:
-        w = w.T
-    if tuple(w.shape) != tuple(like.shape):
-      raise ValueError(f"weights: {name} has shape {w.shape} after conversion, "
-                       f"ddx expects {tuple(like.shape)}")
-    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
-    if bad:
-      raise ValueError(f"weights: {name} has {bad} non-finite values of {w.size}")
-    return w
-
-  def walk(node, path):
-    if isinstance(node, Mapping):
-      return {k: walk(v, path + (k,)) for k, v in node.items()}
-    return fetch(path, node)
-
-  out = walk(abstract_params, ())
-  extra = sorted(set(state) - used)
-  if extra:
-    raise ValueError(f"weights: {len(extra)} unexpected diffusers weights, e.g. {extra[0]}")
-  return out
+  return torch_import.convert_state(state, abstract_params, what="weights", name_of=_diffusers_name,
+                                    legacy=torch_import.LEGACY_ATTN)
 
 
 def unet_from_params(kwargs: Mapping[str, Any], params: Mapping) -> UNet:

@@ -27,9 +27,6 @@ CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors",)
 TRANSFORMERS_WEIGHTS = ("model.safetensors",)
 
-# diffusers' pre-0.14 attention names, still found in some VAE checkpoints.
-_LEGACY_ATTN = ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
-                (".to_out.0.", ".proj_attn."))
 
 
 def _unsupported(what: str, key: str, value: Any, why: str = "") -> ValueError:
@@ -119,7 +116,7 @@ def autoencoder_from_diffusers(path: str | os.PathLike, **overrides) -> Autoenco
   module, abstract = ti.abstract_params(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0)))
   state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "vae")
   params = ti.convert_state(state, abstract, what="vae", subs=[(".to_out.", ".to_out.0.")],
-                            legacy=_LEGACY_ATTN)
+                            legacy=ti.LEGACY_ATTN)
   return ti.load_params(module, params, kwargs["param_dtype"])
 
 

@@ -35,6 +35,16 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
   return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
+def batch_timesteps(t, batch: int) -> Array:
+  """Timesteps as [batch]: a scalar is broadcast; any other shape but [batch] is a ValueError."""
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    t = jnp.broadcast_to(t, (batch,))
+  if t.shape != (batch,):
+    raise ValueError(f"t: expected shape [{batch}], got {t.shape}")
+  return t
+
+
 def timestep_embedding(
     t: Array,
     dim: int,

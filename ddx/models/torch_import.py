@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# diffusers' pre-0.14 attention parameter names (still in some checkpoints): (new, old) fragments
+LEGACY_ATTN = ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."), (".to_out.0.", ".proj_attn."))
+LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 def read_json(path: str, what: str) -> dict:
@@ -73,7 +75,7 @@ def read_safetensors(folder: str, names: Iterable[str], what: str) -> dict[str, 
 def torch_name(path: tuple, subs: Iterable[tuple[str, str]] = ()) -> str:
   """ddx pure-dict path -> reference tensor name."""
   *mods, leaf = path
-  name = ".".join(str(m) for m in mods) + "." + _LEAF[leaf]
+  name = ".".join(str(m) for m in mods) + "." + LEAF[leaf]
   name = "." + name
   for old, new in subs:
     name = name.replace(old, new)
@@ -83,7 +85,8 @@ def torch_name(path: tuple, subs: Iterable[tuple[str, str]] = ()) -> str:
 def convert_state(state: Mapping[str, np.ndarray], abstract: Mapping, *, what: str,
                   subs: Iterable[tuple[str, str]] = (), prefix: str = "",
                   legacy: Iterable[tuple[str, str]] = (),
-                  ignore: Callable[[str], bool] = lambda k: False) -> dict:
+                  ignore: Callable[[str], bool] = lambda k: False,
+                  name_of: Callable[[tuple], str] | None = None) -> dict:
   """Fill the ddx pure param dict ``abstract`` (leaves with ``.shape``) from ``state``.
 
   Args:
@@ -95,18 +98,20 @@ def convert_state(state: Mapping[str, np.ndarray], abstract: Mapping, *, what: s
     legacy: ``(new, old)`` name fragments tried when a name is absent (older checkpoints,
       e.g. diffusers' ``to_q`` -> ``query``).
     ignore: reference names that may be present without a ddx counterpart.
+    name_of: ddx path -> reference name, replacing `torch_name` with ``subs`` where a
+      rename depends on more than literal fragments.
 
   Returns:
     A pure dict of float32 numpy arrays with ``abstract``'s structure.
 
   Raises:
-    ValueError: one line naming a missing, unexpected or wrongly-shaped tensor.
+    ValueError: one line naming a missing, unexpected, wrongly-shaped or non-finite tensor.
   """
   subs, legacy = list(subs), list(legacy)
   used = set()
 
   def fetch(path, like):
-    name = prefix + torch_name(path, subs)
+    name = prefix + (name_of(path) if name_of is not None else torch_name(path, subs))
     for new, old in legacy:
       if name not in state and new in name and name.replace(new, old) in state:
         name = name.replace(new, old)
@@ -122,6 +127,9 @@ def convert_state(state: Mapping[str, np.ndarray], abstract: Mapping, *, what: s
     if tuple(w.shape) != tuple(like.shape):
       raise ValueError(f"{what}: tensor {name} has shape {tuple(state[name].shape)}, which does "
                        f"not give the expected {tuple(like.shape)}")
+    bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+    if bad:
+      raise ValueError(f"{what}: tensor {name} has {bad} non-finite values of {w.size}")
     return w
 
   def walk(node, path):

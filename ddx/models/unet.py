@@ -30,26 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddx.models import dtypes
 from ddx.models.layers import (CONV_IMPLS, AttentionBlock, Conv, Downsample, GroupNorm,
-                               ResnetBlock, TimestepEmbedding, Upsample)
+                               ResnetBlock, TimestepEmbedding, Upsample, batch_timesteps)
 
 Array = jax.Array
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _dtype_name(dtype) -> str | None:
-  """Canonical string for a dtype argument (None stays None); ValueError if unsupported."""
-  if dtype is None:
-    return None
-  try:
-    name = jnp.dtype(dtype).name
-  except TypeError:
-    name = None
-  if name not in _DTYPES:
-    raise ValueError(f"dtype: unsupported dtype {dtype!r} (use one of {sorted(_DTYPES)})")
-  return name
-
 
 class _Level(nnx.Module):
   """One resolution level of the encoder or decoder (``resnets``, ``attentions``, resampler)."""
@@ -145,8 +130,7 @@ class UNet(nnx.Module):
         remat=remat, conv_impl=conv_impl)
     self._kwargs_json = json.dumps(kwargs, sort_keys=True)  # static, hashable
     k = kwargs
-    cdtype = _DTYPES[k["dtype"]] if k["dtype"] else None
-    pdtype = _DTYPES[k["param_dtype"]]
+    cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype)
     ckw = dict(kw, conv_impl=k["conv_impl"])
     gn = dict(groups=k["norm_num_groups"], eps=k["norm_eps"])
@@ -287,11 +271,7 @@ class UNet(nnx.Module):
     if x.shape[1] % div or x.shape[2] % div:
       raise ValueError(f"x: spatial size {x.shape[1:3]} not divisible by {div}")
     bsz = x.shape[0]
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (bsz,))
-    if t.shape != (bsz,):
-      raise ValueError(f"t: expected shape [{bsz}], got {t.shape}")
+    t = batch_timesteps(t, bsz)
 
     if self.class_embedding is not None:
       if y is None:
@@ -442,11 +422,7 @@ def validate_kwargs(**k) -> dict:
     raise ValueError(f"conv_impl: must be one of {list(CONV_IMPLS)}, got {k['conv_impl']!r}")
   out["conv_impl"] = k["conv_impl"]
 
-  out["dtype"] = _dtype_name(k["dtype"])
-  pd = _dtype_name(k["param_dtype"])
-  if pd is None:
-    raise ValueError("param_dtype: must not be None")
-  out["param_dtype"] = pd
+  out.update(dtypes.checked(k["dtype"], k["param_dtype"]))
   return out
 
 

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddx.models.layers import Downsample, GroupNorm, ResnetBlock, TimestepEmbedding, Upsample
-from ddx.models.unet import _DTYPES, _dtype_name
+from ddx.models import dtypes
+from ddx.models.layers import (Downsample, GroupNorm, ResnetBlock, TimestepEmbedding, Upsample,
+                               batch_timesteps)
 
 Array = jax.Array
 
@@ -189,8 +190,7 @@ class UNetCond(nnx.Module):
         class_embed_type=class_embed_type, num_class_embeds=num_class_embeds, dtype=dtype,
         param_dtype=param_dtype, remat=remat)
     self._kwargs_json = json.dumps(k, sort_keys=True)
-    cdtype = _DTYPES[k["dtype"]] if k["dtype"] else None
-    pdtype = _DTYPES[k["param_dtype"]]
+    cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype)
     boc = k["block_out_channels"]
     nlev = len(boc)
@@ -302,11 +302,7 @@ class UNetCond(nnx.Module):
     """
     self.check_inputs(x.shape, context.shape)
     bsz = x.shape[0]
-    t = jnp.asarray(t)
-    if t.ndim == 0:
-      t = jnp.broadcast_to(t, (bsz,))
-    if t.shape != (bsz,):
-      raise ValueError(f"t: expected shape [{bsz}], got {t.shape}")
+    t = batch_timesteps(t, bsz)
     if self.class_embedding is None:
       if y is not None:
         raise ValueError("y: class labels given but the model has no class embedding")
@@ -421,11 +417,7 @@ def validate_unet_cond_kwargs(**k) -> dict:
   if nc is not None and (not is_int(nc) or nc < 1):
     raise ValueError(f"num_class_embeds: must be None or a positive int, got {nc!r}")
   out["num_class_embeds"] = None if nc is None else int(nc)
-  out["dtype"] = _dtype_name(k["dtype"])
-  pd = _dtype_name(k["param_dtype"])
-  if pd is None:
-    raise ValueError("param_dtype: must not be None")
-  out["param_dtype"] = pd
+  out.update(dtypes.checked(k["dtype"], k["param_dtype"]))
   return out
 
 
