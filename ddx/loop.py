@@ -240,6 +240,8 @@ def _resume(ckpt: checkpoint.Checkpointer, template, workdir: str):
   (the cause may be a changed config rather than damage) and the run stops.
   """
   bad = []
+  # the processes' first collective follows; they may arrive far apart (see parallel.barrier)
+  parallel.barrier("resume")
   for step in reversed(ckpt.all_steps()):
     error = None
     try:
@@ -260,7 +262,7 @@ def _resume(ckpt: checkpoint.Checkpointer, template, workdir: str):
     if bad:
       if jax.process_index() == 0:
         moved = [checkpoint.set_aside(workdir, b) for b in bad]
-      _sync("ddx_set_aside")
+      parallel.barrier("set_aside")
       ckpt.reload()
     where = f"{checkpoint.checkpoint_dir(workdir)}/{step}"
     if bad:
@@ -276,19 +278,13 @@ def _resume(ckpt: checkpoint.Checkpointer, template, workdir: str):
   return None, template
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
-
-
 def _main_thread() -> bool:
   import threading  # pylint: disable=import-outside-toplevel
   return threading.current_thread() is threading.main_thread()
 
 
 def _agree(flag: bool) -> bool:
-  """All processes stop together if any received SIGTERM."""
+  """``flag`` or-ed over all processes (a collective: every process must call it)."""
   if jax.process_count() == 1:
     return flag
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
