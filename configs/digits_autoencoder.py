@@ -17,7 +17,7 @@ def get_config():
   c.kind = "autoencoder"
   c.data.name = "digits"
   c.data.image_size = 16
-  c.autoencoder.block_out_channels = (32, 64)
+  c.autoencoder.block_out_channels = (16, 32)
   c.autoencoder.layers_per_block = 1
   c.autoencoder.latent_channels = 2
   c.autoencoder.norm_num_groups = 8
@@ -25,12 +25,12 @@ def get_config():
   c.autoencoder.reconstruction = "l1"
   c.autoencoder.kl_weight = 1e-5
   c.autoencoder.holdout = 297
-  c.train.global_batch_size = 64
-  c.train.total_steps = 2000
+  c.train.global_batch_size = 32
+  c.train.total_steps = 800
   c.train.steps_per_call = 1
   c.train.ema_decay = 0.999
   c.train.ema_warmup = True
-  c.train.checkpoint_every = 500
+  c.train.checkpoint_every = 400
   c.train.sample_every = 0
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 100

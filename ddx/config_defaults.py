@@ -1,8 +1,8 @@
 """The config schema and defaults: every key that exists, with the DDPM paper's values where they apply.
 
 Sections: kind, data, model (exactly the ddx.models.UNet keyword arguments), diffusion, train,
-optim, sample, autoencoder, latent, eval. Dataset configs start from this one and override what they change; an
-unknown key anywhere is an error (ddx.config.validate). ``configs/default.py`` re-exports
+optim, sample, autoencoder, latent, eval. Dataset configs start from this one and override
+what they change; an unknown key anywhere is an error (ddx.config.validate). ``configs/default.py`` re-exports
 this so that experiment files can start from it.
 """
 

@@ -27,9 +27,10 @@ LATENT_FLAGS = ["--config=configs/digits_latent.py", "--config.model.base_channe
                 "--config.train.total_steps=100", "--config.train.checkpoint_every=100",
                 "--config.train.sample_every=100", "--config.sample.num=8",
                 "--config.sample.steps=5", *COMMON]
-# A tiny autoencoder after 150 steps; the per-pixel mean image of the training digits scores
-# about 0.27 (computed in the test), an identity-preserving but untrained one far worse.
-MAX_HELD_OUT_MSE = 0.06
+# Held-out MSE on the [-1, 1] scale: predicting the training digits' per-pixel mean image
+# scores 0.180 (recomputed in the test), an all-background image 0.80; the real recipe
+# (configs/digits_autoencoder.py) reaches 0.0005.
+MAX_HELD_OUT_MSE = 0.04
 
 
 def _env():
