@@ -8,6 +8,10 @@ Layout of a workdir::
         "diffusion": {"num_timesteps", "beta_schedule", "beta_start", "beta_end",
                       "prediction": "eps"|"x0"|"v",
                       "variance": "fixed_small"|"fixed_large"|"learned_range", ...}
+        "kind":      optional, "diffusion" (the default) or "autoencoder": what "model" and the
+                     checkpoints describe (`KINDS`)
+        "latent":    optional; a latent diffusion model's {"autoencoder_workdir",
+                     "autoencoder_step", "scaling_factor"}: samples are decoded by that autoencoder
       other sections (training, data, ...) are free-form.
     <workdir>/checkpoints/<step>/      one orbax CheckpointManager step, Composite items:
         "params"      pure dict of the model's nnx.Param values (``nnx.to_pure_dict(state)``)
@@ -44,6 +48,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 CONFIG_NAME = "config.json"
+KINDS = ("diffusion", "autoencoder")  # config.json "kind": what a workdir's checkpoints hold
 CHECKPOINT_SUBDIR = "checkpoints"
 JSON_ITEMS = ("train",)  # items saved with JsonSave; everything else uses StandardSave
 PARAM_ITEMS = ("params", "ema_params")

@@ -14,7 +14,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from ddx import diffusion, limits, losses, schedules
+from ddx import checkpoint, diffusion, limits, losses, schedules
 from ddx import train as train_lib
 from ddx.data.sources import DATASETS
 from ddx.samplers import NAMES as SAMPLER_NAMES
@@ -117,6 +117,8 @@ def validate(config) -> dict:
   """Validate a config; return it as a plain dict. Raises ValueError naming the key."""
   cfg = to_dict(config)
   _check_keys(cfg, _default_schema())
+  if cfg["kind"] not in checkpoint.KINDS:
+    raise ValueError(f"kind: must be one of {checkpoint.KINDS}, got {cfg['kind']!r}")
   _num(cfg, "seed", 0, limits.MAX_SEED, integer=True)
   _choice(cfg, "data.name", DATASETS)
   _num(cfg, "data.image_size", 0, limits.MAX_IMAGE_SIZE, integer=True)
@@ -170,9 +172,13 @@ def validate(config) -> dict:
   _num(cfg, "sample.guidance", limits.MIN_GUIDANCE, limits.MAX_GUIDANCE)
   _check_model(cfg)
   _check_eval(cfg)
+  if cfg["kind"] == "autoencoder":
+    _check_autoencoder(cfg)
+    return cfg  # the model section describes a denoiser: not used
+  latent = _check_latent(cfg)
   # data / model consistency
   size = cfg["data"]["image_size"]
-  if size and size != cfg["model"]["image_size"]:
+  if size and size != cfg["model"]["image_size"] and not latent:
     raise ValueError(f"model.image_size: {cfg['model']['image_size']} differs from data.image_size={size}")
   try:
     from ddx.models.unet import unet_kwargs  # pylint: disable=import-outside-toplevel
@@ -182,6 +188,84 @@ def validate(config) -> dict:
   except TypeError as e:
     raise ValueError(f"model: {e}") from None
   return cfg
+
+
+def _check_autoencoder(cfg: dict) -> None:
+  from ddx import autoencoder_train  # pylint: disable=import-outside-toplevel
+  _choice(cfg, "autoencoder.reconstruction", autoencoder_train.RECONSTRUCTIONS)
+  _num(cfg, "autoencoder.kl_weight", 0)
+  _num(cfg, "autoencoder.holdout", 0, limits.MAX_SAMPLES, integer=True)
+  kw = autoencoder_kwargs(cfg, in_channels=1)  # the data's channel count is checked by the train command
+  f = 2 ** (len(kw["block_out_channels"]) - 1)
+  size = cfg["data"]["image_size"]
+  if size and size % f:
+    raise ValueError(f"data.image_size: {size} must be divisible by the autoencoder's downscale {f}")
+  for key in ("sample_every", "eval_every"):
+    if cfg["train"][key]:
+      raise ValueError(f"train.{key}: must be 0 for kind='autoencoder' (the train command reports held-out "
+                       f"reconstructions instead), got {cfg['train'][key]}")
+  if cfg["latent"]["autoencoder_workdir"] is not None:
+    raise ValueError("latent.autoencoder_workdir: must be None for kind='autoencoder'")
+
+
+def _check_latent(cfg: dict) -> dict | None:
+  """The latent section of a diffusion config; the autoencoder's config.json if it names one."""
+  lat = cfg["latent"]
+  if lat["scaling_factor"] is not None:
+    _num(cfg, "latent.scaling_factor", 0, lo_open=True)
+  if lat["autoencoder_step"] is not None:
+    _num(cfg, "latent.autoencoder_step", 0, limits.MAX_STEP, integer=True)
+  if lat["autoencoder_workdir"] is None:
+    for key in ("scaling_factor", "autoencoder_step"):
+      if lat[key] is not None:
+        raise ValueError(f"latent.{key}: needs latent.autoencoder_workdir")
+    return None
+  from ddx import service  # pylint: disable=import-outside-toplevel
+  ae = service.read_autoencoder_config(lat["autoencoder_workdir"], name="latent.autoencoder_workdir")
+  where = f"the autoencoder in {lat['autoencoder_workdir']}"
+  if lat["autoencoder_step"] is not None and lat["autoencoder_step"] not in checkpoint.all_steps(lat["autoencoder_workdir"]):
+    raise ValueError(f"latent.autoencoder_step: {where} has no checkpoint {lat['autoencoder_step']} "
+                     f"(it has {checkpoint.all_steps(lat['autoencoder_workdir'])})")
+  ae_data = ae.get("data") or {}
+  for key in ("name", "image_size"):
+    if key in ae_data and ae_data[key] != cfg["data"][key]:
+      raise ValueError(f"data.{key}: {cfg['data'][key]!r} differs from {ae_data[key]!r}, the data of {where}")
+  m, am = cfg["model"], ae["model"]
+  if m["in_channels"] != am["latent_channels"]:
+    raise ValueError(f"model.in_channels: must be {am['latent_channels']}, the latent channels of {where}, "
+                     f"got {m['in_channels']}")
+  f = 2 ** (len(am["block_out_channels"]) - 1)
+  if cfg["data"]["image_size"] and m["image_size"] * f != cfg["data"]["image_size"]:
+    raise ValueError(f"model.image_size: must be {cfg['data']['image_size'] // f} (data.image_size "
+                     f"{cfg['data']['image_size']} / the downscale {f} of {where}), got {m['image_size']}")
+  if cfg["sample"]["clip_sample"]:
+    raise ValueError("sample.clip_sample: must be False for a latent model (latents are not in [-1, 1])")
+  if cfg["train"]["eval_every"]:
+    raise ValueError("train.eval_every: must be 0 for a latent model (evaluation of decoded samples during "
+                     f"training is not supported), got {cfg['train']['eval_every']}")
+  return ae
+
+
+def autoencoder_kwargs(cfg: Mapping, in_channels: int) -> dict:
+  """`ddx.models.AutoencoderKL` keyword arguments of a config's ``autoencoder`` section (images of
+  ``in_channels`` channels; scaling factor 1: a latent model estimates its own)."""
+  a = cfg["autoencoder"]
+  from ddx.models.autoencoder import validate_autoencoder_kwargs  # pylint: disable=import-outside-toplevel
+  try:
+    return validate_autoencoder_kwargs(
+        in_channels=in_channels, out_channels=in_channels, block_out_channels=a["block_out_channels"],
+        layers_per_block=a["layers_per_block"], latent_channels=a["latent_channels"],
+        norm_num_groups=a["norm_num_groups"], scaling_factor=1.0, shift_factor=None, use_quant_conv=True,
+        use_post_quant_conv=True, mid_block_add_attention=a["mid_block_add_attention"], dtype=None,
+        param_dtype="float32")
+  except ValueError as e:
+    raise ValueError(f"autoencoder.{e}") from None
+
+
+def autoencoder_loss_spec(cfg: Mapping):
+  from ddx import autoencoder_train  # pylint: disable=import-outside-toplevel
+  a = cfg["autoencoder"]
+  return autoencoder_train.AutoencoderLossSpec(reconstruction=a["reconstruction"], kl_weight=a["kl_weight"])
 
 
 def _check_eval(cfg: dict) -> None:

@@ -1,8 +1,8 @@
 """The config schema and defaults: every key that exists, with the DDPM paper's values where they apply.
 
-Sections: data, model (exactly the ddx.models.UNet keyword arguments), diffusion, train,
-optim, sample, eval. Dataset configs start from this one and override what they change; an
-unknown key anywhere is an error (ddx.config.validate). ``configs/default.py`` re-exports
+Sections: kind, data, model (exactly the ddx.models.UNet keyword arguments), diffusion, train,
+optim, sample, autoencoder, latent, eval. Dataset configs start from this one and override
+what they change; an unknown key anywhere is an error (ddx.config.validate). ``configs/default.py`` re-exports
 this so that experiment files can start from it.
 """
 
@@ -13,6 +13,7 @@ from ml_collections import config_dict
 def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.kind = "diffusion"              # diffusion | autoencoder (ddx.checkpoint.KINDS): what `ddx train` trains
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"            # digits | mnist | fashion_mnist | cifar10 | celeb_a | imagenet32 | imagenet64
@@ -92,6 +93,25 @@ def get_config():
   c.sample.num = 64
   c.sample.guidance = 1.0           # classifier-free guidance scale (class-conditional models)
   c.sample.clip_sample = True
+
+  # kind="autoencoder": a KL autoencoder (ddx.models.AutoencoderKL) trained on the data with
+  # reconstruction + kl_weight * KL (ddx.autoencoder_train); the model section is not used.
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.block_out_channels = (32, 64)   # the latent is 2^(len-1) times smaller per side
+  c.autoencoder.layers_per_block = 1
+  c.autoencoder.latent_channels = 4
+  c.autoencoder.norm_num_groups = 8
+  c.autoencoder.mid_block_add_attention = True
+  c.autoencoder.reconstruction = "l1"   # l1 | l2
+  c.autoencoder.kl_weight = 1e-6        # on the summed KL, against the summed reconstruction term
+  c.autoencoder.holdout = 0             # the data's last N records: not trained on, reconstruction error reported
+
+  # A latent diffusion model (kind="diffusion"): the model section describes the denoiser of the
+  # autoencoder's latents (model.image_size / in_channels = the latent's side and channels).
+  c.latent = ml_collections.ConfigDict()
+  c.latent.autoencoder_workdir = config_dict.placeholder(str)  # None: a pixel-space model
+  c.latent.autoencoder_step = config_dict.placeholder(int)     # None: its latest checkpoint
+  c.latent.scaling_factor = config_dict.placeholder(float)     # None: 1 / std of the training latents
 
   # Sample quality during training (train.eval_every > 0): FD / KID / precision / recall of
   # eval.num samples (EMA weights) against the training data, into metrics.jsonl and

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 import ddx
-from ddx import checkpoint, data, images, parallel, service
+from ddx import autoencoder_train, checkpoint, data, images, parallel, service
 from ddx import train as train_lib
 from ddx.metrics import MetricWriter
 
@@ -100,14 +100,20 @@ def run(
     source: Any,
     sched,
     optim: train_lib.OptimizerSpec,
-    loss: train_lib.LossSpec,
+    loss: train_lib.LossSpec | autoencoder_train.AutoencoderLossSpec,
     loop: LoopSpec,
     sample: SampleSpec,
     evaluation: EvalSpec | None = None,
     mesh=None,
     stop_after_steps: int | None = None,
+    decode: Callable[[Any], np.ndarray] | None = None,
 ) -> dict:
   """Train (or resume) in ``workdir``; returns a summary dict.
+
+  ``loss`` selects the objective: a `ddx.train.LossSpec` trains the diffusion model
+  ``model_factory`` makes; an `ddx.autoencoder_train.AutoencoderLossSpec` trains an
+  autoencoder (``sched``, ``num_classes`` and sample grids unused). ``decode`` maps sampled
+  latents to images in [-1, 1] for the sample grids of a latent diffusion model.
 
   With ``loop.eval_every > 0`` (then ``evaluation`` is required) the sample quality of the
   EMA weights is measured every ``eval_every`` steps and written as ``eval/fd``,
@@ -139,9 +145,15 @@ def run(
   if step % K:
     raise ValueError(f"train.steps_per_call: checkpoint step {step} is not a multiple of {K}")
   lr_fn = train_lib.learning_rate_fn(optim)
-  train_fn = train_lib.make_train_fn(
-      mesh, K, graphdef=graphdef, sched=sched, tx=tx, lr_fn=lr_fn, loss=loss, ema_decay=loop.ema_decay,
-      ema_warmup=loop.ema_warmup, num_classes=num_classes, label_dropout=loop.label_dropout, use_dropout=use_dropout)
+  if isinstance(loss, autoencoder_train.AutoencoderLossSpec):
+    train_fn = train_lib.make_train_fn(
+        mesh, K, step_fn=autoencoder_train.train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, loss=loss,
+        ema_decay=loop.ema_decay, ema_warmup=loop.ema_warmup)
+  else:
+    train_fn = train_lib.make_train_fn(
+        mesh, K, graphdef=graphdef, sched=sched, tx=tx, lr_fn=lr_fn, loss=loss, ema_decay=loop.ema_decay,
+        ema_warmup=loop.ema_warmup, num_classes=num_classes, label_dropout=loop.label_dropout,
+        use_dropout=use_dropout)
   sample_fn = None
   if loop.sample_every:
     sampler = ddx.samplers.make(sample.sampler, sched, sample.steps, **sample.sampler_kwargs)
@@ -205,7 +217,8 @@ def run(
         acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
         t_log, step_at_log = now, step
       if sample_fn is not None and step % loop.sample_every == 0:
-        _write_samples(sample_fn, state, step, workdir, writer, sample, num_classes, base, source.image_shape)
+        _write_samples(sample_fn, state, step, workdir, writer, sample, num_classes, base, source.image_shape,
+                       decode)
       if eval_fn is not None and step % loop.eval_every == 0:
         t_eval = time.time()
         _evaluate(eval_fn, state, step, writer, evaluation, num_classes, base, source.image_shape)
@@ -291,11 +304,14 @@ def _agree(flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
 
 
-def _write_samples(sample_fn, state, step, workdir, writer, spec: SampleSpec, num_classes, base, image_shape) -> None:
+def _write_samples(sample_fn, state, step, workdir, writer, spec: SampleSpec, num_classes, base, image_shape,
+                   decode=None) -> None:
   # every process takes part in the (sharded) sampling; process 0 writes the files
   labels = service.default_labels(spec.num, num_classes, None)
   shape = (spec.num,) + tuple(int(d) for d in image_shape)
   x = service.to_host(sample_fn(state.ema_params, jax.random.fold_in(jax.random.fold_in(base, 2), step), shape, labels))
+  if decode is not None and np.all(np.isfinite(x)):
+    x = decode(x)
   if jax.process_index() == 0:
     bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
     if bad:

@@ -21,6 +21,7 @@ import ddx
 from ddx import checkpoint, guidance, parallel
 from ddx import config as config_lib
 from ddx.models import unet as unet_lib
+from ddx.models.autoencoder import AutoencoderKL, validate_autoencoder_kwargs
 from ddx.models.convert import unet_from_params
 
 PARAM_ITEMS = checkpoint.PARAM_ITEMS
@@ -44,6 +45,8 @@ def load_model(workdir: str | os.PathLike, which: str = "ema_params", step: int 
     raise ValueError(f"which: must be one of {PARAM_ITEMS}, got {which!r}")
   workdir = os.path.abspath(os.fspath(workdir))
   config = checkpoint.read_config(workdir)
+  if config.get("kind", "diffusion") != "diffusion":
+    raise ValueError(f"{workdir}: holds an {config['kind']} (config.json kind), not a diffusion model")
   try:
     kwargs = unet_lib.unet_kwargs(**{**config["model"], **model_overrides})
   except (TypeError, ValueError) as e:
@@ -51,6 +54,63 @@ def load_model(workdir: str | os.PathLike, which: str = "ema_params", step: int 
   abstract = nnx.to_pure_dict(nnx.state(unet_lib.abstract_unet(**kwargs), nnx.Param))
   step, items = checkpoint.restore(workdir, step, {which: abstract})
   return unet_from_params(kwargs, items[which]), config, step
+
+
+def read_autoencoder_config(workdir: str, name: str = "workdir") -> dict:
+  """``config.json`` of a workdir that holds a trained autoencoder (kind "autoencoder", at least
+  one checkpoint); otherwise a one-line ValueError starting with ``name``."""
+  if not isinstance(workdir, str) or not workdir.strip():
+    raise ValueError(f"{name}: must be the path of an autoencoder workdir, got {workdir!r}")
+  try:
+    config = checkpoint.read_config(workdir)
+  except (FileNotFoundError, ValueError) as e:
+    raise ValueError(f"{name}: {e}") from None
+  kind = config.get("kind", "diffusion")
+  if kind != "autoencoder":
+    raise ValueError(f"{name}: {workdir} holds a {kind} model, not an autoencoder (its config.json kind)")
+  if checkpoint.latest_step(workdir) is None:
+    raise ValueError(f"{name}: no checkpoint in {checkpoint.checkpoint_dir(workdir)}")
+  return config
+
+
+def load_autoencoder(workdir: str | os.PathLike, which: str = "ema_params", step: int | None = None,
+                     **overrides) -> tuple[AutoencoderKL, dict, int]:
+  """An autoencoder workdir's `AutoencoderKL` with the weights ``which``: ``(vae, config, step)``.
+
+  ``overrides`` are constructor arguments that leave the parameters alone, e.g. the
+  ``scaling_factor`` a latent model estimated for these latents.
+  """
+  if which not in PARAM_ITEMS:
+    raise ValueError(f"which: must be one of {PARAM_ITEMS}, got {which!r}")
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = read_autoencoder_config(workdir)
+  try:
+    kwargs = validate_autoencoder_kwargs(**{**config["model"], **overrides})
+  except (TypeError, KeyError, ValueError) as e:
+    raise ValueError(f"{os.path.join(workdir, checkpoint.CONFIG_NAME)}: model section: {e}") from None
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0))),
+                                     nnx.Param, ...)
+  step, items = checkpoint.restore(workdir, step, {which: nnx.to_pure_dict(params)})
+  nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, items[which]))
+  return nnx.merge(graphdef, params, rest), config, step
+
+
+def load_latent_decoder(config: dict) -> AutoencoderKL | None:
+  """The autoencoder that decodes a latent diffusion model's samples (its config's ``latent``
+  section: workdir, step and scaling factor; EMA weights), or None for a pixel-space model."""
+  latent = config.get("latent") or {}
+  if not latent.get("autoencoder_workdir"):
+    return None
+  vae, _, _ = load_autoencoder(latent["autoencoder_workdir"], step=latent.get("autoencoder_step"),
+                               scaling_factor=latent["scaling_factor"])
+  return vae
+
+
+def decode_latents(vae: AutoencoderKL, latents) -> np.ndarray:
+  """Scaled latents [N, h, w, c] -> images float32 [N, H, W, C] on the host, clipped to [-1, 1]
+  (the range every image writer of ddx takes)."""
+  from ddx import latent as latent_lib  # pylint: disable=import-outside-toplevel
+  return np.clip(np.asarray(jax.device_get(latent_lib.decode(vae, jnp.asarray(latents)))), -1.0, 1.0)
 
 
 def make_sampler(config: dict, name: str, steps: int, *, eta: float = 0.0, clip_sample: bool = True):

@@ -159,6 +159,13 @@ def train_step(
     return jnp.mean(per_example)
 
   value, grads = jax.value_and_grad(loss_fn)(state.params)
+  return apply_gradients(state, value, grads, tx=tx, lr_fn=lr_fn, ema_decay=ema_decay, ema_warmup=ema_warmup)
+
+
+def apply_gradients(state: TrainState, value: jax.Array, grads: Any, *, tx: optax.GradientTransformation,
+                    lr_fn: Callable, ema_decay: float, ema_warmup: bool) -> tuple[TrainState, dict]:
+  """The update every objective shares: optimizer step, EMA, and the non-finite skip (a
+  non-finite ``value`` or gradient norm leaves params, EMA and optimizer state unchanged)."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -177,8 +184,12 @@ def train_step(
   return new, metrics
 
 
-def make_train_fn(mesh: Mesh, steps_per_call: int, *, unroll: bool | None = None, **step_kwargs):
+def make_train_fn(mesh: Mesh, steps_per_call: int, *, unroll: bool | None = None, step_fn: Callable = train_step,
+                  **step_kwargs):
   """Jit ``steps_per_call`` train steps over ``mesh``; the state buffer is donated.
+
+  ``step_fn(state, batch, **step_kwargs) -> (state, metrics)`` is the objective's step: the
+  diffusion `train_step` by default (`ddx.autoencoder_train.train_step` for autoencoders).
 
   Input batches carry a leading step axis: ``{"image": [K, B, H, W, C], "label": [K, B]}``
   sharded ``P(None, "data")``. Returns ``fn(state, batches) -> (state, metrics [K])``.
@@ -188,7 +199,7 @@ def make_train_fn(mesh: Mesh, steps_per_call: int, *, unroll: bool | None = None
   inside a while loop in their non-canonical layouts and runs them ~35x slower (measured:
   0.47 s vs 16.7 s for one U-Net gradient), so unrolling trades compile time for speed.
   """
-  step = functools.partial(train_step, **step_kwargs)
+  step = functools.partial(step_fn, **step_kwargs)
   if unroll is None:
     unroll = jax.default_backend() == "cpu"
 

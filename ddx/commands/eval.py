@@ -68,6 +68,13 @@ def main(argv: list[str]) -> int:
   eta = eta if eta is not None else defaults.get("eta", 0.0)
   step = checkpoint.resolve_step(workdir, checkpoint_step)
   size, ch = cfg["model"]["image_size"], cfg["model"]["in_channels"]
+  latent_shape = None
+  if (cfg.get("latent") or {}).get("autoencoder_workdir"):  # latent diffusion: measure the decoded images
+    from ddx import service  # pylint: disable=import-outside-toplevel
+    ae = service.read_autoencoder_config(cfg["latent"]["autoencoder_workdir"],
+                                         name="latent.autoencoder_workdir (workdir config)")["model"]
+    latent_shape = (size, size, ch)
+    size, ch = size * 2 ** (len(ae["block_out_channels"]) - 1), ae["in_channels"]
   quality.check_features(FLAGS.features, (size, size, ch), name="--features")
   if FLAGS.features == "inception":
     common.require(FLAGS, "inception_weights")
@@ -108,6 +115,10 @@ def main(argv: list[str]) -> int:
   params = parallel.replicate(params, mesh)
   num_classes = cfg["model"].get("num_classes")
   fn = service.make_sample_fn(graphdef, sampler, num_classes, mesh)
+  if latent_shape is not None:
+    vae, sample_latents = service.load_latent_decoder(cfg), fn
+    fn = lambda p, k, shape, labels=None: service.decode_latents(  # noqa: E731
+        vae, service.to_host(sample_latents(p, k, (shape[0],) + latent_shape, labels)))
   t0 = time.time()
   try:
     m = quality.measure(fn, params, image_shape=(size, size, ch), num=num, batch=batch, key=jax.random.key(seed),

@@ -3,7 +3,8 @@
 Rebuilds the model, schedule and sampler from the workdir alone (EMA weights unless
 ``--nouse_ema``), shards the batch over every device, and writes a PNG grid and an ``.npz``
 (process 0). Samples that are not finite are refused: nothing is written and the exit status
-is non-zero. Flags not given fall back to the workdir config's ``sample`` section.
+is non-zero. A latent diffusion model's samples are decoded by the autoencoder its config
+names (``latent`` section), so the files hold images either way. Flags not given fall back to the workdir config's ``sample`` section.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ def main(argv: list[str]) -> int:
     raise ValueError(f"--sampler: must be one of {samplers.NAMES}, got {FLAGS.sampler!r}")
   # then the ranges that depend on the model
   cfg = checkpoint.read_config(workdir)  # clear error for a missing / empty workdir
+  if cfg.get("kind", "diffusion") != "diffusion":
+    raise ValueError(f"--workdir: holds an {cfg['kind']}, not a diffusion model; sample from a latent model "
+                     "trained on it (latent.autoencoder_workdir)")
+  latent_ae = (cfg.get("latent") or {}).get("autoencoder_workdir")
   defaults = cfg.get("sample", {})
   sampler_name = FLAGS.sampler if FLAGS.sampler is not None else defaults.get("sampler", "ddim")
   if sampler_name not in samplers.NAMES:
@@ -74,6 +79,9 @@ def main(argv: list[str]) -> int:
   if scale != 1.0 and not num_classes:
     raise ValueError("--guidance: classifier-free guidance needs a class-conditional model")
   step = checkpoint.resolve_step(workdir, checkpoint_step)
+  if latent_ae:
+    from ddx import service  # pylint: disable=import-outside-toplevel
+    service.read_autoencoder_config(latent_ae, name="latent.autoencoder_workdir (workdir config)")
   common.init_distributed(FLAGS)
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -92,11 +100,14 @@ def main(argv: list[str]) -> int:
   size, ch = cfg["model"]["image_size"], cfg["model"]["in_channels"]
   t0 = time.time()
   x = service.to_host(fn(params, jax.random.key(FLAGS.seed), (num, size, size, ch), labels))
-  dt = time.time() - t0
   bad = int(np.size(x) - np.isfinite(x).sum())
   if bad:
     raise ValueError(f"samples: {bad} of {np.size(x)} values are not finite (checkpoint step {step}, {which}); "
                      "nothing written")
+  if latent_ae:  # latent diffusion: decode with the autoencoder (images clipped to [-1, 1])
+    x = service.decode_latents(service.load_latent_decoder(cfg), x)
+    size = x.shape[1]
+  dt = time.time() - t0
   if jax.process_index() == 0:
     prefix = FLAGS.out if FLAGS.out is not None else os.path.join(workdir, "samples", f"sample_{step:08d}_{sampler_name.replace('+', 'p')}{steps}")
     png, npz = images.save_samples(prefix, x, labels, scale=max(1, 128 // size))

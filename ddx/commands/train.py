@@ -1,7 +1,9 @@
 """``python -m ddx train --config=configs/digits.py --workdir=runs/digits [--config.train.total_steps=...]``.
 
 Trains (or resumes) in --workdir: the config is validated before anything is built, then
-translated into the explicit arguments of `ddx.loop.run`.
+translated into the explicit arguments of `ddx.loop.run`. ``kind="autoencoder"`` configs and
+latent diffusion configs (``latent.autoencoder_workdir``) are set up by
+`ddx.commands.train_latent`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def main(argv: list[str]) -> int:
 
   d = cfg["data"]
   source = data.make_source(d["name"], split=d["split"], data_dir=d["data_dir"], image_size=d["image_size"] or None)
+  if cfg["kind"] == "autoencoder":
+    from ddx.commands import train_latent  # pylint: disable=import-outside-toplevel
+    return train_latent.train_autoencoder(workdir, cfg, source, _loop_spec(cfg), stop_after)
+  decode = None
+  if cfg["latent"]["autoencoder_workdir"]:
+    from ddx.commands import train_latent  # pylint: disable=import-outside-toplevel
+    source, decode = train_latent.latent_source(workdir, cfg, source)
   h, _, c = source.image_shape
   cfg["model"] = m = unet_kwargs(**cfg["model"])
   if (m["image_size"], m["in_channels"]) != (h, c):
@@ -47,13 +56,7 @@ def main(argv: list[str]) -> int:
   if m["num_classes"] and source.num_classes > m["num_classes"]:
     raise ValueError(f"model.num_classes: {m['num_classes']} < the data's {source.num_classes} classes")
   t = cfg["train"]
-  spec = loop.LoopSpec(
-      seed=cfg["seed"], global_batch_size=t["global_batch_size"], total_steps=t["total_steps"],
-      steps_per_call=t["steps_per_call"], random_flip=d["random_flip"], num_threads=d["num_threads"],
-      ema_decay=t["ema_decay"], ema_warmup=t["ema_warmup"], label_dropout=t["label_dropout"],
-      log_every_seconds=t["log_every_seconds"], checkpoint_every=t["checkpoint_every"],
-      keep_checkpoints=t["keep_checkpoints"], keep_period=t["keep_period"], sample_every=t["sample_every"],
-      eval_every=t["eval_every"], max_nonfinite=t["max_nonfinite"])
+  spec = _loop_spec(cfg)
   s = cfg["sample"]
   sample = loop.SampleSpec(
       sampler=s["sampler"], steps=s["steps"], num=s["num"], guidance=s["guidance"],
@@ -65,12 +68,28 @@ def main(argv: list[str]) -> int:
       workdir, cfg, model_factory=lambda rngs: UNet(**m, rngs=rngs),
       num_classes=m["num_classes"], use_dropout=m["dropout"] > 0, source=source, sched=sched,
       optim=config_lib.optimizer_spec(cfg), loss=config_lib.loss_spec(cfg), loop=spec, sample=sample,
-      evaluation=evaluation, stop_after_steps=stop_after)
+      evaluation=evaluation, stop_after_steps=stop_after, decode=decode)
+  print_summary(summary)
+  return 0
+
+
+def print_summary(summary: dict) -> None:
   summary.pop("state")
   if summary["preempted"]:
     print(f"stopped at step {summary['step']} after a preemption signal; rerun the same command to resume")
   print("summary: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}))
-  return 0
+
+
+def _loop_spec(cfg: dict):
+  from ddx import loop  # pylint: disable=import-outside-toplevel
+  t, d = cfg["train"], cfg["data"]
+  return loop.LoopSpec(
+      seed=cfg["seed"], global_batch_size=t["global_batch_size"], total_steps=t["total_steps"],
+      steps_per_call=t["steps_per_call"], random_flip=d["random_flip"], num_threads=d["num_threads"],
+      ema_decay=t["ema_decay"], ema_warmup=t["ema_warmup"], label_dropout=t["label_dropout"],
+      log_every_seconds=t["log_every_seconds"], checkpoint_every=t["checkpoint_every"],
+      keep_checkpoints=t["keep_checkpoints"], keep_period=t["keep_period"], sample_every=t["sample_every"],
+      eval_every=t["eval_every"], max_nonfinite=t["max_nonfinite"])
 
 
 def _eval_spec(cfg: dict, source, workdir: str):
