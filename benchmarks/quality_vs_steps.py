@@ -73,7 +73,10 @@ def _fmt(vals, digits=4):
   return f"{m:.{digits}g}" + (f" ± {float(np.std(vals)):.2g}" if len(vals) > 1 else "")
 
 
-def tables(results, rows, steps, *, fd_name: str, floor: float | None, num: int, seeds) -> str:
+def tables(results, rows, steps, *, fd_name: str, floor: float | None, num: int, seeds,
+           kid_scale: float = 1.0) -> str:
+  """Markdown tables. KID is multiplied by ``kid_scale`` (1e3 for Inception features, the
+  published convention; the digits features' KID is on its own larger scale, shown as is)."""
   head = "| sampler | " + " | ".join(f"S={s}" for s in steps) + " |"
   sep = "|" + "---|" * (len(steps) + 1)
   out = [f"{fd_name} (N = {num} samples, seeds {', '.join(map(str, seeds))}):", "", head, sep]
@@ -82,10 +85,10 @@ def tables(results, rows, steps, *, fd_name: str, floor: float | None, num: int,
                + " |")
   if floor is not None:
     out += ["", f"Floor (real data): FD(held-out digits, training digits) = {floor:.4g} (360 vs 1437 images)."]
-  out += ["", "KID (×10³):", "", head, sep]
+  out += ["", "KID (×10³):" if kid_scale == 1e3 else "KID:", "", head, sep]
   for r in rows:
     out.append(f"| {ROWS[r][0]} | " + " | ".join(
-        _fmt([1e3 * x["kid_mean"] for x in results.get((r, s), [])], 3) for s in steps) + " |")
+        _fmt([kid_scale * x["kid_mean"] for x in results.get((r, s), [])], 3) for s in steps) + " |")
   out += ["", "DDIM paper, Table 1 (CIFAR-10 FID, 50k samples), for the shape:", "",
           "| sampler | " + " | ".join(f"S={s}" for s in STEPS) + " |", "|" + "---|" * (len(STEPS) + 1)]
   for r, vals in PAPER.items():
@@ -206,7 +209,8 @@ def main(argv=None) -> int:
 
   title = (f"{os.path.basename(workdir)} (step {step}, EMA): {fd_name} vs S, N={args.num}, "
            f"seeds {','.join(map(str, seeds))}")
-  table = tables(results, rows, steps, fd_name=fd_name, floor=floor, num=args.num, seeds=seeds)
+  table = tables(results, rows, steps, fd_name=fd_name, floor=floor, num=args.num, seeds=seeds,
+                 kid_scale=1e3 if args.features == "inception" else 1.0)
   print("\n" + table)
   out = os.path.abspath(args.out) if args.out else workdir
   os.makedirs(out, exist_ok=True)
