@@ -3,7 +3,7 @@
     python benchmarks/latent_conformance.py
 
 The same constructions as tests/test_autoencoder.py, test_unet_cond.py, test_clip_text.py and
-test_latent.py (which assert the bounds); this prints the measured values. Needs torch,
+test_latent.py and test_latent_edit.py (which assert the bounds); this prints the measured values. Needs torch,
 diffusers and transformers.
 """
 
@@ -29,7 +29,7 @@ from flax import nnx  # noqa: E402
 from ddx import latent  # noqa: E402
 from ddx.models import autoencoder_from_diffusers, clip_text_from_transformers, from_diffusers  # noqa: E402
 from tests import test_autoencoder as ta, test_clip_text as tc, test_latent as tl  # noqa: E402
-from tests import test_unet_cond as tu  # noqa: E402
+from tests import test_latent_edit as te, test_unet_cond as tu  # noqa: E402
 
 
 def main():
@@ -87,6 +87,12 @@ def main():
                 tl.rel_err(np.asarray(lat).transpose(0, 3, 1, 2), ref_lat)),
                (f"generate {name} {tl.STEPS} steps, w={tl.GUIDANCE}: images",
                 tl.rel_err(np.asarray(img).transpose(0, 3, 1, 2), ref_img))]
+    comps["image"] = te.init_image()
+    for name in ("ddim", "ddpm"):
+      for what, err in te.measure_img2img(comps, name).items():
+        rows.append((f"img2img {name}, strength {te.STRENGTH} ({tl.STEPS} steps), w={tl.GUIDANCE}: {what}", err))
+    for what, err in te.measure_inpaint(comps).items():
+      rows.append((f"inpaint ddim {tl.STEPS} steps, w={tl.GUIDANCE}: {what}", err))
   print("| comparison | max relative error |\n|---|---|")
   for name, err in rows:
     print(f"| {name} | {err:.2e} |")

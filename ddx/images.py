@@ -59,8 +59,9 @@ def save_samples(path_prefix: str, samples, labels=None, ncols: int | None = Non
   return png, path_prefix + ".npz"
 
 
-def load_png(path: str, size: int, channels: int, what: str = "--input") -> np.ndarray:
-  """Read a PNG as float32 [size, size, channels] in [-1, 1] (uint8 0..255 mapped linearly).
+def load_png(path: str, size: int | tuple[int, int], channels: int, what: str = "--input") -> np.ndarray:
+  """Read a PNG as float32 [size, size, channels] in [-1, 1] (uint8 0..255 mapped linearly);
+  ``size`` may be ``(height, width)`` for a non-square image.
 
   ``channels`` 1 takes a greyscale PNG (mode L), 3 an RGB one. A file of another size or
   colour mode is an error naming ``what`` (no silent resize or conversion).
@@ -78,14 +79,27 @@ def load_png(path: str, size: int, channels: int, what: str = "--input") -> np.n
   if im.mode not in want:
     raise ValueError(f"{what}: {path} has mode {im.mode} ({len(im.getbands())} channels), the model takes "
                      f"{channels} channel{'s' if channels > 1 else ''} (mode {want[0]})")
-  if im.size != (size, size):
-    raise ValueError(f"{what}: {path} is {im.size[0]}x{im.size[1]}, the model takes {size}x{size}")
-  x = np.asarray(im, np.float32).reshape(size, size, channels)
+  h, w = (size, size) if isinstance(size, (int, np.integer)) else size
+  if im.size != (w, h):
+    raise ValueError(f"{what}: {path} is {im.size[0]}x{im.size[1]}, the model takes {w}x{h}")
+  x = np.asarray(im, np.float32).reshape(h, w, channels)
   return x / 127.5 - 1.0
 
 
-def load_mask(path: str, size: int, channels: int, what: str = "--mask") -> np.ndarray:
-  """A binary mask PNG (greyscale, 0 = fill, 255 = keep) as float32 [size, size, channels] of 0/1."""
+def png_size(path: str, what: str = "--input") -> tuple[int, int]:
+  """``(height, width)`` of an image file, read from its header."""
+  if not os.path.isfile(path):
+    raise ValueError(f"{what}: no such file {path!r}")
+  try:
+    with Image.open(path) as im:
+      return im.size[1], im.size[0]
+  except Exception as e:  # PIL raises several types for a bad file; one line with the cause
+    raise ValueError(f"{what}: cannot read {path!r} as an image ({type(e).__name__})") from None
+
+
+def load_mask(path: str, size: int | tuple[int, int], channels: int, what: str = "--mask") -> np.ndarray:
+  """A binary mask PNG (greyscale, 0 = fill, 255 = keep) as float32 [size, size, channels] of 0/1
+  (``size`` as in `load_png`)."""
   m = load_png(path, size, 1, what)
   u = np.unique(m)
   if not np.all(np.isin(u, (-1.0, 1.0))):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddx import latent, samplers, schedules
+from ddx import edit, latent, samplers, schedules
 from ddx.models import convert, convert_latent, torch_import
 
 __all__ = ["load", "Pipeline", "read_model_index", "COMPONENTS"]
@@ -112,6 +112,14 @@ class Pipeline:
         raise ValueError(f"{name}: must be a positive multiple of {div}, got {v}")
     return (num, height // f, width // f, self.unet.in_channels)
 
+  def contexts(self, prompts: Sequence[str], negative_prompt: str, guidance: float):
+    """``(context, uncond_context)`` text embeddings; no unconditional one when guidance is 1."""
+    context = self.encode(self.tokenize(list(prompts)))
+    uncond = None
+    if guidance != 1.0:
+      uncond = self.encode(self.tokenize([negative_prompt] * len(prompts)))
+    return context, uncond
+
   def txt2img(self, prompts: Sequence[str], *, negative_prompt: str = "", sampler: str = "plms",
               steps: int = 50, guidance: float = 7.5, key: jax.Array, height: int | None = None,
               width: int | None = None, x_T: jax.Array | None = None, eta: float | None = None):
@@ -125,16 +133,54 @@ class Pipeline:
       prompts = [prompts]
     kw = {} if eta is None else {"eta": eta}
     smp = self.sampler(sampler, steps, **kw)  # bad names / steps fail before any model work
-    ids = self.tokenize(list(prompts))
-    context = self.encode(ids)
-    uncond = None
-    if guidance != 1.0:
-      uncond = self.encode(self.tokenize([negative_prompt] * len(prompts)))
+    context, uncond = self.contexts(prompts, negative_prompt, guidance)
     if x_T is None:
       x_T = jax.random.normal(jax.random.fold_in(key, 0),
                               self.latent_shape(len(prompts), height, width), jnp.float32)
     return latent.generate(self.unet, self.vae, context, uncond, smp, x_T,
                            jax.random.fold_in(key, 1), guidance_scale=guidance)
+
+
+  def img2img(self, prompts: Sequence[str], image, *, strength: float = 0.75, key: jax.Array,
+              **kwargs):
+    """SDEdit of ``image`` under each prompt (`ddx.latent.img2img`; keys and conventions there).
+
+    image: float [H, W, 3] (used for every prompt) or [B, H, W, 3] in [-1, 1]; ``kwargs``:
+    negative_prompt, sampler ("ddim" default; DDPM / DDIM only), steps, guidance, eta,
+    posterior. Returns float32 [B, H, W, 3].
+    """
+    return self._edit(prompts, image, strength=strength, mask=None, key=key, **kwargs)
+
+  def inpaint(self, prompts: Sequence[str], image, mask, *, key: jax.Array, paste: bool = False,
+              **kwargs):
+    """Inpainting of ``image`` under each prompt (`ddx.latent.inpaint`): mask [H, W] or
+    [B, H, W], 1 = keep, 0 = fill; other arguments as for `img2img` (no strength: the whole
+    grid runs)."""
+    return self._edit(prompts, image, strength=None, mask=mask, key=key, paste=paste, **kwargs)
+
+  def _edit(self, prompts, image, *, strength, mask, key, negative_prompt: str = "",
+            sampler: str = "ddim", steps: int = 50, guidance: float = 7.5, eta: float | None = None,
+            posterior: str = "sample", paste: bool = False):
+    if isinstance(prompts, str):
+      prompts = [prompts]
+    kw = {} if eta is None else {"eta": eta}
+    smp = self.sampler(sampler, steps, **kw)
+    edit.levels(smp)  # DDPM / DDIM only
+    image = np.asarray(image, np.float32)
+    if image.ndim == 3:
+      image = np.broadcast_to(image[None], (len(prompts),) + image.shape)
+    # everything that can be checked from shapes, before the text encoder compiles
+    latent.check_image(self.unet, self.vae, image)
+    if mask is None:
+      edit.sdedit_start(steps, strength)
+    else:
+      latent.latent_mask(mask, image.shape, self.vae.downscale)
+    context, uncond = self.contexts(prompts, negative_prompt, guidance)
+    if mask is None:
+      return latent.img2img(self.unet, self.vae, context, uncond, smp, image, strength, key,
+                            guidance_scale=guidance, posterior=posterior)
+    return latent.inpaint(self.unet, self.vae, context, uncond, smp, image, mask, key,
+                          guidance_scale=guidance, posterior=posterior, paste=paste)
 
 
 @functools.partial(jax.jit, static_argnums=0)
