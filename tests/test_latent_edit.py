@@ -112,8 +112,8 @@ def _pixel_mask():
 
 
 def measure_inpaint(c):
-  """Relative errors of `latent.inpaint` (paste=True) vs an independent torch loop of the replacement rule on latents: x_T = noise with the kept
-  latents at the first level; after each DDIM step the kept latents are z0 noised to the
+  """Relative errors of `latent.inpaint` (paste=True) vs an independent torch loop of the
+  replacement rule on latents: x_T = noise with the kept latents at the first level; after each DDIM step the kept latents are z0 noised to the
   level of the next timestep (the final alpha after the last step). The latent mask is
   1 - maxpool(1 - mask): kept only where the whole 2 x 2 pixel block is kept."""
   import torch  # pylint: disable=import-outside-toplevel

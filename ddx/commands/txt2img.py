@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
   strength = common.check_float(FLAGS, "strength")
   if strength is not None and not 0.0 < strength <= 1.0:
     raise ValueError(f"--strength: must be in (0, 1], got {strength}")
-  init = FLAGS.init_image
+  init, mask_path = FLAGS.init_image, None
   if init is None:
     for name in ("strength", "mask"):
       if FLAGS[name].value is not None:
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
       if FLAGS[name].value is not None:
         raise ValueError(f"--{name}: not used with --init_image (the image's size is the output size)")
     if FLAGS.mask is not None:
-      common.check_paths(FLAGS, "mask", 1)
+      mask_path = common.check_paths(FLAGS, "mask", 1)[0]
       if strength is not None:
         raise ValueError("--strength: not used with --mask (inpainting runs the whole grid)")
     elif FLAGS.paste:
@@ -135,16 +135,16 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
       raise ValueError(f"--init_image: {init}: {str(e).split(': ', 1)[1]}") from None
     extra["init_image"] = image
+    if mask_path is not None:
+      extra["mask"] = images.load_mask(mask_path, size, 1)[..., 0]
     t0 = time.time()
-    if FLAGS.mask is None:
+    if mask_path is None:
       kind = "img2img"
       extra["strength"] = np.float32(strength)
       out = pipe.img2img(prompts, image, strength=strength, **kw)
     else:
       kind = "inpaint"
-      mask = images.load_mask(FLAGS.mask, size, 1)[..., 0]
-      extra["mask"] = mask
-      out = pipe.inpaint(prompts, image, mask, paste=FLAGS.paste, **kw)
+      out = pipe.inpaint(prompts, image, extra["mask"], paste=FLAGS.paste, **kw)
   out = np.asarray(out)
   dt = time.time() - t0
   common.refuse_nonfinite(f"pipeline {FLAGS.pipeline}", samples=out)
