@@ -140,7 +140,6 @@ class Pipeline:
     return latent.generate(self.unet, self.vae, context, uncond, smp, x_T,
                            jax.random.fold_in(key, 1), guidance_scale=guidance)
 
-
   def img2img(self, prompts: Sequence[str], image, *, strength: float = 0.75, key: jax.Array,
               **kwargs):
     """SDEdit of ``image`` under each prompt (`ddx.latent.img2img`; keys and conventions there).
