@@ -3,7 +3,7 @@
 Trains (or resumes) in --workdir: the config is validated before anything is built, then
 translated into the explicit arguments of `ddx.loop.run`. ``kind="autoencoder"`` configs and
 latent diffusion configs (``latent.autoencoder_workdir``) are set up by
-`ddx.commands.train_latent`.
+`ddx.commands._train_latent` (a helper module, not a command).
 """
 
 from __future__ import annotations
@@ -42,11 +42,11 @@ def main(argv: list[str]) -> int:
   d = cfg["data"]
   source = data.make_source(d["name"], split=d["split"], data_dir=d["data_dir"], image_size=d["image_size"] or None)
   if cfg["kind"] == "autoencoder":
-    from ddx.commands import train_latent  # pylint: disable=import-outside-toplevel
+    from ddx.commands import _train_latent as train_latent  # pylint: disable=import-outside-toplevel
     return train_latent.train_autoencoder(workdir, cfg, source, _loop_spec(cfg), stop_after)
   decode = None
   if cfg["latent"]["autoencoder_workdir"]:
-    from ddx.commands import train_latent  # pylint: disable=import-outside-toplevel
+    from ddx.commands import _train_latent as train_latent  # pylint: disable=import-outside-toplevel
     source, decode = train_latent.latent_source(workdir, cfg, source)
   h, _, c = source.image_shape
   cfg["model"] = m = unet_kwargs(**cfg["model"])
