@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ddx.data import image_ops
+from ddx.data.arrays import ArraySource
 
 NUM_EXAMPLES = 1797
 NATIVE_SIZE = 8
@@ -25,7 +26,7 @@ _MAX_VALUE = 16.0
 SPLITS = ("train", "all")
 
 
-class DigitsSource:
+class DigitsSource(ArraySource):
   """Random-access source over sklearn's digits (grain ``RandomAccessDataSource``).
 
   ``source[i]`` is ``{"image": float32 [H, W, 1] in [-1, 1], "label": int32}``.
@@ -47,37 +48,9 @@ class DigitsSource:
     images = images[..., None]  # [N, 8, 8, 1]
     if image_size is not None and image_size != NATIVE_SIZE:
       images = np.stack([image_ops.resize(im, image_size) for im in images])
-    self._images = np.clip(images, -1.0, 1.0).astype(np.float32)
-    self._labels = np.asarray(bunch.target, np.int32)
-    self._images.setflags(write=False)
-    self._labels.setflags(write=False)
+    super().__init__(np.clip(images, -1.0, 1.0), bunch.target, NUM_CLASSES)
     self.split = split
     self.image_size = int(self._images.shape[1])
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    return tuple(self._images.shape[1:])
-
-  @property
-  def num_classes(self) -> int:
-    return NUM_CLASSES
-
-  @property
-  def images(self) -> np.ndarray:
-    """All images as one read-only float32 ``[N, H, W, 1]`` array."""
-    return self._images
-
-  @property
-  def labels(self) -> np.ndarray:
-    """All labels as one read-only int32 ``[N]`` array."""
-    return self._labels
-
-  def __len__(self) -> int:
-    return int(self._labels.shape[0])
-
-  def __getitem__(self, record_key: int) -> dict[str, np.ndarray]:
-    i = int(record_key)
-    return {"image": self._images[i].copy(), "label": self._labels[i].copy()}
 
   def __repr__(self) -> str:
     return f"DigitsSource(split={self.split!r}, image_shape={self.image_shape})"
