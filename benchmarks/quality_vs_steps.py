@@ -3,7 +3,7 @@ Table 1 experiment, run on a ddx workdir.
 
     python benchmarks/quality_vs_steps.py --workdir=runs/digits_large [--num=1000 --seeds=0]
         [--steps=10,20,50,100,1000] [--samplers=ddpm,ddim0,ddim1,plms,dpm_solver++]
-        [--features=digits | --features=inception --inception_weights=PATH] [--out=DIR]
+        [--features=digits | --features=inception --inception_weights=PATH] [--out=DIR] [--resume]
 
 Rows: ``ddpm`` = DDPM ancestral sampling with fixed_large variance on the respaced grid (the
 DDIM paper's σ̂ row), ``ddim0`` / ``ddim1`` = DDIM η = 0 / 1, ``plms``, ``dpm_solver++`` (2M);
@@ -20,6 +20,11 @@ comparison), ``quality_vs_steps.json`` and ``quality_vs_steps.png`` (FD vs S, lo
 ``--out`` (default: the workdir). With digits features the plot and table also give the FD
 floor of real data: FD(held-out digits, training digits) on the digits feature network's own
 split (360 vs 1437 images).
+
+The JSON is rewritten after every measured cell. With ``--resume`` the cells already in
+``<out>/quality_vs_steps.json`` are kept and not measured again, if that file was written for
+the same checkpoint step, feature network and N: an interrupted study continues where it
+stopped, and a column (say S = 1000) can be added to a finished one.
 """
 
 from __future__ import annotations
@@ -127,6 +132,25 @@ def digits_floor(net) -> float:
   return frechet.frechet_distance(features.compute_features(net, xtr, 250), features.compute_features(net, xte, 250))
 
 
+def previous_results(path: str, *, step: int, features: str, num: int) -> dict:
+  """{(row, S): [cell, ...]} of an earlier run's JSON at ``path`` if it measured the same
+  checkpoint ``step`` with the same ``features`` and ``num``; {} if there is no such file.
+  A file from other settings is an error rather than something to mix in or overwrite."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  theirs = (old.get("step"), old.get("features"), old.get("num"))
+  if theirs != (step, features, num):
+    raise SystemExit(f"--resume: {path} holds step {theirs[0]}, features {theirs[1]}, N={theirs[2]}; "
+                     f"this run is step {step}, features {features}, N={num} (use another --out)")
+  results: dict = {}
+  for x in old.get("results", []):
+    x = dict(x)
+    results.setdefault((x.pop("sampler"), x.pop("steps")), []).append(x)
+  return results
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workdir", required=True)
@@ -139,6 +163,8 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=250)
   ap.add_argument("--cache_dir", default=None, help="reference statistics (default <workdir>/eval_cache)")
   ap.add_argument("--out", default=None, help="output directory (default: the workdir)")
+  ap.add_argument("--resume", action="store_true",
+                  help="keep the cells of <out>/quality_vs_steps.json measured with the same step, features and N")
   args = ap.parse_args(argv)
 
   from ddx import checkpoint  # pylint: disable=import-outside-toplevel
@@ -190,17 +216,37 @@ def main(argv=None) -> int:
   if floor is not None:
     print(f"floor: FD(held-out digits, training digits) = {floor:.4g}", flush=True)
 
-  todo = plan(rows, steps, T)
+  out = os.path.abspath(args.out) if args.out else workdir
+  os.makedirs(out, exist_ok=True)
+  json_path = os.path.join(out, "quality_vs_steps.json")
   results: dict = {}
+  if args.resume:  # cells of other seeds are not part of this study
+    for cell, xs in previous_results(json_path, step=step, features=net.name, num=args.num).items():
+      if [x for x in xs if x["seed"] in seeds]:
+        results[cell] = [x for x in xs if x["seed"] in seeds]
+  kept = [(r, s, x["seed"]) for (r, s), xs in results.items() for x in xs]
+  if args.resume:
+    print(f"--resume: {len(kept)} measured cell(s) kept from {json_path}", flush=True)
+
+  def save():
+    with open(json_path, "w") as f:
+      json.dump({"workdir": workdir, "step": step, "features": net.name, "num": args.num, "seeds": seeds,
+                 "floor": floor, "results": [{"sampler": r, "steps": s, **x} for (r, s), xs in results.items()
+                                             for x in xs]}, f, indent=1)
+
+  todo = plan(rows, steps, T)
   t0 = time.time()
   for i, (r, S) in enumerate(todo):
     _, name, eta, overrides = ROWS[r]
     kw = config_lib.sampler_kwargs({**cfg["diffusion"], **overrides}, sampler=name, eta=eta, clip_sample=clip)
     fn = service.make_sample_fn(graphdef, ddx.samplers.make(name, sched, S, **kw), num_classes, mesh)
     for seed in seeds:
+      if (r, S, seed) in kept:
+        continue
       m = quality.measure(fn, params, image_shape=(size, size, ch), num=args.num, batch=args.batch,
                           key=jax.random.key(seed), net=net, reference=ref, num_classes=num_classes)
       results.setdefault((r, S), []).append({"seed": seed, **m})
+      save()
       el = time.time() - t0
       done = i + (seeds.index(seed) + 1) / len(seeds)
       print(f"[{i + 1}/{len(todo)}] {ROWS[r][0]:20s} S={S:<5d} seed {seed}: {fd_name} {m['fd']:.4g}  "
@@ -212,14 +258,9 @@ def main(argv=None) -> int:
   table = tables(results, rows, steps, fd_name=fd_name, floor=floor, num=args.num, seeds=seeds,
                  kid_scale=1e3 if args.features == "inception" else 1.0)
   print("\n" + table)
-  out = os.path.abspath(args.out) if args.out else workdir
-  os.makedirs(out, exist_ok=True)
+  save()
   with open(os.path.join(out, "quality_vs_steps.md"), "w") as f:
     f.write(f"{title}\n\n{table}\n")
-  with open(os.path.join(out, "quality_vs_steps.json"), "w") as f:
-    json.dump({"workdir": workdir, "step": step, "features": net.name, "num": args.num, "seeds": seeds,
-               "floor": floor, "results": [{"sampler": r, "steps": s, **x} for (r, s), xs in results.items()
-                                           for x in xs]}, f, indent=1)
   png = os.path.join(out, "quality_vs_steps.png")
   plot(results, rows, steps, png, fd_name=fd_name, floor=floor, title=title)
   print(f"wrote {png}, quality_vs_steps.md and quality_vs_steps.json in {out}")

@@ -107,9 +107,11 @@ def test_auto_choice_per_backend():
     for dtype in (None, jnp.float32, jnp.bfloat16, "float16"):
       for k in (1, 3):
         assert r("auto", dtype, 512, k, backend=backend) == "lax"
-  for k in (1, 3):
-    assert r("auto", None, 512, k, backend="cpu") == "lax"
-    assert r("auto", jnp.float32, 512, k, backend="cpu") == "lax"
+  for dtype in (None, jnp.float32):  # float32 on CPU: 1x1 as a product, 3x3 on XLA's op
+    assert r("auto", dtype, 512, 3, backend="cpu") == "lax"
+    assert r("auto", dtype, 3, 3, backend="cpu") == "lax"
+    assert r("auto", dtype, 512, 1, backend="cpu") == "dots"
+    assert r("auto", dtype, 3, 1, backend="cpu") == "dots"
   assert r("auto", jnp.bfloat16, layers.DOTS_MIN_CHANNELS, 3, backend="cpu") == "dots"
   assert r("auto", "float16", layers.DOTS_MIN_CHANNELS, 3, backend="cpu") == "dots"
   assert r("auto", jnp.bfloat16, layers.DOTS_MIN_CHANNELS - 1, 3, backend="cpu") == "lax"
@@ -140,15 +142,17 @@ def _all_primitives(closed):
   return names
 
 
-@pytest.mark.parametrize("impl,dtype,channels,expect_conv", [
-    ("lax", None, 8, True), ("dots", None, 8, False),
-    ("auto", None, 256, True),                     # float32 on CPU: XLA's convolution
-    ("auto", jnp.bfloat16, 256, False),            # bfloat16, >= 256 channels on CPU: dots
-    ("auto", jnp.bfloat16, 8, True),
+@pytest.mark.parametrize("impl,dtype,channels,k,expect_conv", [
+    ("lax", None, 8, 3, True), ("dots", None, 8, 3, False), ("lax", None, 8, 1, True),
+    ("auto", None, 256, 3, True),                  # float32 3x3 on CPU: XLA's convolution
+    ("auto", None, 256, 1, False),                 # 1x1 on CPU: a product, in every dtype
+    ("auto", jnp.bfloat16, 8, 1, False),
+    ("auto", jnp.bfloat16, 256, 3, False),         # bfloat16, >= 256 channels on CPU: dots
+    ("auto", jnp.bfloat16, 8, 3, True),
 ])
-def test_forced_implementation_on_cpu(impl, dtype, channels, expect_conv):
+def test_forced_implementation_on_cpu(impl, dtype, channels, k, expect_conv):
   assert jax.default_backend() == "cpu"
-  conv = layers.Conv(channels, 4, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, impl=impl,
+  conv = layers.Conv(channels, 4, (k, k), padding=((k // 2, k // 2),) * 2, dtype=dtype, impl=impl,
                      rngs=nnx.Rngs(0))
   x = jnp.ones((1, 4, 4, channels), jnp.float32)
   graphdef, state = nnx.split(conv)

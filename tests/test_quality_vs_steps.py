@@ -4,6 +4,7 @@ table, the JSON and the plot are written and hold finite numbers for every plann
 import importlib.util
 import json
 import os
+import re
 import sys
 
 import jax
@@ -81,3 +82,24 @@ def test_quality_vs_steps_bad_input(workdir, tmp_path):
     with pytest.raises(SystemExit, match=msg.replace("[", r"\[")):
       mod.main([f"--workdir={workdir}", f"--out={tmp_path / 'o'}", *args])
   assert not os.path.exists(tmp_path / "o")
+
+
+def test_quality_vs_steps_resume_adds_a_column(workdir, tmp_path, capsys):
+  mod = _script()
+  out, cache = str(tmp_path / "out"), f"--cache_dir={tmp_path / 'cache'}"
+  common = [f"--workdir={workdir}", "--num=8", "--batch=8", "--samplers=ddim0", f"--out={out}", cache]
+  assert mod.main([*common, "--steps=2"]) == 0
+  first = json.load(open(os.path.join(out, "quality_vs_steps.json")))["results"]
+  capsys.readouterr()
+  assert mod.main([*common, "--steps=2,3", "--resume"]) == 0
+  printed = capsys.readouterr().out
+  assert "--resume: 1 measured cell(s) kept" in printed
+  sampled = re.findall(r"S=(\d+) +seed", printed)
+  assert sampled == ["3"], sampled  # only the new column is sampled
+  rec = json.load(open(os.path.join(out, "quality_vs_steps.json")))
+  assert [r for r in rec["results"] if r["steps"] == 2] == first
+  assert {r["steps"] for r in rec["results"]} == {2, 3}
+  assert "| ddim η=0 | " + f"{first[0]['fd']:.4g} | " in open(os.path.join(out, "quality_vs_steps.md")).read()
+  with pytest.raises(SystemExit, match="--resume: .* N=8; this run is .* N=9"):
+    mod.main([f"--workdir={workdir}", "--num=9", "--batch=8", "--samplers=ddim0", "--steps=2", f"--out={out}",
+              cache, "--resume"])

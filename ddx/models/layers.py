@@ -117,13 +117,15 @@ class GroupNorm(nnx.Module):
 CONV_IMPLS = ("auto", "lax", "dots")
 
 # What "auto" means on each backend (see the README, "Speed on CPU"): XLA's own convolution
-# everywhere, except for low-precision (bfloat16 / float16) convolutions on the CPU that are
-# 1x1 or have at least DOTS_MIN_CHANNELS input channels: those run as one matrix product with
-# float32 accumulation, because XLA:CPU has a fast bfloat16 x bfloat16 -> float32 dot but runs
-# bfloat16 convolutions no faster than float32 ones. Measured per U-Net shape (batch 16):
-# 1x1 and >= 256-channel 3x3 convolutions 0.3-0.9x the time of the convolution op; 3x3 with
-# 128 input channels (and the 3-channel conv_out) 1.4-6x, so those stay on "lax". In float32,
-# XLA:CPU's convolutions run at its dot ceiling and the products are slower.
+# everywhere, except on the CPU for
+# * 1x1 convolutions, in every dtype: XLA:CPU runs them at 50-150 GFLOP/s forward and 45-90
+#   backward on a 2-core Zen 4, its dots at 80-190 and 85-150 (median 2x faster forward and
+#   backward over the CIFAR-10 U-Net's shapes);
+# * low-precision (bfloat16 / float16) convolutions with at least DOTS_MIN_CHANNELS input
+#   channels: XLA:CPU has a fast bfloat16 x bfloat16 -> float32 dot but runs bfloat16
+#   convolutions no faster than float32 ones (>= 256-channel 3x3: 0.3-0.9x the time of the
+#   convolution op; 3x3 with 128 input channels and the 3-channel conv_out 1.4-6x, so those
+#   stay on "lax"). Float32 3x3 convolutions run near XLA's dot ceiling and stay on "lax".
 DOTS_MIN_CHANNELS = 256
 
 
@@ -140,7 +142,7 @@ def resolve_conv_impl(impl: str, dtype, in_channels: int, kernel_size: int = 3,
     return impl
   backend = backend or jax.default_backend()
   low_precision = dtype is not None and jnp.dtype(dtype).itemsize < 4
-  if backend == "cpu" and low_precision and (kernel_size == 1 or in_channels >= DOTS_MIN_CHANNELS):
+  if backend == "cpu" and (kernel_size == 1 or (low_precision and in_channels >= DOTS_MIN_CHANNELS)):
     return "dots"
   return "lax"
 
