@@ -8,10 +8,11 @@ Changes from configs/digits.py: base_channels 16 -> 24 and num_res_blocks 1 -> 2
 warmup 200 -> 300, and at the last step the digits FD / KID / precision / recall of 500
 DDIM-50 samples (train.eval_every, into metrics.jsonl and TensorBoard).
 
-Measured (2026-11-22, 2-core AMD EPYC, jax 0.10.2, no other job running): 3000 steps at
-1.50 steps/s, 33 min 40 s wall in all (compilation, two sample grids, three checkpoints and
-the final evaluation of 63 s included). The final evaluation: FD 3.14, KID 17.6 +- 15.0,
-precision 0.78, recall 0.91 (500 DDIM-50 samples, digits CNN features).
+Measured (2026-11-22, 2-core AMD EPYC Zen 4, jax 0.10.2, nothing else running): 29 min 4 s
+wall in all (compilation, 3000 steps at 1.75 steps/s on average, two sample grids, three
+checkpoints and the final evaluation of 58 s). The final evaluation: FD 3.14, KID 17.6 +- 15,
+precision 0.78, recall 0.91 (500 DDIM-50 samples, digits CNN features). A first run on a
+machine shared with other jobs took 33 min 40 s; the two runs' weights are bitwise equal.
 """
 
 from configs import digits
