@@ -9,8 +9,8 @@ from flax import nnx
 
 import ddx
 from ddx import latent
-from ddx.models import AutoencoderKL, UNetCond, autoencoder_from_diffusers, from_diffusers
-from tests._latent_refs import refs
+from ddx.models import AutoencoderKL, autoencoder_from_diffusers, from_diffusers
+from tests._latent_refs import abstract_tiny, refs
 
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
             layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -120,12 +120,7 @@ def test_context_guidance_wrappers():
 
 
 def test_bad_inputs():
-  unet = nnx.eval_shape(lambda: UNetCond(
-      block_out_channels=(16, 32), down_cross=(True, False), up_cross=(False, True),
-      layers_per_block=1, num_heads=2, cross_attention_dim=12, norm_num_groups=4,
-      rngs=nnx.Rngs(0)))
-  vae = nnx.eval_shape(lambda: AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4,
-                                             rngs=nnx.Rngs(0)))
+  unet, vae = abstract_tiny()
   s = latent.sd_sampler("ddim", 2)
   ctx, x = jnp.zeros((2, 7, 12)), jnp.zeros((2, 8, 8, 4))
   cases = [

@@ -14,8 +14,7 @@ from flax import nnx
 from PIL import Image
 
 from ddx import cli, latent
-from ddx.models import AutoencoderKL, UNetCond
-from tests._latent_refs import refs
+from tests._latent_refs import abstract_tiny, refs
 from tests.test_latent import GUIDANCE, SD_SCHED, STEPS, build_components, rel_err
 from tests.test_pipeline import PROMPTS, folder  # noqa: F401  (the pipeline-folder fixture)
 
@@ -155,18 +154,8 @@ def test_inpaint_matches_torch_replacement_loop(components):
   assert max(errs.values()) < 1e-5, errs
 
 
-def _abstract():
-  unet = nnx.eval_shape(lambda: UNetCond(
-      block_out_channels=(16, 32), down_cross=(True, False), up_cross=(False, True),
-      layers_per_block=1, num_heads=2, cross_attention_dim=12, norm_num_groups=4,
-      rngs=nnx.Rngs(0)))
-  vae = nnx.eval_shape(lambda: AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4,
-                                             rngs=nnx.Rngs(0)))
-  return unet, vae
-
-
 def test_bad_inputs():
-  unet, vae = _abstract()
+  unet, vae = abstract_tiny()
   ddim = latent.sd_sampler("ddim", 4)
   ctx, img, key = jnp.zeros((2, 7, 12)), jnp.zeros((2, 16, 16, 3)), jax.random.key(0)
   base = dict(unet=unet, vae=vae, context=ctx, uncond_context=ctx, sampler=ddim, image=img, key=key)
