@@ -220,10 +220,11 @@ def main(argv=None) -> int:
   os.makedirs(out, exist_ok=True)
   json_path = os.path.join(out, "quality_vs_steps.json")
   results: dict = {}
-  if args.resume:  # cells of other seeds are not part of this study
+  if args.resume:
     for cell, xs in previous_results(json_path, step=step, features=net.name, num=args.num).items():
-      if [x for x in xs if x["seed"] in seeds]:
-        results[cell] = [x for x in xs if x["seed"] in seeds]
+      mine = [x for x in xs if x["seed"] in seeds]  # other seeds are not part of this study
+      if mine:
+        results[cell] = mine
   kept = [(r, s, x["seed"]) for (r, s), xs in results.items() for x in xs]
   if args.resume:
     print(f"--resume: {len(kept)} measured cell(s) kept from {json_path}", flush=True)

@@ -183,3 +183,14 @@ def test_unet_dots_equal_lax(dtype):
   tol = (2e-5, 1e-4) if dtype is None else (5e-2, 1e-1)
   assert _rel(results["dots"][0], results["lax"][0]) < tol[0]
   assert _rel(results["dots"][1], results["lax"][1]) < tol[1]
+
+
+def test_auto_falls_back_to_lax_where_dots_do_not_apply():
+  # a 1x1 conv resolves to "dots" on CPU, but string padding is not something the products
+  # take: "auto" must run XLA's op rather than fail; a forced "dots" gives the one-line error
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 6))
+  ref = nnx.Conv(6, 4, (1, 1), padding="SAME", rngs=nnx.Rngs(1))(x)
+  got = layers.Conv(6, 4, (1, 1), padding="SAME", impl="auto", rngs=nnx.Rngs(1))(x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+  with pytest.raises(ValueError, match="conv_impl: 'dots' needs a 2-D convolution with explicit padding"):
+    layers.Conv(6, 4, (1, 1), padding="SAME", impl="dots", rngs=nnx.Rngs(1))(x)

@@ -232,7 +232,9 @@ class Conv(nnx.Conv):
   def __call__(self, x: Array) -> Array:
     stride = self.strides if isinstance(self.strides, int) else self.strides[0]
     impl = resolve_conv_impl(self.impl, self.dtype, self.in_features, self.kernel_size[0])
-    if impl == "lax" or x.ndim != 4:
+    # "auto" never fails: a layout the products do not cover (string padding, dilation,
+    # groups, a mask) stays on XLA's op; only an explicit "dots" insists
+    if impl == "lax" or x.ndim != 4 or (self.impl == "auto" and not self._dots_supported()):
       return super().__call__(x)
     if not self._dots_supported():
       raise ValueError(f"conv_impl: 'dots' needs a 2-D convolution with explicit padding, equal "
