@@ -36,16 +36,32 @@ def _rows():
   key = jax.random.key(1)
   for kind, group, case, tol in om.CASES:
     res = om.measure(kind, case, f64=kind in om.HAS_F64)
-    yield (kind, group, om.case_id(case, om.DEFAULTS[kind]), "stock", _err(res),
-           _err(res["f64"]) if "f64" in res else None, tol)
+    yield (
+      kind,
+      group,
+      om.case_id(case, om.DEFAULTS[kind]),
+      "stock",
+      _err(res),
+      _err(res["f64"]) if "f64" in res else None,
+      tol,
+    )
   for case in om.DOC_DDIM_CASES:
     ours = om.ddim_ddx(case, key)
-    ref, name = ((om.ddim_via_dpm1_reference(case), "DPM++ order 1, same grid") if case["eta"] == 0 else
-                 (om.ddim_via_ddpm_reference(case, key), "DDPM fixed_small, same grid"))
+    ref, name = (
+      (om.ddim_via_dpm1_reference(case), "DPM++ order 1, same grid")
+      if case["eta"] == 0
+      else (om.ddim_via_ddpm_reference(case, key), "DDPM fixed_small, same grid")
+    )
     stock = om.compare(ours, om.ddim_reference(case, key))
-    yield ("ddim", "next listed timestep (linspace / trailing T%S != 0; diffusers#11347)",
-           om.case_id(case, om.DDIM_DEFAULTS), f"{name} (stock DDIM: {_err(stock):.1e})",
-           _err(om.compare(ours, ref)), None, om.TOL)
+    yield (
+      "ddim",
+      "next listed timestep (linspace / trailing T%S != 0; diffusers#11347)",
+      om.case_id(case, om.DDIM_DEFAULTS),
+      f"{name} (stock DDIM: {_err(stock):.1e})",
+      _err(om.compare(ours, ref)),
+      None,
+      om.TOL,
+    )
   for case in om.DOC_PLMS_CASES:
     ours = om.plms_ddx(case)
     r32 = om.compare(ours, om.plms_converted_reference(case))
@@ -54,8 +70,15 @@ def _rows():
     if case["prediction"] == "v":
       note = f" (stock v_prediction: {_err(om.compare(ours, om.plms_reference(case))):.1e})"
     tol = om.TOL
-    yield ("plms", f"{case['prediction']}-prediction converted at the evaluation point",
-           om.case_id(case, om.PLMS_DEFAULTS), "PNDM eps on converted model" + note, _err(r32), _err(r64), tol)
+    yield (
+      "plms",
+      f"{case['prediction']}-prediction converted at the evaluation point",
+      om.case_id(case, om.PLMS_DEFAULTS),
+      "PNDM eps on converted model" + note,
+      _err(r32),
+      _err(r64),
+      tol,
+    )
 
 
 def _fmt(x):
@@ -78,15 +101,20 @@ def main(argv=None):
     groups = collections.OrderedDict()
     for r in rows:
       groups.setdefault((r[0], r[1]), []).append(r)
-    print("| sampler | knob group | cases | max rel err vs diffusers (f32) | vs f64-evaluated diffusers | tol (f32) | all ok |")
+    print(
+      "| sampler | knob group | cases | max rel err vs diffusers (f32) | vs f64-evaluated diffusers "
+      "| tol (f32) | all ok |"
+    )
     print("|---|---|---|---|---|---|---|")
     for (kind, group), rs in groups.items():
       e32 = max(r[4] for r in rs)
       e64s = [r[5] for r in rs if r[5] is not None]
       ok = all(r[4] <= r[6] and (r[5] is None or r[5] <= max(r[6], om.TOL)) for r in rs)
       tol = max(r[6] for r in rs)
-      print(f"| {kind} | {group} | {len(rs)} | {_fmt(e32)} | {_fmt(max(e64s) if e64s else None)} | {tol:g} | "
-            f"{'yes' if ok else '**NO**'} |")
+      print(
+        f"| {kind} | {group} | {len(rs)} | {_fmt(e32)} | {_fmt(max(e64s) if e64s else None)} | {tol:g} | "
+        f"{'yes' if ok else '**NO**'} |"
+      )
   print(f"\n{len(rows)} cases, {time.time() - t0:.0f} s")
 
 

@@ -23,17 +23,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ddx  # noqa: E402
 from ddx import eval as ddx_eval  # noqa: E402
-from ddx import config as config_lib, guidance, service  # noqa: E402
+from ddx import guidance  # noqa: E402
+from ddx.cli import config as config_lib
+from ddx.cli import restore
 
 SETTINGS = {
-    "clip, eps re-derived (ddx default)": dict(clip_sample=True),
-    "clip, model eps (diffusers default)": dict(clip_sample=True, use_clipped_model_output=False),
-    "no clip": dict(clip_sample=False),
+  "clip, eps re-derived (ddx default)": dict(clip_sample=True),
+  "clip, model eps (diffusers default)": dict(clip_sample=True, use_clipped_model_output=False),
+  "no clip": dict(clip_sample=False),
 }
 
 
 def _classifier(images: np.ndarray, labels: np.ndarray):
-  from sklearn.neural_network import MLPClassifier  # pylint: disable=import-outside-toplevel
+  from sklearn.neural_network import MLPClassifier
+
   clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=1000, random_state=0)
   clf.fit(images.reshape(len(images), -1), labels)
   return clf
@@ -53,7 +56,7 @@ def main() -> None:
   args = p.parse_args()
   steps = [int(s) for s in args.steps.split(",")]
 
-  model, cfg, step = service.load_model(args.workdir)
+  model, cfg, step = restore.load_model(args.workdir)
   size = cfg["model"]["image_size"]
   real = ddx.data.make_source("digits", image_size=size)
   images, labels = np.asarray(real.images), np.asarray(real.labels)
@@ -62,8 +65,10 @@ def main() -> None:
   perm = np.random.default_rng(args.seed).permutation(len(images))
   half = len(images) // 2
   floor = ddx_eval.frechet_distance(real_feats[perm[:half]], real_feats[perm[half:]])
-  print(f"workdir {args.workdir} (step {step}), {args.num} samples, features: MLP(64) hidden layer; "
-        f"floor FD(real half, real half) = {floor:.2f}")
+  print(
+    f"workdir {args.workdir} (step {step}), {args.num} samples, features: MLP(64) hidden layer; "
+    f"floor FD(real half, real half) = {floor:.2f}"
+  )
 
   model_fn = guidance.conditional(model, None)
   x_T = jax.random.normal(jax.random.key(args.seed), (args.num, size, size, cfg["model"]["in_channels"]))

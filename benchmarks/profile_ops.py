@@ -90,7 +90,8 @@ def describe(name: str, comps: dict, insts: dict) -> tuple[str, float, str]:
 
 
 def op_times(trace_dir: str) -> collections.Counter:
-  from xprof.convert import raw_to_tool_data  # pylint: disable=import-outside-toplevel
+  from xprof.convert import raw_to_tool_data
+
   planes = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
   data, _ = raw_to_tool_data.xspace_to_tool_data(planes, "trace_viewer", {})
   try:
@@ -118,16 +119,16 @@ def main(argv=None) -> int:
   if args.runs < 1 or args.top < 0:
     raise SystemExit(f"--runs: must be >= 1 (got {args.runs}); --top >= 0 (got {args.top})")
   try:
-    import xprof  # pylint: disable=import-outside-toplevel,unused-import
+    import xprof  # noqa: F401 -- only checks that it is installed
   except ImportError:
     raise SystemExit("profile_ops.py reads traces with xprof: pip install xprof") from None
 
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import _cifar_unet
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
 
-  import _cifar_unet  # pylint: disable=import-outside-toplevel
-  from ddx.models import from_diffusers  # pylint: disable=import-outside-toplevel
+  from ddx.models import from_diffusers
 
   out = os.path.abspath(args.out) if args.out else tempfile.mkdtemp(prefix="ddx_profile_")
   os.makedirs(out, exist_ok=True)
@@ -143,8 +144,7 @@ def main(argv=None) -> int:
   def loss(p):
     return jnp.mean(jnp.square(nnx.merge(graphdef, p)(x, t).astype(jnp.float32) - x))
 
-  fn = jax.jit(jax.value_and_grad(loss)) if args.work == "grad" else jax.jit(
-      lambda p: nnx.merge(graphdef, p)(x, t))
+  fn = jax.jit(jax.value_and_grad(loss)) if args.work == "grad" else jax.jit(lambda p: nnx.merge(graphdef, p)(x, t))
   compiled = fn.lower(params).compile()
   jax.block_until_ready(compiled(params))
   trace_dir = os.path.join(out, f"trace_{args.work}_{args.dtype}_{args.conv_impl}")
@@ -166,15 +166,17 @@ def main(argv=None) -> int:
     flops_cat[key] += flops
     rows.append((us / args.runs, cat, flops, shapes))
   total = sum(per_cat.values())
-  print(f"{args.work}, {args.dtype}, conv_impl={args.conv_impl}, {jax.default_backend()}: "
-        f"{total / 1e3:.0f} ms of traced op time per run")
+  print(
+    f"{args.work}, {args.dtype}, conv_impl={args.conv_impl}, {jax.default_backend()}: "
+    f"{total / 1e3:.0f} ms of traced op time per run"
+  )
   print("| category | ms per run | share | GFLOP/s |\n|---|---|---|---|")
   for cat, us in per_cat.most_common():
     rate = f"{flops_cat[cat] / us / 1e3:.0f}" if flops_cat[cat] else "–"
     print(f"| {cat} | {us / 1e3:.1f} | {100 * us / total:.1f}% | {rate} |")
   if args.top:
     print(f"\nslowest {args.top} ops:")
-    for us, cat, flops, shapes in sorted(rows, key=lambda r: -r[0])[:args.top]:
+    for us, cat, flops, shapes in sorted(rows, key=lambda r: -r[0])[: args.top]:
       rate = f"{flops / us / 1e3:6.0f} GFLOP/s" if flops else " " * 14
       print(f"{us / 1e3:8.1f} ms {rate}  {cat:28s} {shapes}")
   print(f"trace and fixture in {out}")

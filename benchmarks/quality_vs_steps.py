@@ -39,19 +39,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 # label, sampler name, eta, diffusion overrides
 ROWS = {
-    "ddpm": ("ddpm σ̂ (fixed_large)", "ddpm", 0.0, {"variance": "fixed_large"}),
-    "ddim0": ("ddim η=0", "ddim", 0.0, {}),
-    "ddim1": ("ddim η=1", "ddim", 1.0, {}),
-    "plms": ("plms", "plms", 0.0, {}),
-    "dpm_solver++": ("dpm_solver++ (2M)", "dpm_solver++", 0.0, {}),
+  "ddpm": ("ddpm σ̂ (fixed_large)", "ddpm", 0.0, {"variance": "fixed_large"}),
+  "ddim0": ("ddim η=0", "ddim", 0.0, {}),
+  "ddim1": ("ddim η=1", "ddim", 1.0, {}),
+  "plms": ("plms", "plms", 0.0, {}),
+  "dpm_solver++": ("dpm_solver++ (2M)", "dpm_solver++", 0.0, {}),
 }
 FULL_CHAIN_ONLY = ("ddpm", "ddim0", "ddim1")  # the rows that also run S = T
 STEPS = (10, 20, 50, 100, 1000)
 # DDIM paper (Song et al. 2021), Table 1, CIFAR-10 FID, S = 10, 20, 50, 100, 1000
 PAPER = {
-    "ddim0": (13.36, 6.84, 4.67, 4.16, 4.04),
-    "ddim1": (41.07, 18.36, 8.01, 5.78, 4.73),
-    "ddpm": (367.43, 133.37, 32.72, 9.99, 3.17),
+  "ddim0": (13.36, 6.84, 4.67, 4.16, 4.04),
+  "ddim1": (41.07, 18.36, 8.01, 5.78, 4.73),
+  "ddpm": (367.43, 133.37, 32.72, 9.99, 3.17),
 }
 
 
@@ -73,39 +73,49 @@ def _ints(text: str, name: str) -> list[int]:
 def _fmt(vals, digits=4):
   if not vals:
     return "–"
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import numpy as np
+
   m = float(np.mean(vals))
   return f"{m:.{digits}g}" + (f" ± {float(np.std(vals)):.2g}" if len(vals) > 1 else "")
 
 
-def tables(results, rows, steps, *, fd_name: str, floor: float | None, num: int, seeds,
-           kid_scale: float = 1.0) -> str:
+def tables(results, rows, steps, *, fd_name: str, floor: float | None, num: int, seeds, kid_scale: float = 1.0) -> str:
   """Markdown tables. KID is multiplied by ``kid_scale`` (1e3 for Inception features, the
   published convention; the digits features' KID is on its own larger scale, shown as is)."""
   head = "| sampler | " + " | ".join(f"S={s}" for s in steps) + " |"
   sep = "|" + "---|" * (len(steps) + 1)
   out = [f"{fd_name} (N = {num} samples, seeds {', '.join(map(str, seeds))}):", "", head, sep]
   for r in rows:
-    out.append(f"| {ROWS[r][0]} | " + " | ".join(_fmt([x["fd"] for x in results.get((r, s), [])]) for s in steps)
-               + " |")
+    out.append(
+      f"| {ROWS[r][0]} | " + " | ".join(_fmt([x["fd"] for x in results.get((r, s), [])]) for s in steps) + " |"
+    )
   if floor is not None:
     out += ["", f"Floor (real data): FD(held-out digits, training digits) = {floor:.4g} (360 vs 1437 images)."]
   out += ["", "KID (×10³):" if kid_scale == 1e3 else "KID:", "", head, sep]
   for r in rows:
-    out.append(f"| {ROWS[r][0]} | " + " | ".join(
-        _fmt([kid_scale * x["kid_mean"] for x in results.get((r, s), [])], 3) for s in steps) + " |")
-  out += ["", "DDIM paper, Table 1 (CIFAR-10 FID, 50k samples), for the shape:", "",
-          "| sampler | " + " | ".join(f"S={s}" for s in STEPS) + " |", "|" + "---|" * (len(STEPS) + 1)]
+    out.append(
+      f"| {ROWS[r][0]} | "
+      + " | ".join(_fmt([kid_scale * x["kid_mean"] for x in results.get((r, s), [])], 3) for s in steps)
+      + " |"
+    )
+  out += [
+    "",
+    "DDIM paper, Table 1 (CIFAR-10 FID, 50k samples), for the shape:",
+    "",
+    "| sampler | " + " | ".join(f"S={s}" for s in STEPS) + " |",
+    "|" + "---|" * (len(STEPS) + 1),
+  ]
   for r, vals in PAPER.items():
     out.append(f"| {ROWS[r][0]} | " + " | ".join(f"{v:g}" for v in vals) + " |")
   return "\n".join(out)
 
 
 def plot(results, rows, steps, path: str, *, fd_name: str, floor: float | None, title: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
+  import numpy as np
 
   fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
   for r in rows:
@@ -127,7 +137,8 @@ def plot(results, rows, steps, path: str, *, fd_name: str, floor: float | None, 
 
 
 def digits_floor(net) -> float:
-  from ddx.eval import digits_net, features, frechet  # pylint: disable=import-outside-toplevel
+  from ddx.eval import digits_net, features, frechet
+
   (xtr, _), (xte, _) = digits_net.split_data()
   return frechet.frechet_distance(features.compute_features(net, xtr, 250), features.compute_features(net, xte, 250))
 
@@ -142,8 +153,10 @@ def previous_results(path: str, *, step: int, features: str, num: int) -> dict:
     old = json.load(f)
   theirs = (old.get("step"), old.get("features"), old.get("num"))
   if theirs != (step, features, num):
-    raise SystemExit(f"--resume: {path} holds step {theirs[0]}, features {theirs[1]}, N={theirs[2]}; "
-                     f"this run is step {step}, features {features}, N={num} (use another --out)")
+    raise SystemExit(
+      f"--resume: {path} holds step {theirs[0]}, features {theirs[1]}, N={theirs[2]}; "
+      f"this run is step {step}, features {features}, N={num} (use another --out)"
+    )
   results: dict = {}
   for x in old.get("results", []):
     x = dict(x)
@@ -163,12 +176,16 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=250)
   ap.add_argument("--cache_dir", default=None, help="reference statistics (default <workdir>/eval_cache)")
   ap.add_argument("--out", default=None, help="output directory (default: the workdir)")
-  ap.add_argument("--resume", action="store_true",
-                  help="keep the cells of <out>/quality_vs_steps.json measured with the same step, features and N")
+  ap.add_argument(
+    "--resume",
+    action="store_true",
+    help="keep the cells of <out>/quality_vs_steps.json measured with the same step, features and N",
+  )
   args = ap.parse_args(argv)
 
-  from ddx import checkpoint  # pylint: disable=import-outside-toplevel
-  from ddx.eval import quality  # pylint: disable=import-outside-toplevel
+  from ddx.eval import quality
+  from ddx.training import checkpoint
+
   workdir = os.path.abspath(args.workdir)
   cfg = checkpoint.read_config(workdir)
   checkpoint.resolve_step(workdir, None)  # a clear error without a checkpoint
@@ -190,21 +207,32 @@ def main(argv=None) -> int:
   except ValueError as e:
     raise SystemExit(str(e) if str(e).startswith("--") else f"--{e}") from None
 
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jax
+  from flax import nnx
 
-  import ddx  # pylint: disable=import-outside-toplevel
-  from ddx import config as config_lib  # pylint: disable=import-outside-toplevel
-  from ddx import parallel, service  # pylint: disable=import-outside-toplevel
+  import ddx
+  from ddx import parallel
+  from ddx.cli import config as config_lib
+  from ddx.cli import restore
 
   data = cfg.get("data", {})
-  source = ddx.data.make_source(data.get("name", "digits"), split=data.get("split", "train"),
-                                data_dir=data.get("data_dir"), image_size=data.get("image_size") or None,
-                                center_crop=data.get("center_crop"))
+  source = ddx.data.make_source(
+    data.get("name", "digits"),
+    split=data.get("split", "train"),
+    data_dir=data.get("data_dir"),
+    image_size=data.get("image_size") or None,
+    center_crop=data.get("center_crop"),
+  )
   cache_dir = os.path.abspath(args.cache_dir) if args.cache_dir else os.path.join(workdir, "eval_cache")
-  ref = quality.reference_for_source(net, source, cache_dir=cache_dir, dataset=data.get("name", "digits"),
-                                     split=data.get("split", "train"), batch=args.batch)
-  model, _, step = service.load_model(workdir, which="ema_params")
+  ref = quality.reference_for_source(
+    net,
+    source,
+    cache_dir=cache_dir,
+    dataset=data.get("name", "digits"),
+    split=data.get("split", "train"),
+    batch=args.batch,
+  )
+  model, _, step = restore.load_model(workdir, which="ema_params")
   graphdef, params = nnx.split(model, nnx.Param)
   mesh = parallel.data_mesh()
   params = parallel.replicate(params, mesh)
@@ -231,33 +259,63 @@ def main(argv=None) -> int:
 
   def save():
     with open(json_path, "w") as f:
-      json.dump({"workdir": workdir, "step": step, "features": net.name, "num": args.num, "seeds": seeds,
-                 "floor": floor, "results": [{"sampler": r, "steps": s, **x} for (r, s), xs in results.items()
-                                             for x in xs]}, f, indent=1)
+      json.dump(
+        {
+          "workdir": workdir,
+          "step": step,
+          "features": net.name,
+          "num": args.num,
+          "seeds": seeds,
+          "floor": floor,
+          "results": [{"sampler": r, "steps": s, **x} for (r, s), xs in results.items() for x in xs],
+        },
+        f,
+        indent=1,
+      )
 
   todo = plan(rows, steps, T)
   t0 = time.time()
   for i, (r, S) in enumerate(todo):
     _, name, eta, overrides = ROWS[r]
     kw = config_lib.sampler_kwargs({**cfg["diffusion"], **overrides}, sampler=name, eta=eta, clip_sample=clip)
-    fn = service.make_sample_fn(graphdef, ddx.samplers.make(name, sched, S, **kw), num_classes, mesh)
+    fn = ddx.sampling.make_sample_fn(graphdef, ddx.samplers.make(name, sched, S, **kw), num_classes, mesh)
     for seed in seeds:
       if (r, S, seed) in kept:
         continue
-      m = quality.measure(fn, params, image_shape=(size, size, ch), num=args.num, batch=args.batch,
-                          key=jax.random.key(seed), net=net, reference=ref, num_classes=num_classes)
+      m = quality.measure(
+        fn,
+        params,
+        image_shape=(size, size, ch),
+        num=args.num,
+        batch=args.batch,
+        key=jax.random.key(seed),
+        net=net,
+        reference=ref,
+        num_classes=num_classes,
+      )
       results.setdefault((r, S), []).append({"seed": seed, **m})
       save()
       el = time.time() - t0
       done = i + (seeds.index(seed) + 1) / len(seeds)
-      print(f"[{i + 1}/{len(todo)}] {ROWS[r][0]:20s} S={S:<5d} seed {seed}: {fd_name} {m['fd']:.4g}  "
-            f"KID {m['kid_mean']:.3g}   {el:.0f} s elapsed, ~{el / done * (len(todo) - done):.0f} s to go",
-            flush=True)
+      print(
+        f"[{i + 1}/{len(todo)}] {ROWS[r][0]:20s} S={S:<5d} seed {seed}: {fd_name} {m['fd']:.4g}  "
+        f"KID {m['kid_mean']:.3g}   {el:.0f} s elapsed, ~{el / done * (len(todo) - done):.0f} s to go",
+        flush=True,
+      )
 
-  title = (f"{os.path.basename(workdir)} (step {step}, EMA): {fd_name} vs S, N={args.num}, "
-           f"seeds {','.join(map(str, seeds))}")
-  table = tables(results, rows, steps, fd_name=fd_name, floor=floor, num=args.num, seeds=seeds,
-                 kid_scale=1e3 if args.features == "inception" else 1.0)
+  title = (
+    f"{os.path.basename(workdir)} (step {step}, EMA): {fd_name} vs S, N={args.num}, seeds {','.join(map(str, seeds))}"
+  )
+  table = tables(
+    results,
+    rows,
+    steps,
+    fd_name=fd_name,
+    floor=floor,
+    num=args.num,
+    seeds=seeds,
+    kid_scale=1e3 if args.features == "inception" else 1.0,
+  )
   print("\n" + table)
   save()
   with open(os.path.join(out, "quality_vs_steps.md"), "w") as f:

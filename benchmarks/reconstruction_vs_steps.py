@@ -39,7 +39,9 @@ PAPER = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.000
 def plot(path: str, rows: list[tuple[int, float, float | None]]) -> None:
   """A small log-log line plot (PIL only): ddx (blue) and the paper (orange) vs S."""
   import math
+
   from PIL import Image, ImageDraw
+
   w, h, m = 520, 360, 60
   img = Image.new("RGB", (w, h), "white")
   d = ImageDraw.Draw(img)
@@ -71,26 +73,30 @@ def main(argv):
   if not FLAGS.workdir:
     raise ValueError("--workdir: required")
   from absl import logging
+
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   import jax
   import numpy as np
 
   import ddx
-  from ddx import data, edit, service
+  from ddx import data, edit
+  from ddx.cli import restore
 
-  model, cfg, step = service.load_model(FLAGS.workdir)
+  model, cfg, step = restore.load_model(FLAGS.workdir)
   size, ch = cfg["model"]["image_size"], cfg["model"]["in_channels"]
   src = data.make_source("digits", image_size=size)
-  perm = np.random.default_rng(FLAGS.seed).permutation(len(src))[:FLAGS.num]
+  perm = np.random.default_rng(FLAGS.seed).permutation(len(src))[: FLAGS.num]
   x0 = np.stack([src[int(i)]["image"] for i in perm]).reshape(-1, size, size, ch)
   # class-conditional models are inverted and decoded with the null label
-  model_fn = service.guided_model_fn(model, cfg["model"].get("num_classes"), len(x0), None)
+  model_fn = ddx.guidance.for_labels(model, cfg["model"].get("num_classes"), len(x0), None)
   rows = []
-  print(f"workdir {FLAGS.workdir} (step {step}, EMA), {len(x0)} digits at {size}x{size}; "
-        "per-dim MSE on [0, 1] (DDIM eta 0, no clipping)")
+  print(
+    f"workdir {FLAGS.workdir} (step {step}, EMA), {len(x0)} digits at {size}x{size}; "
+    "per-dim MSE on [0, 1] (DDIM eta 0, no clipping)"
+  )
   print(f"{'S':>5s} {'ddx':>10s} {'paper (CIFAR-10)':>17s} {'seconds':>8s}")
   for s in [int(v) for v in FLAGS.steps.split(",")]:
-    _, sampler = service.make_sampler(cfg, "ddim", s, eta=0.0, clip_sample=False)
+    _, sampler = restore.make_sampler(cfg, "ddim", s, eta=0.0, clip_sample=False)
     t0 = time.time()
     rec = np.asarray(jax.device_get(edit.reconstruct(model_fn, sampler, x0)))
     mse = float(np.mean(((rec - x0) / 2.0) ** 2))
@@ -101,8 +107,16 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   plot(out + ".png", rows)
   with open(out + ".json", "w") as f:
-    json.dump({"workdir": os.path.abspath(FLAGS.workdir), "step": step, "num": len(x0),
-               "rows": [{"S": s, "mse": m, "paper": p} for s, m, p in rows]}, f, indent=1)
+    json.dump(
+      {
+        "workdir": os.path.abspath(FLAGS.workdir),
+        "step": step,
+        "num": len(x0),
+        "rows": [{"S": s, "mse": m, "paper": p} for s, m, p in rows],
+      },
+      f,
+      indent=1,
+    )
   print(f"wrote {out}.png and {out}.json")
 
 

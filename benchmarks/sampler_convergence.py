@@ -49,12 +49,12 @@ STDS = np.array([0.10, 0.07, 0.04])
 STEPS = (5, 10, 20, 50, 100, 200, 500, 1000)
 
 SAMPLERS = {
-    "ddpm fixed_large": ("ddpm", dict(variance="fixed_large", clip_sample=False)),
-    "ddpm fixed_small": ("ddpm", dict(variance="fixed_small", clip_sample=False)),
-    "ddim eta=0": ("ddim", dict(eta=0.0, clip_sample=False, set_alpha_to_one=True)),
-    "ddim eta=1": ("ddim", dict(eta=1.0, clip_sample=False, set_alpha_to_one=True)),
-    "plms": ("plms", dict(set_alpha_to_one=True)),
-    "dpm_solver++": ("dpm_solver++", dict()),
+  "ddpm fixed_large": ("ddpm", dict(variance="fixed_large", clip_sample=False)),
+  "ddpm fixed_small": ("ddpm", dict(variance="fixed_small", clip_sample=False)),
+  "ddim eta=0": ("ddim", dict(eta=0.0, clip_sample=False, set_alpha_to_one=True)),
+  "ddim eta=1": ("ddim", dict(eta=1.0, clip_sample=False, set_alpha_to_one=True)),
+  "plms": ("plms", dict(set_alpha_to_one=True)),
+  "dpm_solver++": ("dpm_solver++", dict()),
 }
 
 
@@ -124,13 +124,22 @@ def main():
       print(f"  {label:17s} S={S:5d}  W={w:.3e}  TV={tv:.3e}   ({time.time() - t0:.0f} s)", flush=True)
 
   head = "| sampler | " + " | ".join(f"S={s}" for s in STEPS) + " | order |"
-  lines = [f"W (W2-like distance to the true mixture; Monte Carlo floor {floor:.1e} at N = {args.num}):", "",
-           head, "|" + "---|" * (len(STEPS) + 2)]
+  lines = [
+    f"W (W2-like distance to the true mixture; Monte Carlo floor {floor:.1e} at N = {args.num}):",
+    "",
+    head,
+    "|" + "---|" * (len(STEPS) + 2),
+  ]
   for label, rows in results.items():
     errs = [w for w, _ in rows]
     lines.append(f"| {label} | " + " | ".join(f"{w:.2e}" for w in errs) + f" | {fit_order(STEPS, errs, floor):.2f} |")
-  lines += ["", f"TV (component-weight error; floor {floor_tv:.1e}):", "", head.replace(" order |", ""),
-            "|" + "---|" * (len(STEPS) + 1)]
+  lines += [
+    "",
+    f"TV (component-weight error; floor {floor_tv:.1e}):",
+    "",
+    head.replace(" order |", ""),
+    "|" + "---|" * (len(STEPS) + 1),
+  ]
   for label, rows in results.items():
     lines.append(f"| {label} | " + " | ".join(f"{tv:.2e}" for _, tv in rows) + " |")
   table = "\n".join(lines)
@@ -139,9 +148,10 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "sampler_convergence.md"), "w") as f:
     f.write(table + "\n")
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
+
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=120)
   for label, rows in results.items():

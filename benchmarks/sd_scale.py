@@ -28,15 +28,35 @@ from flax import nnx
 
 from ddx.models import UNetCond
 
-SD15 = dict(in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-            down_cross=(True, True, True, False), up_cross=(False, True, True, True),
-            layers_per_block=2, transformer_layers=1, num_heads=8, cross_attention_dim=768,
-            use_linear_projection=False, norm_num_groups=32, norm_eps=1e-5)
+SD15 = dict(
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(320, 640, 1280, 1280),
+  down_cross=(True, True, True, False),
+  up_cross=(False, True, True, True),
+  layers_per_block=2,
+  transformer_layers=1,
+  num_heads=8,
+  cross_attention_dim=768,
+  use_linear_projection=False,
+  norm_num_groups=32,
+  norm_eps=1e-5,
+)
 
 
-_DT = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32", "u32": "uint32",
-       "bool": "bool", "pred": "bool", "s8": "int8", "u8": "uint8", "f64": "float64",
-       "s64": "int64"}
+_DT = {
+  "f32": "float32",
+  "bf16": "bfloat16",
+  "f16": "float16",
+  "s32": "int32",
+  "u32": "uint32",
+  "bool": "bool",
+  "pred": "bool",
+  "s8": "int8",
+  "u8": "uint8",
+  "f64": "float64",
+  "s64": "int64",
+}
 
 
 def nbytes(tree) -> int:
@@ -62,11 +82,14 @@ def measure(batch: int, latent: int, dtype, remat: bool) -> dict:
     if m and "from the argument" not in line:  # parameters are stored anyway
       size = int(np.prod([int(d) for d in m.group(2).split(",") if d]))
       residuals += size * jnp.dtype(_DT[m.group(1)]).itemsize
-  flops = jax.jit(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c)).lower(
-      params, x, t, ctx).cost_analysis()
+  flops = jax.jit(lambda p, x, t, c: nnx.merge(graphdef, p)(x, t, c)).lower(params, x, t, ctx).cost_analysis()
   flops = flops.get("flops", float("nan")) if isinstance(flops, dict) else float("nan")
-  return dict(params=int(sum(np.prod(v.shape) for v in jax.tree.leaves(params))),
-              param_bytes=nbytes(params), act_bytes=residuals, fwd_flops=flops)
+  return dict(
+    params=int(sum(np.prod(v.shape) for v in jax.tree.leaves(params))),
+    param_bytes=nbytes(params),
+    act_bytes=residuals,
+    fwd_flops=flops,
+  )
 
 
 def main():
@@ -80,9 +103,11 @@ def main():
   for dtype in (None, "bfloat16"):
     for remat in (False, True):
       m = measure(a.batch, a.latent, dtype, remat)
-      print(f"| {dtype or 'float32'} | {remat} | {m['params']:,} | {m['param_bytes'] / 1e9:.2f} | "
-            f"{m['act_bytes'] / a.batch / 1e9:.2f} | {m['fwd_flops'] / a.batch / 1e9:.0f} |",
-            flush=True)
+      print(
+        f"| {dtype or 'float32'} | {remat} | {m['params']:,} | {m['param_bytes'] / 1e9:.2f} | "
+        f"{m['act_bytes'] / a.batch / 1e9:.2f} | {m['fwd_flops'] / a.batch / 1e9:.0f} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ import tempfile
 import time
 
 import numpy as np
-
 from _cifar_unet import write_fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
@@ -48,16 +48,16 @@ def _rss_mb() -> float:
 def _pin(args) -> None:
   """Restrict this process to the first ``--threads`` CPUs (XLA sizes its pool from this)."""
   if args.threads:
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
 
 
 def worker_ddx(args) -> dict:
   _pin(args)
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
 
-  from ddx.models import from_diffusers  # pylint: disable=import-outside-toplevel
+  from ddx.models import from_diffusers
 
   data = np.load(os.path.join(args.dir, "inputs.npz"))
   t0 = time.perf_counter()
@@ -79,8 +79,7 @@ def worker_ddx(args) -> dict:
   mem = compiled.memory_analysis()
   xla_mb = None
   if mem is not None:
-    xla_mb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-              + mem.output_size_in_bytes) / 2**20
+    xla_mb = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20
   for _ in range(args.warmup):
     out = compiled(state, x, t).block_until_ready()
   times = []
@@ -89,17 +88,26 @@ def worker_ddx(args) -> dict:
     out = compiled(state, x, t).block_until_ready()
     times.append(time.perf_counter() - t0)
   np.save(os.path.join(args.dir, f"out_{args.worker}.npy"), np.asarray(out).transpose(0, 3, 1, 2))
-  return dict(impl=f"ddx ({args.dtype or 'float32'})", threads=f"XLA, {len(os.sched_getaffinity(0))} cpus",
-              load_s=load_s, compile_s=compile_s, times=times, rss_before=rss_before,
-              rss_peak=_rss_mb(), xla_mb=xla_mb, xla_flags=os.environ.get("XLA_FLAGS", ""))
+  return dict(
+    impl=f"ddx ({args.dtype or 'float32'})",
+    threads=f"XLA, {len(os.sched_getaffinity(0))} cpus",
+    load_s=load_s,
+    compile_s=compile_s,
+    times=times,
+    rss_before=rss_before,
+    rss_peak=_rss_mb(),
+    xla_mb=xla_mb,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+  )
 
 
 def worker_torch(args) -> dict:
   _pin(args)
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   if args.threads:
     torch.set_num_threads(args.threads)
-  from diffusers import UNet2DModel  # pylint: disable=import-outside-toplevel
+  from diffusers import UNet2DModel
 
   data = np.load(os.path.join(args.dir, "inputs.npz"))
   t0 = time.perf_counter()
@@ -125,9 +133,16 @@ def worker_torch(args) -> dict:
       times.append(time.perf_counter() - t0)
   np.save(os.path.join(args.dir, f"out_{args.worker}.npy"), out.contiguous().numpy())
   name = "torch eager" + (" channels_last" if channels_last else "")
-  return dict(impl=name, threads=f"torch {torch.get_num_threads()} threads",
-              load_s=load_s, compile_s=first_s, times=times, rss_before=rss_before,
-              rss_peak=_rss_mb(), xla_mb=None)
+  return dict(
+    impl=name,
+    threads=f"torch {torch.get_num_threads()} threads",
+    load_s=load_s,
+    compile_s=first_s,
+    times=times,
+    rss_before=rss_before,
+    rss_peak=_rss_mb(),
+    xla_mb=None,
+  )
 
 
 # XLA:CPU sends convolutions to YNNPACK by default; its kernels measured ~20% slower than
@@ -136,8 +151,16 @@ FAST_CONV_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 
 
 def run_worker(args, worker: str, extra=(), xla_flags: str | None = None) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f"--worker={worker}", f"--dir={args.dir}",
-         f"--runs={args.runs}", f"--warmup={args.warmup}", f"--threads={args.threads}", *extra]
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    f"--worker={worker}",
+    f"--dir={args.dir}",
+    f"--runs={args.runs}",
+    f"--warmup={args.warmup}",
+    f"--threads={args.threads}",
+    *extra,
+  ]
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   if xla_flags is not None:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + xla_flags).strip()
@@ -152,13 +175,12 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--runs", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--no-channels-last", action="store_true",
-                 help="skip the torch channels_last variant")
-  p.add_argument("--no-fast-conv", action="store_true",
-                 help=f"skip the ddx row with XLA_FLAGS={FAST_CONV_FLAGS}")
+  p.add_argument("--no-channels-last", action="store_true", help="skip the torch channels_last variant")
+  p.add_argument("--no-fast-conv", action="store_true", help=f"skip the ddx row with XLA_FLAGS={FAST_CONV_FLAGS}")
   p.add_argument("--bf16", action="store_true", help="also time ddx with bfloat16 compute")
-  p.add_argument("--threads", type=int, default=0,
-                 help="pin each worker to this many CPUs (torch.set_num_threads too); 0 = all")
+  p.add_argument(
+    "--threads", type=int, default=0, help="pin each worker to this many CPUs (torch.set_num_threads too); 0 = all"
+  )
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--dir", default=None, help=argparse.SUPPRESS)
   p.add_argument("--dtype", default=None, help=argparse.SUPPRESS)
@@ -192,12 +214,16 @@ def main() -> None:
       out = np.load(os.path.join(d, f"out_{w}.npy"))
       row["rel_err"] = float(np.abs(out - ref).max() / np.abs(ref).max())
 
-  print(f"UNet forward, google/ddpm-cifar10-32 config ({n_params:,} params), batch {args.batch}, "
-        f"32x32x3, float32 weights; median of {args.runs} runs after {args.warmup} warm-up; "
-        f"{os.cpu_count()} CPUs")
-  hdr = (f"{'impl':28s} {'threads':18s} {'load s':>7s} {'compile s':>10s} {'fwd ms':>9s} "
-         f"{'min-max ms':>15s} {'RSS before MB':>14s} {'peak RSS MB':>12s} {'XLA buf MB':>11s} "
-         f"{'rel err':>8s}")
+  print(
+    f"UNet forward, google/ddpm-cifar10-32 config ({n_params:,} params), batch {args.batch}, "
+    f"32x32x3, float32 weights; median of {args.runs} runs after {args.warmup} warm-up; "
+    f"{os.cpu_count()} CPUs"
+  )
+  hdr = (
+    f"{'impl':28s} {'threads':18s} {'load s':>7s} {'compile s':>10s} {'fwd ms':>9s} "
+    f"{'min-max ms':>15s} {'RSS before MB':>14s} {'peak RSS MB':>12s} {'XLA buf MB':>11s} "
+    f"{'rel err':>8s}"
+  )
   print(hdr)
   print("-" * len(hdr))
   for r in rows:
@@ -205,24 +231,30 @@ def main() -> None:
     r["median_ms"] = med
     rng_s = f"{min(r['times']) * 1e3:.0f}-{max(r['times']) * 1e3:.0f}"
     xla = f"{r['xla_mb']:.0f}" if r["xla_mb"] is not None else "-"
-    print(f"{r['impl']:28s} {r['threads']:18s} {r['load_s']:7.2f} {r['compile_s']:10.2f} "
-          f"{med:9.1f} {rng_s:>15s} {r['rss_before']:14.0f} {r['rss_peak']:12.0f} {xla:>11s} "
-          f"{r['rel_err']:8.1e}")
+    print(
+      f"{r['impl']:28s} {r['threads']:18s} {r['load_s']:7.2f} {r['compile_s']:10.2f} "
+      f"{med:9.1f} {rng_s:>15s} {r['rss_before']:14.0f} {r['rss_peak']:12.0f} {xla:>11s} "
+      f"{r['rel_err']:8.1e}"
+    )
   print("(torch 'compile s' is its first eager call; rel err = max|out - torch| / max|torch|)")
   for ddx in rows:
     if not ddx["impl"].startswith("ddx"):
       continue
     for r in rows:
       if r["impl"].startswith("torch"):
-        print(f"ratio {ddx['impl']} / {r['impl']}: median "
-              f"{ddx['median_ms'] / r['median_ms']:.2f}, min {min(ddx['times']) / min(r['times']):.2f}"
-              "  (< 1: ddx faster)")
+        print(
+          f"ratio {ddx['impl']} / {r['impl']}: median "
+          f"{ddx['median_ms'] / r['median_ms']:.2f}, min {min(ddx['times']) / min(r['times']):.2f}"
+          "  (< 1: ddx faster)"
+        )
   if not args.no_fast_conv:
     print(f"'Eigen conv' rows: XLA_FLAGS={FAST_CONV_FLAGS} (YNNPACK convolutions off)")
   load = os.getloadavg()[0]
   if load > os.cpu_count() * 0.75:
-    print(f"WARNING: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete; "
-          "torch's OpenMP threads suffer most (compare the min times, or use --threads=1)")
+    print(
+      f"WARNING: load average {load:.1f} on {os.cpu_count()} CPUs: other processes compete; "
+      "torch's OpenMP threads suffer most (compare the min times, or use --threads=1)"
+    )
   if rows[0].get("xla_flags"):
     print(f"XLA_FLAGS (all ddx rows)={rows[0]['xla_flags']}")
 

@@ -24,7 +24,7 @@ def get_config():
   c.diffusion.variance = "fixed_large"
   c.train.global_batch_size = 64
   c.train.total_steps = 2400
-  c.train.steps_per_call = 1   # CPU: unrolled steps cost compile time (see ddx.train.make_train_fn)
+  c.train.steps_per_call = 1  # CPU: unrolled steps cost compile time (see ddx.training.step.make_train_fn)
   c.train.ema_decay = 0.999
   c.train.ema_warmup = True
   c.train.checkpoint_every = 600

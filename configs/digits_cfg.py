@@ -1,7 +1,7 @@
 """Class-conditional digits with label dropout, for classifier-free guidance.
 
-    python -m ddx train --config=configs/digits_cfg.py --workdir=runs/digits_cfg
-    python -m ddx sample --workdir=runs/digits_cfg --label=3 --guidance=2.0
+python -m ddx train --config=configs/digits_cfg.py --workdir=runs/digits_cfg
+python -m ddx sample --workdir=runs/digits_cfg --label=3 --guidance=2.0
 """
 
 from configs import digits

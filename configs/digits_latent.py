@@ -16,8 +16,8 @@ def get_config():
   c.data.name = "digits"
   c.data.image_size = 16
   c.latent.autoencoder_workdir = "runs/digits_ae"
-  c.model.image_size = 8      # the autoencoder's latent side (16 / 2)
-  c.model.in_channels = 2     # and its latent channels
+  c.model.image_size = 8  # the autoencoder's latent side (16 / 2)
+  c.model.in_channels = 2  # and its latent channels
   c.model.base_channels = 32
   c.model.channel_mult = (1, 2)
   c.model.num_res_blocks = 1
@@ -40,5 +40,5 @@ def get_config():
   c.optim.final_lr_fraction = 0.05
   c.sample.num = 100
   c.sample.guidance = 2.0
-  c.sample.clip_sample = False   # latents are not in [-1, 1]
+  c.sample.clip_sample = False  # latents are not in [-1, 1]
   return c

@@ -7,23 +7,45 @@ The public surface::
     sampler = ddx.samplers.make("ddim", sched, num_steps=50, eta=0.0)
     x0 = ddx.sample(model_fn, sampler, x_T, key)
 
-Modules: ``ddx.schedules``, ``ddx.samplers``, ``ddx.diffusion``, ``ddx.losses``,
-``ddx.guidance``, ``ddx.edit`` (imported eagerly: they are small and pure), and ``ddx.models``,
-``ddx.data``, ``ddx.classifier``, ``ddx.eval``, ``ddx.latent``, ``ddx.pipeline`` (imported on first
-use: they pull in Flax NNX modules, grain, TFDS and the optional extras).
+Layers, each importing only from the ones above it:
+
+* the pure core, imported eagerly (small, no Flax modules): ``ddx.schedules``,
+  ``ddx.diffusion``, ``ddx.losses``, ``ddx.samplers``, ``ddx.sampling`` (the ``lax.scan``
+  driver, ``ddx.sample``), ``ddx.guidance``, ``ddx.edit``, ``ddx.parallel``, ``ddx.images``;
+* ``ddx.models`` (networks and their importers), ``ddx.data`` (sources and the grain
+  pipeline), ``ddx.eval`` (sample-quality metrics);
+* ``ddx.training`` (train step, loop, checkpoints) and ``ddx.latent`` (latent diffusion,
+  Stable Diffusion pipeline folders);
+* ``ddx.cli``: the ``python -m ddx`` commands.
+
+The last three layers are imported on first use (``ddx.models`` and the rest pull in Flax NNX
+modules, grain, TFDS and the optional extras).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from ddx import diffusion, edit, guidance, losses, samplers, schedules
-from ddx.driver import sample
+from ddx import diffusion, edit, guidance, images, losses, parallel, samplers, sampling, schedules
+from ddx.sampling import sample
 from ddx.schedules import Schedule
 
-_LAZY = ("models", "data", "classifier", "eval", "latent", "pipeline", "parallel", "runtime")
+_LAZY = ("models", "data", "eval", "training", "latent", "cli")
 
-__all__ = ["schedules", "samplers", "sample", "Schedule", "diffusion", "losses", "guidance", "edit", *_LAZY]
+__all__ = [
+  "schedules",
+  "samplers",
+  "sample",
+  "sampling",
+  "Schedule",
+  "diffusion",
+  "losses",
+  "guidance",
+  "edit",
+  "parallel",
+  "images",
+  *_LAZY,
+]
 __version__ = "0.1.0"
 
 

@@ -1,6 +1,6 @@
-"""``python -m ddx <command>``: see `ddx.cli`."""
+"""``python -m ddx <command>``: see `ddx.cli.main`."""
 
-from ddx.cli import run
+from ddx.cli.main import run
 
 if __name__ == "__main__":
   run()

@@ -22,9 +22,22 @@ import numpy as np
 
 from ddx.schedules import Schedule, _HostArrays
 
-__all__ = ["PREDICTIONS", "VARIANCES", "q_sample", "velocity", "snr", "x0_from_eps", "eps_from_x0", "x0_from_v",
-           "eps_from_v", "v_from_eps_x0", "to_x0_eps", "score_from_eps", "posterior_mean_variance",
-           "model_log_variance"]
+__all__ = [
+  "PREDICTIONS",
+  "VARIANCES",
+  "q_sample",
+  "velocity",
+  "snr",
+  "x0_from_eps",
+  "eps_from_x0",
+  "x0_from_v",
+  "eps_from_v",
+  "v_from_eps_x0",
+  "to_x0_eps",
+  "score_from_eps",
+  "posterior_mean_variance",
+  "model_log_variance",
+]
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
@@ -48,13 +61,13 @@ def _tables(host: _HostArrays) -> dict[str, np.ndarray]:
     coef1 = b * np.sqrt(abp) / (1.0 - ab)
     coef2 = (1.0 - abp) * np.sqrt(1.0 - b) / (1.0 - ab)
   return {
-      "posterior_variance": var,
-      "posterior_log_variance_clipped": logvar_small,
-      "fixed_large_log_variance": logvar_large,
-      "log_betas": np.log(b),
-      "posterior_mean_coef1": coef1,
-      "posterior_mean_coef2": coef2,
-      "snr": ab / (1.0 - ab),
+    "posterior_variance": var,
+    "posterior_log_variance_clipped": logvar_small,
+    "fixed_large_log_variance": logvar_large,
+    "log_betas": np.log(b),
+    "posterior_mean_coef1": coef1,
+    "posterior_mean_coef2": coef2,
+    "snr": ab / (1.0 - ab),
   }
 
 
@@ -143,7 +156,7 @@ def score_from_eps(eps: jax.Array, a) -> jax.Array:
 
 
 def posterior_mean_variance(
-    sched: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
+  sched: Schedule, x0: jax.Array, x_t: jax.Array, t: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0).
 
@@ -160,7 +173,7 @@ def posterior_mean_variance(
 
 
 def model_log_variance(
-    sched: Schedule, t: jax.Array, variance: str, var_output: jax.Array | None = None, *, like: jax.Array
+  sched: Schedule, t: jax.Array, variance: str, var_output: jax.Array | None = None, *, like: jax.Array
 ) -> jax.Array:
   """Log-variance of p(x_{t-1} | x_t) on the full chain.
 

@@ -16,7 +16,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,41 +24,38 @@ import numpy as np
 from flax import struct
 
 from ddx import diffusion
-from ddx.driver import SINGLE_STEP, Plan, sample
 from ddx.samplers import base
 from ddx.samplers.ddim import DDIM
-from ddx.samplers.ddpm import DDPM
+from ddx.sampling import Plan, sample
 
 INPAINT_METHODS = ("replace", "repaint")
 
-__all__ = ["INPAINT_METHODS", "DDIMInverse", "inverse_sampler", "invert", "reconstruct", "slerp", "interpolation_grid", "sdedit",
-           "sdedit_start", "inpaint", "repaint", "repaint_plan", "known_hook", "levels", "check_mask"]
+__all__ = [
+  "INPAINT_METHODS",
+  "DDIMInverse",
+  "inverse_sampler",
+  "invert",
+  "reconstruct",
+  "slerp",
+  "interpolation_grid",
+  "sdedit",
+  "sdedit_start",
+  "inpaint",
+  "repaint",
+  "repaint_plan",
+  "known_hook",
+  "levels",
+  "check_mask",
+]
 
 
 # --- the sampler's noise levels, float64 ---------------------------------------------------
 
 
-def levels(sampler) -> tuple[np.ndarray, np.ndarray]:
-  """``(sqrt(a), sqrt(1 - a))`` float64 [N + 1] of a DDPM/DDIM sampler: the level of each
-  model call, then the final level (after the last call).
-
-  Read back from the sampler's float32 tables, which were cast from float64 (relative
-  accuracy ~6e-8 for both, including ``1 - a`` near t = 0, where ``1 - a`` computed from a
-  float32 ``a`` would lose four digits).
-  """
-  if not isinstance(sampler, SINGLE_STEP):
-    raise ValueError(f"sampler: expected a DDPM or DDIM sampler, got {type(sampler).__name__}")
-  sa = np.asarray(sampler.sqrt_alpha, np.float64)
-  s1a = np.asarray(sampler.sqrt_one_minus_alpha, np.float64)
-  if isinstance(sampler, DDIM):
-    fa = float(np.asarray(sampler.sqrt_alpha_prev, np.float64)[-1])
-    # 1 - a' = dir_coef^2 + sigma^2 (both from float64): exact to float32 even when a' ~ 1
-    f1a = float(np.hypot(np.float64(sampler.dir_coef[-1]), np.float64(sampler.sigma[-1])))
-    if fa == 1.0:
-      f1a = 0.0
-  else:  # DDPM always ends at a' = 1
-    fa, f1a = 1.0, 0.0
-  return np.r_[sa, fa], np.r_[s1a, f1a]
+def levels(sampler, what: str = "editing") -> tuple[np.ndarray, np.ndarray]:
+  """``sampler.noise_levels()`` of a single-step sampler (ValueError naming ``what`` otherwise)."""
+  base.require_single_step(sampler, what)
+  return sampler.noise_levels()
 
 
 def _gap(sa, s1a, sb, s1b) -> np.ndarray:
@@ -85,19 +82,19 @@ class DDIMInverse(base.Common):
 
   Never clips x0: clipping is not invertible.
   """
-  timesteps: jax.Array   # int32 [N] ascending: the target timestep of each call
+
+  timesteps: jax.Array  # int32 [N] ascending: the target timestep of each call
   sqrt_alpha: jax.Array  # sqrt(a_n) at the target (output conversion)
   sqrt_one_minus_alpha: jax.Array
-  coef_x: jax.Array      # sqrt(a_n / a)
-  coef_e: jax.Array      # sqrt(1 - a_n) - sqrt(a_n) sqrt(1 - a) / sqrt(a)
+  coef_x: jax.Array  # sqrt(a_n / a)
+  coef_e: jax.Array  # sqrt(1 - a_n) - sqrt(a_n) sqrt(1 - a) / sqrt(a)
   prediction: str = struct.field(pytree_node=False, default="eps")
   stochastic: bool = struct.field(pytree_node=False, default=False)
 
   def step(self, state: base.State, model_output: jax.Array, i, noise=None) -> base.State:
     del noise
     out, _ = base.split_output(model_output, state.x)
-    x0, eps = diffusion.to_x0_eps_sqrt(out, state.x, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i],
-                                       self.prediction)
+    x0, eps = diffusion.to_x0_eps_sqrt(out, state.x, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i], self.prediction)
     return base.State(x=self.coef_x[i] * state.x + self.coef_e[i] * eps, x0=x0)
 
 
@@ -118,9 +115,13 @@ def inverse_sampler(sampler: DDIM) -> DDIMInverse:
   coef_x = tgt_sa / cur_sa
   coef_e = tgt_s1a - tgt_sa * cur_s1a / cur_sa
   return DDIMInverse(
-      timesteps=jnp.asarray(np.asarray(sampler.timesteps)[::-1].copy(), jnp.int32),
-      sqrt_alpha=base.f32(tgt_sa), sqrt_one_minus_alpha=base.f32(tgt_s1a),
-      coef_x=base.f32(coef_x), coef_e=base.f32(coef_e), prediction=sampler.prediction)
+    timesteps=jnp.asarray(np.asarray(sampler.timesteps)[::-1].copy(), jnp.int32),
+    sqrt_alpha=base.f32(tgt_sa),
+    sqrt_one_minus_alpha=base.f32(tgt_s1a),
+    coef_x=base.f32(coef_x),
+    coef_e=base.f32(coef_e),
+    prediction=sampler.prediction,
+  )
 
 
 def _check_images(name: str, x) -> jax.Array:
@@ -153,8 +154,9 @@ def invert(model_fn: Callable, sampler: DDIM, x0, return_all: bool = False, *, p
 def reconstruct(model_fn: Callable, sampler: DDIM, x0, *, progress=None) -> jax.Array:
   """``sample(invert(x0))`` on the same grid; the sampler must not clip or threshold x0."""
   if isinstance(sampler, DDIM) and sampler.x0_processing.active:
-    raise ValueError("sampler: reconstruction needs clip_sample=False and thresholding=False "
-                     "(clipping x0 is not invertible)")
+    raise ValueError(
+      "sampler: reconstruction needs clip_sample=False and thresholding=False (clipping x0 is not invertible)"
+    )
   x_T = invert(model_fn, sampler, x0, progress=progress)
   return sample(model_fn, sampler, x_T, progress=progress)
 
@@ -212,8 +214,11 @@ def sdedit_start(num_calls: int, strength: float) -> int:
   of that same call (CompVis' img2img noises to index t_enc and starts denoising one grid
   point lower). ``start == S`` means no step at all (strength < 1/S): the input is returned.
   """
-  if isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not (
-      math.isfinite(strength) and 0.0 < strength <= 1.0):
+  if (
+    isinstance(strength, bool)
+    or not isinstance(strength, (int, float, np.floating))
+    or not (math.isfinite(strength) and 0.0 < strength <= 1.0)
+  ):
     raise ValueError(f"strength: must be in (0, 1], got {strength!r}")
   init = min(int(num_calls * strength), num_calls)
   return max(num_calls - init, 0)
@@ -268,9 +273,7 @@ def _start_inpaint(sampler, x0, mask, key):
   """x_T: noise ``fold_in(key, 0)`` with the known region at the first level (noise ``fold_in(key, 3)``)."""
   x0 = _check_images("x0", x0)
   mask = check_mask(mask, x0)
-  if not isinstance(sampler, SINGLE_STEP):
-    raise ValueError(f"sampler: inpainting needs a DDPM or DDIM sampler, got {type(sampler).__name__}")
-  sa, s1a = levels(sampler)
+  sa, s1a = levels(sampler, "inpainting")
   x_T = jax.random.normal(jax.random.fold_in(key, 0), x0.shape, jnp.float32)
   z = jax.random.normal(jax.random.fold_in(key, 3), x0.shape, jnp.float32)
   x_T = mask * (jnp.float32(sa[0]) * x0 + jnp.float32(s1a[0]) * z) + (1.0 - mask) * x_T
@@ -325,8 +328,17 @@ def repaint_plan(sampler, jump_length: int = 10, jump_n_sample: int = 10) -> Pla
   return Plan(calls.astype(np.int32), up, cx.astype(np.float32), cz.astype(np.float32))
 
 
-def repaint(model_fn: Callable, sampler, x0, mask, key: jax.Array, jump_length: int = 10, jump_n_sample: int = 10,
-            *, progress=None) -> jax.Array:
+def repaint(
+  model_fn: Callable,
+  sampler,
+  x0,
+  mask,
+  key: jax.Array,
+  jump_length: int = 10,
+  jump_n_sample: int = 10,
+  *,
+  progress=None,
+) -> jax.Array:
   """RePaint: `inpaint` with resampling (`repaint_plan`), run as one scan.
 
   Keys as in `inpaint`; the plan's entries (model calls and undo steps) draw their noise from

@@ -16,7 +16,15 @@ import numpy as np
 
 from ddx import diffusion
 
-__all__ = ["conditional", "classifier_free", "classifier", "text_conditional", "classifier_free_context"]
+__all__ = [
+  "conditional",
+  "classifier_free",
+  "classifier",
+  "text_conditional",
+  "classifier_free_context",
+  "for_labels",
+  "default_labels",
+]
 
 
 def _conditional(model, y, x, t):
@@ -52,6 +60,28 @@ def classifier_free(model, labels, null_label: int, scale: float) -> jax.tree_ut
   return jax.tree_util.Partial(_cfg, model, jnp.asarray(labels, jnp.int32), int(null_label), jnp.float32(scale))
 
 
+def for_labels(model, num_classes: int | None, num: int, labels=None, guidance_scale: float = 1.0):
+  """``model_fn(x, t)`` for a batch of ``num`` of a possibly class-conditional ``model(x, t, y)``:
+  unconditional (``num_classes`` None or 0), class-conditional (``labels`` int [num]; None = the
+  null label ``num_classes``), or classifier-free guided when ``guidance_scale != 1``."""
+  if not num_classes:
+    return conditional(model, None)
+  y = jnp.full((num,), num_classes, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
+  if guidance_scale != 1.0:
+    return classifier_free(model, y, num_classes, guidance_scale)
+  return conditional(model, y)
+
+
+def default_labels(num: int, num_classes: int | None, label: int | None = None) -> np.ndarray | None:
+  """int32 [num] labels for a class-conditional model: ``label`` everywhere, else cycling
+  0..num_classes-1; None for an unconditional model."""
+  if not num_classes:
+    return None
+  if label is not None:
+    return np.full((num,), label, np.int32)
+  return (np.arange(num) % num_classes).astype(np.int32)
+
+
 def _text_conditional(model, context, x, t):
   return model(x, t, context)
 
@@ -73,8 +103,9 @@ def classifier_free_context(model, context, uncond_context, scale: float) -> jax
   """Classifier-free guidance over text contexts: ``out_u + scale (out_c - out_u)`` with
   ``out_c = model(x, t, context)`` and ``out_u = model(x, t, uncond_context)`` (both [B, L, D];
   the unconditional one is usually the empty prompt's embedding), evaluated as one batch of 2B."""
-  return jax.tree_util.Partial(_cfg_context, model, jnp.asarray(context, jnp.float32),
-                               jnp.asarray(uncond_context, jnp.float32), jnp.float32(scale))
+  return jax.tree_util.Partial(
+    _cfg_context, model, jnp.asarray(context, jnp.float32), jnp.asarray(uncond_context, jnp.float32), jnp.float32(scale)
+  )
 
 
 def _classifier_guided(model_fn, classifier_fn, y, scale, sqrt_a, sqrt_1ma, prediction, x, t):
@@ -107,7 +138,7 @@ def classifier(model_fn, classifier_fn, labels, scale: float, sched, prediction:
     model_fn: ``(x, t) -> output`` (eps / x0 / v per ``prediction``; learned-variance channels
       are passed through).
     classifier_fn: ``(x_t, t) -> logits [B, K]``, a noise-conditioned classifier (e.g.
-      `ddx.classifier.NoisyClassifier`); a Partial or nnx.Module keeps its weights traced.
+      `ddx.training.classifier.NoisyClassifier`); a Partial or nnx.Module keeps its weights traced.
     labels: int [B], the class each sample is steered toward.
     scale: the guidance scale s (0 = unguided).
     sched: the model's `ddx.Schedule`.
@@ -121,5 +152,13 @@ def classifier(model_fn, classifier_fn, labels, scale: float, sched, prediction:
   f = sched.f64.alphas_cumprod
   sqrt_a = jnp.asarray(np.sqrt(f).astype(np.float32))
   sqrt_1ma = jnp.asarray(np.sqrt(1.0 - f).astype(np.float32))
-  return jax.tree_util.Partial(_classifier_guided, model_fn, classifier_fn, jnp.asarray(labels, jnp.int32),
-                               jnp.float32(scale), sqrt_a, sqrt_1ma, prediction)
+  return jax.tree_util.Partial(
+    _classifier_guided,
+    model_fn,
+    classifier_fn,
+    jnp.asarray(labels, jnp.int32),
+    jnp.float32(scale),
+    sqrt_a,
+    sqrt_1ma,
+    prediction,
+  )

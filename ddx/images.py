@@ -26,7 +26,7 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.
   grid = np.zeros((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), images.dtype)
   for i in range(n):
     r, q = divmod(i, ncols)
-    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
+    grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
   return grid
 
 
@@ -77,8 +77,10 @@ def load_png(path: str, size: int | tuple[int, int], channels: int, what: str = 
   if want is None:
     raise ValueError(f"channels: must be 1 or 3, got {channels}")
   if im.mode not in want:
-    raise ValueError(f"{what}: {path} has mode {im.mode} ({len(im.getbands())} channels), the model takes "
-                     f"{channels} channel{'s' if channels > 1 else ''} (mode {want[0]})")
+    raise ValueError(
+      f"{what}: {path} has mode {im.mode} ({len(im.getbands())} channels), the model takes "
+      f"{channels} channel{'s' if channels > 1 else ''} (mode {want[0]})"
+    )
   h, w = (size, size) if isinstance(size, (int, np.integer)) else size
   if im.size != (w, h):
     raise ValueError(f"{what}: {path} is {im.size[0]}x{im.size[1]}, the model takes {w}x{h}")

@@ -25,8 +25,16 @@ import numpy as np
 from ddx import diffusion
 from ddx.schedules import Schedule
 
-__all__ = ["WEIGHTINGS", "target", "snr_weight", "diffusion_loss", "training_loss", "vlb_terms", "normal_kl",
-           "discretized_gaussian_log_likelihood"]
+__all__ = [
+  "WEIGHTINGS",
+  "target",
+  "snr_weight",
+  "diffusion_loss",
+  "training_loss",
+  "vlb_terms",
+  "normal_kl",
+  "discretized_gaussian_log_likelihood",
+]
 
 WEIGHTINGS = ("uniform", "min_snr")
 
@@ -37,8 +45,7 @@ def _mean_flat(x: jax.Array) -> jax.Array:
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
-                + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
+  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * jnp.exp(-logvar2))
 
 
 def _approx_std_normal_cdf(x):
@@ -58,8 +65,8 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
   log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
   cdf_delta = cdf_plus - cdf_min
   return jnp.where(
-      x < -0.999, log_cdf_plus,
-      jnp.where(x > 0.999, log_one_minus_cdf_min, jnp.log(jnp.maximum(cdf_delta, 1e-12))))
+    x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, jnp.log(jnp.maximum(cdf_delta, 1e-12)))
+  )
 
 
 def snr_weight(sched: Schedule, t: jax.Array, prediction: str, weighting: str, gamma: float) -> jax.Array:
@@ -105,18 +112,18 @@ def vlb_terms(sched: Schedule, x0, x_t, t, x0_pred, var_output) -> jax.Array:
 
 
 def diffusion_loss(
-    sched: Schedule,
-    model_output: jax.Array,
-    x0: jax.Array,
-    x_t: jax.Array,
-    t: jax.Array,
-    eps: jax.Array,
-    *,
-    prediction: str = "eps",
-    weighting: str = "uniform",
-    min_snr_gamma: float = 5.0,
-    learned_variance: bool = False,
-    vlb_weight: float = 1e-3,
+  sched: Schedule,
+  model_output: jax.Array,
+  x0: jax.Array,
+  x_t: jax.Array,
+  t: jax.Array,
+  eps: jax.Array,
+  *,
+  prediction: str = "eps",
+  weighting: str = "uniform",
+  min_snr_gamma: float = 5.0,
+  learned_variance: bool = False,
+  vlb_weight: float = 1e-3,
 ) -> jax.Array:
   """Per-example training loss [B].
 
@@ -145,11 +152,11 @@ def diffusion_loss(
 
 
 def training_loss(
-    model_fn: Callable[[jax.Array, jax.Array], jax.Array],
-    sched: Schedule,
-    x0: jax.Array,
-    key: jax.Array,
-    **loss_kwargs,
+  model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  sched: Schedule,
+  x0: jax.Array,
+  key: jax.Array,
+  **loss_kwargs,
 ) -> jax.Array:
   """Draw t ~ U{0..T-1} and eps ~ N(0, I) from ``key``, noise x0 and return the per-example loss [B].
 

@@ -13,13 +13,21 @@ import socket
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import orbax.checkpoint as ocp
+from jax._src import distributed  # the coordinator it connected to, for device_report
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, local_device_ids=None) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids=None,
+) -> None:
   """Start multi-controller JAX when asked to, before any other JAX call.
 
   * explicit arguments, or ``DDX_COORDINATOR`` / ``DDX_NUM_PROCESSES`` / ``DDX_PROCESS_ID``
@@ -40,9 +48,13 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError("num_processes: DDX_COORDINATOR is set, so DDX_NUM_PROCESSES and DDX_PROCESS_ID must be too")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids,
-                               coordinator_bind_address=os.environ.get("DDX_COORDINATOR_BIND"))
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      local_device_ids=local_device_ids,
+      coordinator_bind_address=os.environ.get("DDX_COORDINATOR_BIND"),
+    )
   elif in_slurm_step() and int(os.environ["SLURM_NTASKS"]) > 1:
     if local_device_ids is None:
       local_device_ids = slurm_local_device_ids(os.environ)
@@ -94,31 +106,49 @@ def slurm_local_device_ids(env) -> list[int]:
     try:
       ids = [int(i) for i in env["JAX_LOCAL_DEVICE_IDS"].split(",")]
     except ValueError:
-      raise ValueError(f"JAX_LOCAL_DEVICE_IDS: must be comma-separated integers, got {env['JAX_LOCAL_DEVICE_IDS']!r}") from None
+      raise ValueError(
+        f"JAX_LOCAL_DEVICE_IDS: must be comma-separated integers, got {env['JAX_LOCAL_DEVICE_IDS']!r}"
+      ) from None
     what = "JAX_LOCAL_DEVICE_IDS"
   elif mode == "all":
     if env.get("SLURM_NTASKS_PER_NODE", "1") != "1":
-      raise ValueError("DDX_GPUS_PER_PROCESS: all drives every GPU of the node from one task, so it needs "
-                       f"--ntasks-per-node=1, got SLURM_NTASKS_PER_NODE={env['SLURM_NTASKS_PER_NODE']}")
+      raise ValueError(
+        "DDX_GPUS_PER_PROCESS: all drives every GPU of the node from one task, so it needs "
+        f"--ntasks-per-node=1, got SLURM_NTASKS_PER_NODE={env['SLURM_NTASKS_PER_NODE']}"
+      )
     n = visible if visible is not None else int(env.get("SLURM_GPUS_ON_NODE", "0"))
     if n < 1:
-      raise ValueError("DDX_GPUS_PER_PROCESS: all needs CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE to count "
-                       f"this node's GPUs, got CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r}, "
-                       f"SLURM_GPUS_ON_NODE={env.get('SLURM_GPUS_ON_NODE')!r}")
+      raise ValueError(
+        "DDX_GPUS_PER_PROCESS: all needs CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE to count "
+        f"this node's GPUs, got CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r}, "
+        f"SLURM_GPUS_ON_NODE={env.get('SLURM_GPUS_ON_NODE')!r}"
+      )
     return list(range(n))
   else:
     ids = [0] if visible == 1 else [int(env["SLURM_LOCALID"])]
     what = "SLURM_LOCALID"
   if visible is not None and max(ids) >= visible:
-    raise ValueError(f"{what}: GPU ordinal(s) {ids} are not among the {visible} GPU(s) this task sees "
-                     f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}), got {env.get(what)!r}")
+    raise ValueError(
+      f"{what}: GPU ordinal(s) {ids} are not among the {visible} GPU(s) this task sees "
+      f"(CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r}), got {env.get(what)!r}"
+    )
   return ids
 
 
 # The environment that decides which devices a process drives (printed by `device_report`).
-REPORT_ENV = ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS", "DDX_GPUS_PER_PROCESS", "SLURM_JOB_ID",
-              "SLURM_STEP_NODELIST", "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
-              "SLURM_GPUS_ON_NODE", "TPU_WORKER_ID")
+REPORT_ENV = (
+  "CUDA_VISIBLE_DEVICES",
+  "JAX_LOCAL_DEVICE_IDS",
+  "DDX_GPUS_PER_PROCESS",
+  "SLURM_JOB_ID",
+  "SLURM_STEP_NODELIST",
+  "SLURM_NODEID",
+  "SLURM_PROCID",
+  "SLURM_LOCALID",
+  "SLURM_NTASKS",
+  "SLURM_GPUS_ON_NODE",
+  "TPU_WORKER_ID",
+)
 
 
 def device_report() -> dict:
@@ -126,25 +156,33 @@ def device_report() -> dict:
   id, kind, local hardware id = the ordinal among the GPUs CUDA shows it), the
   ``local_device_ids`` jax.distributed applied (``"all"``: not restricted), the coordinator
   and the environment variables in `REPORT_ENV` that are set."""
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel  # the coordinator it connected to
   return {
-      "process_index": jax.process_index(), "process_count": jax.process_count(), "host": socket.gethostname(),
-      "backend": jax.default_backend(), "device_count": jax.device_count(),
-      "devices": [{"id": d.id, "kind": d.device_kind, "local_hardware_id": d.local_hardware_id}
-                  for d in jax.local_devices()],
-      "local_device_ids": jax.config.read("jax_cuda_visible_devices"),
-      "coordinator": distributed.global_state.coordinator_address,
-      "env": {k: os.environ[k] for k in REPORT_ENV if k in os.environ},
+    "process_index": jax.process_index(),
+    "process_count": jax.process_count(),
+    "host": socket.gethostname(),
+    "backend": jax.default_backend(),
+    "device_count": jax.device_count(),
+    "devices": [
+      {"id": d.id, "kind": d.device_kind, "local_hardware_id": d.local_hardware_id} for d in jax.local_devices()
+    ],
+    "local_device_ids": jax.config.read("jax_cuda_visible_devices"),
+    "coordinator": distributed.global_state.coordinator_address,
+    "env": {k: os.environ[k] for k in REPORT_ENV if k in os.environ},
   }
 
 
 def format_device_report(r: dict) -> str:
   """One line: ``process I/N (host H): K local <backend> devices [id: kind #local_hw, ...] of M; key=value...``."""
   devs = ", ".join(f"{d['id']}: {d['kind']} #{d['local_hardware_id']}" for d in r["devices"])
-  kv = {"local_device_ids": r["local_device_ids"], **({"coordinator": r["coordinator"]} if r["coordinator"] else {}),
-        **r["env"]}
-  return (f"process {r['process_index']}/{r['process_count']} (host {r['host']}): {len(r['devices'])} local "
-          f"{r['backend']} devices [{devs}] of {r['device_count']}; " + " ".join(f"{k}={v}" for k, v in kv.items()))
+  kv = {
+    "local_device_ids": r["local_device_ids"],
+    **({"coordinator": r["coordinator"]} if r["coordinator"] else {}),
+    **r["env"],
+  }
+  return (
+    f"process {r['process_index']}/{r['process_count']} (host {r['host']}): {len(r['devices'])} local "
+    f"{r['backend']} devices [{devs}] of {r['device_count']}; " + " ".join(f"{k}={v}" for k, v in kv.items())
+  )
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -198,7 +236,6 @@ def barrier(name: str, timeout_seconds: int = 3600) -> None:
   """
   if jax.process_count() == 1:
     return
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   key = f"ddx/{name}/{next(_BARRIERS)}"
   ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_seconds * 1000)
 
@@ -209,6 +246,17 @@ def compile_then_meet(fn, *args, name: str):
   compiled = fn.lower(*args).compile()
   barrier(name)
   return compiled
+
+
+def to_host(x) -> np.ndarray:
+  """The whole value of an array as one numpy array on every process: a device fetch for
+  an addressable array, the local copy of a replicated one, an allgather (a collective:
+  every process must call it) for one sharded across processes."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
 
 
 def host_key_data(key: jax.Array) -> np.ndarray:

@@ -28,8 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Schedule", "make", "SCHEDULE_NAMES", "canonical_name", "linear_betas", "scaled_linear_betas",
-           "cosine_betas", "sigmoid_betas", "rescale_zero_terminal_snr"]
+__all__ = [
+  "Schedule",
+  "make",
+  "SCHEDULE_NAMES",
+  "canonical_name",
+  "linear_betas",
+  "scaled_linear_betas",
+  "cosine_betas",
+  "sigmoid_betas",
+  "rescale_zero_terminal_snr",
+]
 
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
 _ALIASES = {"squaredcos_cap_v2": "cosine"}
@@ -121,8 +130,13 @@ class Schedule:
     return bool(self.f64.alphas_cumprod[-1] == 0.0)
 
   def tree_flatten(self):
-    leaves = (self.betas, self.alphas_cumprod, self.alphas_cumprod_prev,
-              self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+    leaves = (
+      self.betas,
+      self.alphas_cumprod,
+      self.alphas_cumprod_prev,
+      self.sqrt_alphas_cumprod,
+      self.sqrt_one_minus_alphas_cumprod,
+    )
     return leaves, self.f64
 
   @classmethod
@@ -143,12 +157,12 @@ class Schedule:
     ab = host.alphas_cumprod
     f32 = lambda a: jnp.asarray(np.asarray(a, np.float32))
     return cls(
-        betas=f32(host.betas),
-        alphas_cumprod=f32(ab),
-        alphas_cumprod_prev=f32(host.alphas_cumprod_prev),
-        sqrt_alphas_cumprod=f32(np.sqrt(ab)),
-        sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ab)),
-        f64=host,
+      betas=f32(host.betas),
+      alphas_cumprod=f32(ab),
+      alphas_cumprod_prev=f32(host.alphas_cumprod_prev),
+      sqrt_alphas_cumprod=f32(np.sqrt(ab)),
+      sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - ab)),
+      f64=host,
     )
 
 
@@ -161,13 +175,13 @@ def canonical_name(name: str, *, extra: str = "") -> str:
 
 
 def make(
-    name: str | None = "linear",
-    num_timesteps: int = 1000,
-    *,
-    beta_start: float | None = None,
-    beta_end: float | None = None,
-    betas: Sequence[float] | np.ndarray | None = None,
-    rescale_zero_snr: bool = False,
+  name: str | None = "linear",
+  num_timesteps: int = 1000,
+  *,
+  beta_start: float | None = None,
+  beta_end: float | None = None,
+  betas: Sequence[float] | np.ndarray | None = None,
+  rescale_zero_snr: bool = False,
 ) -> Schedule:
   """Build a schedule by name, or from explicit ``betas`` (then ``name`` must be None).
 

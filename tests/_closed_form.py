@@ -19,16 +19,16 @@ class Mixture:
   def __init__(self, sched, weights, means, stds):
     self.ab = sched.alphas_cumprod
     self.w = jnp.asarray(weights, jnp.float32)
-    self.mu = jnp.asarray(means, jnp.float32).reshape(len(weights), -1)   # [K, d]
-    self.s2 = jnp.asarray(stds, jnp.float32) ** 2                          # [K]
+    self.mu = jnp.asarray(means, jnp.float32).reshape(len(weights), -1)  # [K, d]
+    self.s2 = jnp.asarray(stds, jnp.float32) ** 2  # [K]
 
   def _parts(self, x, t):
-    a = self.ab[t][:, None, None]                       # [B, 1, 1]
+    a = self.ab[t][:, None, None]  # [B, 1, 1]
     d = x.shape[-1]
-    diff = x[:, None, :] - jnp.sqrt(a) * self.mu[None]   # [B, K, d]
-    v = a * self.s2[None, :, None] + 1 - a               # [B, K, 1]
+    diff = x[:, None, :] - jnp.sqrt(a) * self.mu[None]  # [B, K, d]
+    v = a * self.s2[None, :, None] + 1 - a  # [B, K, 1]
     logr = jnp.log(self.w)[None] - jnp.sum(diff**2 / (2 * v), -1) - 0.5 * d * jnp.log(v[..., 0])
-    r = jax.nn.softmax(logr, axis=-1)[..., None]         # [B, K, 1]
+    r = jax.nn.softmax(logr, axis=-1)[..., None]  # [B, K, 1]
     return a, diff, v, r
 
   def eps(self, x, t):

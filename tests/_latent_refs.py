@@ -67,11 +67,19 @@ def numpy_init(make, seed=0, scale=0.2):
 def abstract_tiny():
   """``(unet, vae)``: abstract (shape-only) tiny UNetCond and AutoencoderKL, for the tests of
   input checks that fail before any parameter is read."""
-  from ddx.models import AutoencoderKL, UNetCond  # pylint: disable=import-outside-toplevel
-  unet = nnx.eval_shape(lambda: UNetCond(
-      block_out_channels=(16, 32), down_cross=(True, False), up_cross=(False, True),
-      layers_per_block=1, num_heads=2, cross_attention_dim=12, norm_num_groups=4,
-      rngs=nnx.Rngs(0)))
-  vae = nnx.eval_shape(lambda: AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4,
-                                             rngs=nnx.Rngs(0)))
+  from ddx.models import AutoencoderKL, UNetCond
+
+  unet = nnx.eval_shape(
+    lambda: UNetCond(
+      block_out_channels=(16, 32),
+      down_cross=(True, False),
+      up_cross=(False, True),
+      layers_per_block=1,
+      num_heads=2,
+      cross_attention_dim=12,
+      norm_num_groups=4,
+      rngs=nnx.Rngs(0),
+    )
+  )
+  vae = nnx.eval_shape(lambda: AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, rngs=nnx.Rngs(0)))
   return unet, vae

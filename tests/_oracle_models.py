@@ -34,18 +34,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-
-import ddx
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from diffusers.schedulers import scheduling_ddpm
+
+import ddx
 
 T = 1000
 SHAPE = (2, 8, 8, 3)  # ddx layout [B, H, W, C]; diffusers sees [B, C, H, W]
 TOL = 1e-5
 
 # ddx schedule name -> diffusers beta_schedule
-DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2",
-                      "sigmoid": "sigmoid"}
+DIFFUSERS_SCHEDULE = {
+  "linear": "linear",
+  "scaled_linear": "scaled_linear",
+  "cosine": "squaredcos_cap_v2",
+  "sigmoid": "sigmoid",
+}
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012)  # Stable Diffusion's scaled_linear endpoints
 # ddx prediction -> diffusers prediction_type
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -202,7 +206,9 @@ def _upcast_alphas(sch, schedule: str, zero_snr: bool = False, num_train: int = 
   sch.alphas_cumprod = torch.from_numpy(np.array(ab, np.float64))
   sch.one = torch.tensor(1.0, dtype=torch.float64)
   if hasattr(sch, "final_alpha_cumprod"):
-    sch.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if sch.config.set_alpha_to_one else sch.alphas_cumprod[0]
+    sch.final_alpha_cumprod = (
+      torch.tensor(1.0, dtype=torch.float64) if sch.config.set_alpha_to_one else sch.alphas_cumprod[0]
+    )
 
 
 def _case(defaults: dict, changes: dict) -> dict:
@@ -216,9 +222,20 @@ def _case(defaults: dict, changes: dict) -> dict:
 # DDIM
 # --------------------------------------------------------------------------------------------
 
-DDIM_DEFAULTS = dict(schedule="linear", spacing="leading", steps_offset=0, S=20, set_alpha_to_one=True,
-                     prediction="eps", clip_sample=False, thresholding=False, threshold_max=1.5,
-                     use_clipped_model_output=False, eta=0.0, zero_snr=False)
+DDIM_DEFAULTS = dict(
+  schedule="linear",
+  spacing="leading",
+  steps_offset=0,
+  S=20,
+  set_alpha_to_one=True,
+  prediction="eps",
+  clip_sample=False,
+  thresholding=False,
+  threshold_max=1.5,
+  use_clipped_model_output=False,
+  eta=0.0,
+  zero_snr=False,
+)
 
 
 def ddim_case(**kw) -> dict:
@@ -226,11 +243,16 @@ def ddim_case(**kw) -> dict:
 
 
 def ddim_reference(c: dict, key, dtype=torch.float32) -> list:
-  sch = DDIMScheduler(**diffusers_sched_kwargs(c["schedule"], c["zero_snr"]),
-                      timestep_spacing=c["spacing"], steps_offset=c["steps_offset"],
-                      set_alpha_to_one=c["set_alpha_to_one"], prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
-                      clip_sample=c["clip_sample"], thresholding=c["thresholding"],
-                      sample_max_value=c["threshold_max"])
+  sch = DDIMScheduler(
+    **diffusers_sched_kwargs(c["schedule"], c["zero_snr"]),
+    timestep_spacing=c["spacing"],
+    steps_offset=c["steps_offset"],
+    set_alpha_to_one=c["set_alpha_to_one"],
+    prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
+    clip_sample=c["clip_sample"],
+    thresholding=c["thresholding"],
+    sample_max_value=c["threshold_max"],
+  )
   if dtype == torch.float64:
     _upcast_alphas(sch, c["schedule"], c["zero_snr"])
   sch.set_timesteps(c["S"])
@@ -240,18 +262,28 @@ def ddim_reference(c: dict, key, dtype=torch.float32) -> list:
     kw = {}
     if c["eta"] > 0:
       kw["variance_noise"] = to_torch(ddx_noise(key, i)).to(dtype)
-    x = sch.step(torch_model(x, t), t, x, eta=c["eta"], use_clipped_model_output=c["use_clipped_model_output"],
-                 **kw).prev_sample
+    x = sch.step(
+      torch_model(x, t), t, x, eta=c["eta"], use_clipped_model_output=c["use_clipped_model_output"], **kw
+    ).prev_sample
     traj.append(from_torch(x))
   return traj
 
 
 def ddim_ddx(c: dict, key) -> dict:
   sampler = ddx.samplers.make(
-      "ddim", ddx_schedule(c["schedule"], c["zero_snr"]), c["S"], eta=c["eta"], spacing=c["spacing"],
-      steps_offset=c["steps_offset"], set_alpha_to_one=c["set_alpha_to_one"], prediction=c["prediction"],
-      clip_sample=c["clip_sample"], thresholding=c["thresholding"], threshold_max=c["threshold_max"],
-      use_clipped_model_output=c["use_clipped_model_output"])
+    "ddim",
+    ddx_schedule(c["schedule"], c["zero_snr"]),
+    c["S"],
+    eta=c["eta"],
+    spacing=c["spacing"],
+    steps_offset=c["steps_offset"],
+    set_alpha_to_one=c["set_alpha_to_one"],
+    prediction=c["prediction"],
+    clip_sample=c["clip_sample"],
+    thresholding=c["thresholding"],
+    threshold_max=c["threshold_max"],
+    use_clipped_model_output=c["use_clipped_model_output"],
+  )
   return run_ddx(sampler, key)
 
 
@@ -259,8 +291,18 @@ def ddim_ddx(c: dict, key) -> dict:
 # DDPM
 # --------------------------------------------------------------------------------------------
 
-DDPM_DEFAULTS = dict(schedule="linear", variance="fixed_small", spacing="leading", steps_offset=0, S=20,
-                     prediction="eps", clip_sample=True, thresholding=False, threshold_max=1.5, T=T)
+DDPM_DEFAULTS = dict(
+  schedule="linear",
+  variance="fixed_small",
+  spacing="leading",
+  steps_offset=0,
+  S=20,
+  prediction="eps",
+  clip_sample=True,
+  thresholding=False,
+  threshold_max=1.5,
+  T=T,
+)
 
 
 def ddpm_case(**kw) -> dict:
@@ -275,10 +317,16 @@ def _ddpm_train_kwargs(c):
 
 def ddpm_reference(c: dict, key, dtype=torch.float32) -> list:
   learned = c["variance"] == "learned_range"
-  sch = DDPMScheduler(**_ddpm_train_kwargs(c), variance_type=c["variance"], timestep_spacing=c["spacing"],
-                      steps_offset=c["steps_offset"], prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
-                      clip_sample=c["clip_sample"], thresholding=c["thresholding"],
-                      sample_max_value=c["threshold_max"])
+  sch = DDPMScheduler(
+    **_ddpm_train_kwargs(c),
+    variance_type=c["variance"],
+    timestep_spacing=c["spacing"],
+    steps_offset=c["steps_offset"],
+    prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
+    clip_sample=c["clip_sample"],
+    thresholding=c["thresholding"],
+    sample_max_value=c["threshold_max"],
+  )
   if dtype == torch.float64:
     _upcast_alphas(sch, c["schedule"], num_train=c["T"])
   sch.set_timesteps(c["S"])
@@ -295,9 +343,17 @@ def ddpm_reference(c: dict, key, dtype=torch.float32) -> list:
 def ddpm_ddx(c: dict, key) -> dict:
   sched = ddx.schedules.make(c["schedule"], c["T"], **sched_kwargs(c["schedule"]))
   sampler = ddx.samplers.make(
-      "ddpm", sched, c["S"], variance=c["variance"], spacing=c["spacing"], steps_offset=c["steps_offset"],
-      prediction=c["prediction"], clip_sample=c["clip_sample"], thresholding=c["thresholding"],
-      threshold_max=c["threshold_max"])
+    "ddpm",
+    sched,
+    c["S"],
+    variance=c["variance"],
+    spacing=c["spacing"],
+    steps_offset=c["steps_offset"],
+    prediction=c["prediction"],
+    clip_sample=c["clip_sample"],
+    thresholding=c["thresholding"],
+    threshold_max=c["threshold_max"],
+  )
   return run_ddx(sampler, key, learned=c["variance"] == "learned_range")
 
 
@@ -305,8 +361,9 @@ def ddpm_ddx(c: dict, key) -> dict:
 # PLMS = PNDMScheduler(skip_prk_steps=True)
 # --------------------------------------------------------------------------------------------
 
-PLMS_DEFAULTS = dict(schedule="scaled_linear", spacing="leading", steps_offset=1, S=20, set_alpha_to_one=False,
-                     prediction="eps")
+PLMS_DEFAULTS = dict(
+  schedule="scaled_linear", spacing="leading", steps_offset=1, S=20, set_alpha_to_one=False, prediction="eps"
+)
 
 
 def plms_case(**kw) -> dict:
@@ -314,9 +371,14 @@ def plms_case(**kw) -> dict:
 
 
 def plms_scheduler(c: dict, dtype=torch.float32) -> PNDMScheduler:
-  sch = PNDMScheduler(**diffusers_sched_kwargs(c["schedule"]), skip_prk_steps=True,
-                      timestep_spacing=c["spacing"], steps_offset=c["steps_offset"],
-                      set_alpha_to_one=c["set_alpha_to_one"], prediction_type=DIFFUSERS_PREDICTION[c["prediction"]])
+  sch = PNDMScheduler(
+    **diffusers_sched_kwargs(c["schedule"]),
+    skip_prk_steps=True,
+    timestep_spacing=c["spacing"],
+    steps_offset=c["steps_offset"],
+    set_alpha_to_one=c["set_alpha_to_one"],
+    prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
+  )
   if dtype == torch.float64:
     _upcast_alphas(sch, c["schedule"])
   sch.set_timesteps(c["S"])
@@ -334,9 +396,15 @@ def plms_reference(c: dict, key=None, dtype=torch.float32) -> list:
 
 
 def plms_sampler(c: dict):
-  return ddx.samplers.make("plms", ddx_schedule(c["schedule"]), c["S"], spacing=c["spacing"],
-                           steps_offset=c["steps_offset"], set_alpha_to_one=c["set_alpha_to_one"],
-                           prediction=c["prediction"])
+  return ddx.samplers.make(
+    "plms",
+    ddx_schedule(c["schedule"]),
+    c["S"],
+    spacing=c["spacing"],
+    steps_offset=c["steps_offset"],
+    set_alpha_to_one=c["set_alpha_to_one"],
+    prediction=c["prediction"],
+  )
 
 
 def plms_ddx(c: dict, key=None) -> dict:
@@ -347,9 +415,20 @@ def plms_ddx(c: dict, key=None) -> dict:
 # DPM-Solver++ = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")
 # --------------------------------------------------------------------------------------------
 
-DPM_DEFAULTS = dict(schedule="scaled_linear", spacing="linspace", S=20, solver_order=2, solver_type="midpoint",
-                    final_sigmas_type="zero", lower_order_final=True, euler_at_final=False, prediction="eps",
-                    thresholding=False, threshold_max=1.5, timesteps=None)
+DPM_DEFAULTS = dict(
+  schedule="scaled_linear",
+  spacing="linspace",
+  S=20,
+  solver_order=2,
+  solver_type="midpoint",
+  final_sigmas_type="zero",
+  lower_order_final=True,
+  euler_at_final=False,
+  prediction="eps",
+  thresholding=False,
+  threshold_max=1.5,
+  timesteps=None,
+)
 
 
 def dpm_case(**kw) -> dict:
@@ -358,11 +437,18 @@ def dpm_case(**kw) -> dict:
 
 def dpm_scheduler(c: dict) -> DPMSolverMultistepScheduler:
   sch = DPMSolverMultistepScheduler(
-      **diffusers_sched_kwargs(c["schedule"]), algorithm_type="dpmsolver++", solver_order=c["solver_order"],
-      solver_type=c["solver_type"], final_sigmas_type=c["final_sigmas_type"],
-      lower_order_final=c["lower_order_final"], euler_at_final=c["euler_at_final"],
-      timestep_spacing=c["spacing"], prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
-      thresholding=c["thresholding"], sample_max_value=c["threshold_max"])
+    **diffusers_sched_kwargs(c["schedule"]),
+    algorithm_type="dpmsolver++",
+    solver_order=c["solver_order"],
+    solver_type=c["solver_type"],
+    final_sigmas_type=c["final_sigmas_type"],
+    lower_order_final=c["lower_order_final"],
+    euler_at_final=c["euler_at_final"],
+    timestep_spacing=c["spacing"],
+    prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
+    thresholding=c["thresholding"],
+    sample_max_value=c["threshold_max"],
+  )
   if c["timesteps"] is not None:
     sch.set_timesteps(timesteps=list(c["timesteps"]))
   else:
@@ -385,10 +471,20 @@ def dpm_reference(c: dict, key=None, dtype=torch.float32) -> list:
 
 def dpm_sampler(c: dict):
   return ddx.samplers.make(
-      "dpm_solver++", ddx_schedule(c["schedule"]), c["S"], solver_order=c["solver_order"],
-      solver_type=c["solver_type"], final_sigma=c["final_sigmas_type"], lower_order_final=c["lower_order_final"],
-      euler_at_final=c["euler_at_final"], spacing=c["spacing"], timesteps=c["timesteps"],
-      prediction=c["prediction"], thresholding=c["thresholding"], threshold_max=c["threshold_max"])
+    "dpm_solver++",
+    ddx_schedule(c["schedule"]),
+    c["S"],
+    solver_order=c["solver_order"],
+    solver_type=c["solver_type"],
+    final_sigma=c["final_sigmas_type"],
+    lower_order_final=c["lower_order_final"],
+    euler_at_final=c["euler_at_final"],
+    spacing=c["spacing"],
+    timesteps=c["timesteps"],
+    prediction=c["prediction"],
+    thresholding=c["thresholding"],
+    threshold_max=c["threshold_max"],
+  )
 
 
 def dpm_ddx(c: dict, key=None) -> dict:
@@ -396,10 +492,10 @@ def dpm_ddx(c: dict, key=None) -> dict:
 
 
 RUNNERS = {
-    "ddim": (ddim_ddx, ddim_reference),
-    "ddpm": (ddpm_ddx, ddpm_reference),
-    "plms": (plms_ddx, plms_reference),
-    "dpm_solver++": (dpm_ddx, dpm_reference),
+  "ddim": (ddim_ddx, ddim_reference),
+  "ddpm": (ddpm_ddx, ddpm_reference),
+  "plms": (plms_ddx, plms_reference),
+  "dpm_solver++": (dpm_ddx, dpm_reference),
 }
 
 
@@ -408,9 +504,11 @@ def compare(ours: dict, ref: list) -> dict:
   reference's last sample) and ``traj`` (max over model calls of the per-call relative
   error of the step-by-step ddx run)."""
   assert len(ours["traj"]) == len(ref), (len(ours["traj"]), len(ref))
-  return dict(final=rel_err(ours["final"], ref[-1]),
-              traj=max(rel_err(a, b) for a, b in zip(ours["traj"], ref)),
-              scan_vs_steps=rel_err(ours["final"], ours["traj"][-1]))
+  return dict(
+    final=rel_err(ours["final"], ref[-1]),
+    traj=max(rel_err(a, b) for a, b in zip(ours["traj"], ref)),
+    scan_vs_steps=rel_err(ours["final"], ours["traj"][-1]),
+  )
 
 
 def measure(kind: str, case: dict, seed: int = 1, f64: bool = False) -> dict:
@@ -461,10 +559,26 @@ def _cases():
         add("ddim", g, ddim_case(schedule=schedule, spacing=spacing, steps_offset=off, set_alpha_to_one=one))
   g = "prediction x clip/threshold x use_clipped_model_output"
   for pred in ("eps", "x0", "v"):
-    for clip, thr, ucmo in ((False, False, False), (True, False, False), (True, False, True),
-                            (False, True, False), (False, True, True)):
-      add("ddim", g, ddim_case(prediction=pred, clip_sample=clip, thresholding=thr, use_clipped_model_output=ucmo,
-                               steps_offset=1, set_alpha_to_one=False, S=10))
+    for clip, thr, ucmo in (
+      (False, False, False),
+      (True, False, False),
+      (True, False, True),
+      (False, True, False),
+      (False, True, True),
+    ):
+      add(
+        "ddim",
+        g,
+        ddim_case(
+          prediction=pred,
+          clip_sample=clip,
+          thresholding=thr,
+          use_clipped_model_output=ucmo,
+          steps_offset=1,
+          set_alpha_to_one=False,
+          S=10,
+        ),
+      )
   g = "eta 0.5 / 1 (injected variance_noise)"
   for eta in (0.5, 1.0):
     add("ddim", g, ddim_case(eta=eta, clip_sample=True))
@@ -475,10 +589,26 @@ def _cases():
   # zero terminal SNR (ab[T-1] = 0): v-prediction with trailing spacing (starts at T-1).
   # eta = 1 there is tested separately (test_ddim_zero_snr_eta_one): diffusers NaNs.
   g = "zero-SNR rescale, v, trailing"
-  for S, one, eta, clip in ((10, True, 0.0, False), (25, False, 0.0, False), (25, True, 0.5, False),
-                            (10, False, 0.5, True)):
-    add("ddim", g, ddim_case(schedule="scaled_linear", zero_snr=True, prediction="v", spacing="trailing", S=S,
-                             set_alpha_to_one=one, eta=eta, clip_sample=clip))
+  for S, one, eta, clip in (
+    (10, True, 0.0, False),
+    (25, False, 0.0, False),
+    (25, True, 0.5, False),
+    (10, False, 0.5, True),
+  ):
+    add(
+      "ddim",
+      g,
+      ddim_case(
+        schedule="scaled_linear",
+        zero_snr=True,
+        prediction="v",
+        spacing="trailing",
+        S=S,
+        set_alpha_to_one=one,
+        eta=eta,
+        clip_sample=clip,
+      ),
+    )
   g = "S sweep"
   for S in (1, 2, 3, 7, 50, 100):
     add("ddim", g, ddim_case(S=S, steps_offset=S % 2, set_alpha_to_one=bool(S % 3)))
@@ -486,8 +616,13 @@ def _cases():
   # ---- DDPM (injected noise through the patched randn_tensor) ----
   g = "variance x spacing/offset (respaced S < T)"
   for variance in ("fixed_small", "fixed_large", "learned_range"):
-    for spacing, off, S in (("leading", 0, 25), ("leading", 1, 25), ("trailing", 0, 25), ("trailing", 0, 13),
-                            ("linspace", 0, 10)):
+    for spacing, off, S in (
+      ("leading", 0, 25),
+      ("leading", 1, 25),
+      ("trailing", 0, 25),
+      ("trailing", 0, 13),
+      ("linspace", 0, 10),
+    ):
       add("ddpm", g, ddpm_case(variance=variance, spacing=spacing, steps_offset=off, S=S))
   g = "prediction x clip/threshold"
   for pred in ("eps", "x0", "v"):
@@ -501,8 +636,12 @@ def _cases():
   g = "full chain S = T (f32 tol 2e-4, see TOL_DDPM_FULL_CHAIN_F32)"
   for variance in ("fixed_small", "fixed_large", "learned_range"):
     add("ddpm", g, ddpm_case(T=100, S=100, variance=variance), TOL_DDPM_FULL_CHAIN_F32)
-  add("ddpm", g, ddpm_case(T=100, S=100, variance="fixed_large", prediction="v", clip_sample=False),
-      TOL_DDPM_FULL_CHAIN_F32)
+  add(
+    "ddpm",
+    g,
+    ddpm_case(T=100, S=100, variance="fixed_large", prediction="v", clip_sample=False),
+    TOL_DDPM_FULL_CHAIN_F32,
+  )
   add("ddpm", g, ddpm_case(S=1000), TOL_DDPM_FULL_CHAIN_F32)
 
   # ---- PLMS = PNDM(skip_prk_steps=True); eps here, v / x0: see test_plms_v_x0_documented ----
@@ -584,8 +723,16 @@ def ddim_via_dpm1_reference(c: dict) -> list:
   final sigma 0 (DPM-Solver++-1 is algebraically the DDIM eta = 0 step)."""
   assert c["eta"] == 0 and c["set_alpha_to_one"] and not (c["clip_sample"] or c["thresholding"])
   ts = ddx.samplers.grids.make(c["spacing"], T, c["S"], c["steps_offset"])
-  return dpm_reference(dpm_case(schedule=c["schedule"], solver_order=1, final_sigmas_type="zero",
-                                prediction=c["prediction"], timesteps=tuple(int(t) for t in ts), S=len(ts)))
+  return dpm_reference(
+    dpm_case(
+      schedule=c["schedule"],
+      solver_order=1,
+      final_sigmas_type="zero",
+      prediction=c["prediction"],
+      timesteps=tuple(int(t) for t in ts),
+      S=len(ts),
+    )
+  )
 
 
 def ddim_via_ddpm_reference(c: dict, key) -> list:
@@ -593,13 +740,35 @@ def ddim_via_ddpm_reference(c: dict, key) -> list:
   ; diffusers' DDPMScheduler uses the next listed timestep (PR #9384), so it
   is the reference for the spacings where DDIMScheduler's t - T//S is wrong."""
   assert c["eta"] == 1 and c["set_alpha_to_one"] and not (c["clip_sample"] or c["thresholding"])
-  return ddpm_reference(ddpm_case(schedule=c["schedule"], variance="fixed_small", spacing=c["spacing"],
-                                  steps_offset=c["steps_offset"], S=c["S"], prediction=c["prediction"],
-                                  clip_sample=False), key)
+  return ddpm_reference(
+    ddpm_case(
+      schedule=c["schedule"],
+      variance="fixed_small",
+      spacing=c["spacing"],
+      steps_offset=c["steps_offset"],
+      S=c["S"],
+      prediction=c["prediction"],
+      clip_sample=False,
+    ),
+    key,
+  )
 
 
-DOC_PLMS_CASES = [plms_case(prediction=p, **kw) for p in ("v", "x0") for kw in (
-    dict(), dict(S=1), dict(S=2), dict(S=3), dict(S=5), dict(schedule="linear", steps_offset=0, set_alpha_to_one=True))]
-DOC_DDIM_CASES = [ddim_case(spacing=sp, S=S, eta=eta, prediction=p, schedule=sch)
-                  for sp, S in (("trailing", 13), ("trailing", 30), ("linspace", 10), ("linspace", 25))
-                  for eta in (0.0, 1.0) for p, sch in (("eps", "linear"), ("v", "scaled_linear"))]
+DOC_PLMS_CASES = [
+  plms_case(prediction=p, **kw)
+  for p in ("v", "x0")
+  for kw in (
+    dict(),
+    dict(S=1),
+    dict(S=2),
+    dict(S=3),
+    dict(S=5),
+    dict(schedule="linear", steps_offset=0, set_alpha_to_one=True),
+  )
+]
+DOC_DDIM_CASES = [
+  ddim_case(spacing=sp, S=S, eta=eta, prediction=p, schedule=sch)
+  for sp, S in (("trailing", 13), ("trailing", 30), ("linspace", 10), ("linspace", 25))
+  for eta in (0.0, 1.0)
+  for p, sch in (("eps", "linear"), ("v", "scaled_linear"))
+]

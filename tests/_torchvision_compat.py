@@ -15,17 +15,18 @@ import importlib.util
 import sys
 
 _SCHEMAS = {
-    "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor",
+  "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+  "qnms": "(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor",
 }
 
 
 def _extension_loads(spec) -> bool:
-  import ctypes  # pylint: disable=import-outside-toplevel
-  import glob  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
+  import ctypes
+  import glob
+  import os
 
   import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import  (loads libtorch first)
+
   for path in glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so")):
     try:
       ctypes.CDLL(path)
@@ -35,14 +36,14 @@ def _extension_loads(spec) -> bool:
 
 
 class _Hook(importlib.abc.MetaPathFinder):
-
   def find_spec(self, name, path=None, target=None):
     if name != "torchvision":
       return None
     sys.meta_path.remove(self)
     spec = importlib.util.find_spec("torchvision")
     if spec is not None and spec.origin and not _extension_loads(spec):
-      import torch  # pylint: disable=import-outside-toplevel
+      import torch
+
       for op, schema in _SCHEMAS.items():
         try:
           torch.library.define(f"torchvision::{op}", schema)

@@ -13,9 +13,17 @@ from flax import nnx
 from ddx.models import AutoencoderKL, DiagonalGaussian, autoencoder_from_diffusers
 from tests._latent_refs import numpy_init, refs, save_perturbed
 
-TINY = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-            latent_channels=4, norm_num_groups=4, sample_size=16,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+TINY = dict(
+  in_channels=3,
+  out_channels=3,
+  block_out_channels=(8, 16),
+  layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=4,
+  sample_size=16,
+  down_block_types=("DownEncoderBlock2D",) * 2,
+  up_block_types=("UpDecoderBlock2D",) * 2,
+)
 
 
 def rel_err(a, b):
@@ -55,13 +63,24 @@ def nhwc(a):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("changes", [
+@pytest.mark.parametrize(
+  "changes",
+  [
     {},
-    dict(use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False,
-         shift_factor=0.1, scaling_factor=0.5, layers_per_block=2),
-], ids=["sd", "no_quant_shift"])
+    dict(
+      use_quant_conv=False,
+      use_post_quant_conv=False,
+      mid_block_add_attention=False,
+      shift_factor=0.1,
+      scaling_factor=0.5,
+      layers_per_block=2,
+    ),
+  ],
+  ids=["sd", "no_quant_shift"],
+)
 def test_matches_diffusers(tmp_path, changes):
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   tmodel = make_vae(tmp_path, **changes)
   vae = autoencoder_from_diffusers(str(tmp_path))
   rng = np.random.RandomState(0)
@@ -84,13 +103,11 @@ def test_matches_diffusers(tmp_path, changes):
 
 
 def test_posterior_clamp_sample_and_kl():
-  vae = numpy_init(lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=4,
-                                         rngs=nnx.Rngs(0)))
+  vae = numpy_init(lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, rngs=nnx.Rngs(0)))
   mean = jnp.zeros((1, 2, 2, 4))
   post = DiagonalGaussian(mean, jnp.full_like(mean, 0.5))
   s = post.sample(jax.random.key(1))
-  np.testing.assert_allclose(s, jnp.exp(0.25) * jax.random.normal(jax.random.key(1), mean.shape),
-                             rtol=1e-6)
+  np.testing.assert_allclose(s, jnp.exp(0.25) * jax.random.normal(jax.random.key(1), mean.shape), rtol=1e-6)
   np.testing.assert_allclose(post.kl(), 16 * 0.5 * (np.exp(0.5) - 1 - 0.5), rtol=1e-6)
   # the clamp: a huge conv_out bias drives logvar beyond 20
   vae.encoder.conv_out.bias[...] = jnp.full((8,), 1e3)
@@ -102,10 +119,8 @@ def test_posterior_clamp_sample_and_kl():
 
 
 def test_bfloat16_compute_close_to_float32():
-  vae = numpy_init(lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=4,
-                                         rngs=nnx.Rngs(0)))
-  bf = numpy_init(lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=4,
-                                        dtype="bfloat16", rngs=nnx.Rngs(0)))
+  vae = numpy_init(lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, rngs=nnx.Rngs(0)))
+  bf = numpy_init(lambda: AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, dtype="bfloat16", rngs=nnx.Rngs(0)))
   x = jax.random.uniform(jax.random.key(0), (1, 4, 4, 3), minval=-1, maxval=1)
   a, b = _recon(*nnx.split(vae), x), _recon(*nnx.split(bf), x)
   assert b.dtype == jnp.float32 and a.shape == b.shape == (1, 4, 4, 3)
@@ -113,8 +128,7 @@ def test_bfloat16_compute_close_to_float32():
 
 
 def test_bad_inputs():
-  vae = nnx.eval_shape(lambda: AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4,
-                                             rngs=nnx.Rngs(0)))
+  vae = nnx.eval_shape(lambda: AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=4, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r"^x: height and width must be divisible by 2"):
     vae.encode(jnp.zeros((1, 5, 8, 3)))
   with pytest.raises(ValueError, match=r"^x: expected images \[B, H, W, 3\]"):
@@ -137,14 +151,17 @@ def _write(path, **changes):
   return str(path)
 
 
-@pytest.mark.parametrize("changes,key", [
+@pytest.mark.parametrize(
+  "changes,key",
+  [
     (dict(act_fn="gelu"), "act_fn"),
     (dict(down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D")), "down_block_types"),
     (dict(up_block_types=("UpDecoderBlock2D",)), "up_block_types"),
     (dict(latents_mean=[0.0] * 4), "latents_mean"),
     (dict(some_new_option=1), "some_new_option"),
     (dict(_class_name="VQModel"), "_class_name"),
-])
+  ],
+)
 def test_unsupported_config(tmp_path, changes, key):
   with pytest.raises(ValueError, match=f"^{key}: unsupported diffusers AutoencoderKL config") as e:
     autoencoder_from_diffusers(_write(tmp_path, **changes))
@@ -160,7 +177,8 @@ def test_missing_files(tmp_path):
 
 @pytest.mark.torch
 def test_bad_tensors_and_legacy_names(tmp_path):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file
+
   make_vae(tmp_path / "ok")
   fname = "diffusion_pytorch_model.safetensors"
   state = load_file(str(tmp_path / "ok" / fname))
@@ -177,8 +195,7 @@ def test_bad_tensors_and_legacy_names(tmp_path):
   # pre-0.14 attention names (query/key/value/proj_attn) load to the same parameters
   legacy = {}
   for k, v in state.items():
-    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"),
-                     ("to_out.0", "proj_attn")):
+    for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
       k = k.replace(f".{new}.", f".{old}.")
     legacy[k] = v
   assert any(".proj_attn." in k for k in legacy)

@@ -13,8 +13,15 @@ from flax import nnx
 from ddx.models import CLIPTextEncoder, clip_text_from_transformers
 from tests._latent_refs import refs, save_perturbed
 
-TINY = dict(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=9, layer_norm_eps=1e-5)
+TINY = dict(
+  vocab_size=50,
+  hidden_size=16,
+  intermediate_size=24,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  max_position_embeddings=9,
+  layer_norm_eps=1e-5,
+)
 
 
 def rel_err(a, b):
@@ -40,17 +47,21 @@ IDS = np.array([[0, 5, 9, 33, 49, 49, 49], [0, 44, 7, 30, 12, 30, 30]])
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("act,eos,layout", [
-    ("quick_gelu", 2, "prefixed"),        # legacy argmax pooling, OpenAI activation
-    ("gelu", 30, "bare"),                  # first-eos pooling, OpenCLIP activation
-])
+@pytest.mark.parametrize(
+  "act,eos,layout",
+  [
+    ("quick_gelu", 2, "prefixed"),  # legacy argmax pooling, OpenAI activation
+    ("gelu", 30, "bare"),  # first-eos pooling, OpenCLIP activation
+  ],
+)
 def test_matches_transformers(tmp_path, act, eos, layout):
-  import torch  # pylint: disable=import-outside-toplevel
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  import torch
+  from safetensors.numpy import load_file, save_file
+
   tmodel = make_clip(tmp_path, hidden_act=act, eos_token_id=eos)
   fname = str(tmp_path / "model.safetensors")
   state = load_file(fname)
-  bare = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()}
+  bare = {k[len("text_model.") :] if k.startswith("text_model.") else k: v for k, v in state.items()}
   save_file(bare if layout == "bare" else {"text_model." + k: v for k, v in bare.items()}, fname)
   model = clip_text_from_transformers(str(tmp_path))
   with torch.inference_mode():

@@ -44,19 +44,20 @@ def test_ddim_default_rederives_eps_whenever_x0_is_processed():
 
 def test_inconsistent_clipping_drifts_with_steps_and_the_default_does_not():
   """Measured (4000 samples; true component weight 0.3):
-    clip + unclipped eps (diffusers): frequency 0.594, 0.470, 0.364, 0.335 at S = 50..500,
-      mean distance to the nearest component ~0.1 (and some samples diverge at S = 500);
-    ddx default (clip + re-derived eps): 0.270, 0.272, 0.273, 0.273, distance 0.013..0.021."""
+  clip + unclipped eps (diffusers): frequency 0.594, 0.470, 0.364, 0.335 at S = 50..500,
+    mean distance to the nearest component ~0.1 (and some samples diverge at S = 500);
+  ddx default (clip + re-derived eps): 0.270, 0.272, 0.273, 0.273, distance 0.013..0.021."""
   default = [_stats(ddx.samplers.make("ddim", SCHED, s, clip_sample=True)) for s in STEPS]
   freqs = [f for f, _ in default]
   assert max(freqs) - min(freqs) < 0.02, freqs
   assert all(abs(f - WEIGHT_POS) < 0.05 for f in freqs), freqs
   assert all(d < 0.03 for _, d in default), default
 
-  diffusers = [_stats(ddx.samplers.make("ddim", SCHED, s, clip_sample=True, use_clipped_model_output=False))
-               for s in (50, 500)]
+  diffusers = [
+    _stats(ddx.samplers.make("ddim", SCHED, s, clip_sample=True, use_clipped_model_output=False)) for s in (50, 500)
+  ]
   assert diffusers[0][0] - diffusers[1][0] > 0.15, diffusers  # the frequencies drift with S
-  assert all(d > 0.08 for _, d in diffusers), diffusers        # and samples miss the components
+  assert all(d > 0.08 for _, d in diffusers), diffusers  # and samples miss the components
 
 
 def test_ddpm_posterior_mean_is_consistent_by_construction():

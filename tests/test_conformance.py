@@ -51,8 +51,9 @@ def _assert_errs(res, tol, tol64=om.TOL, what="", scan_tol=SCAN_VS_STEPS):
   assert res["traj"] <= tol, f"{what} trajectory: rel err {res['traj']:.3g} > {tol:g}"
   assert res["scan_vs_steps"] <= scan_tol, f"{what} ddx.sample vs steps: {res['scan_vs_steps']:.3g}"
   if "f64" in res:
-    assert res["f64"]["final"] <= tol64 and res["f64"]["traj"] <= tol64, \
-        f"{what} vs float64-evaluated reference: {res['f64']['final']:.3g} / {res['f64']['traj']:.3g} > {tol64:g}"
+    assert res["f64"]["final"] <= tol64 and res["f64"]["traj"] <= tol64, (
+      f"{what} vs float64-evaluated reference: {res['f64']['final']:.3g} / {res['f64']['traj']:.3g} > {tol64:g}"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -60,8 +61,9 @@ def _assert_errs(res, tol, tol64=om.TOL, what="", scan_tol=SCAN_VS_STEPS):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind,group,case,tol", om.CASES,
-                         ids=[f"{k}:{om.case_id(c, om.DEFAULTS[k])}" for k, _, c, _ in om.CASES])
+@pytest.mark.parametrize(
+  "kind,group,case,tol", om.CASES, ids=[f"{k}:{om.case_id(c, om.DEFAULTS[k])}" for k, _, c, _ in om.CASES]
+)
 def test_trajectory_matches_diffusers(kind, group, case, tol):
   res = om.measure(kind, case, f64=kind in om.HAS_F64)
   _assert_errs(res, tol, what=f"{kind} [{group}]")
@@ -115,14 +117,17 @@ def test_ddim_zero_snr_eta_one():
   x1 = np.sqrt(a_next) * (-v) + np.sqrt(1.0 - a_next) * om.ddx_noise(key, 0)
   assert om.rel_err(ours["traj"][0], x1) <= om.TOL
   # steps 1.. through diffusers from ddx's x_1
-  sch = DDIMScheduler(**om.diffusers_sched_kwargs("scaled_linear", True), timestep_spacing="trailing",
-                      prediction_type="v_prediction", clip_sample=False)
+  sch = DDIMScheduler(
+    **om.diffusers_sched_kwargs("scaled_linear", True),
+    timestep_spacing="trailing",
+    prediction_type="v_prediction",
+    clip_sample=False,
+  )
   sch.set_timesteps(25)
   xt = om.to_torch(ours["traj"][0])
   for i in range(1, 25):
     t = sch.timesteps[i]
-    xt = sch.step(om.torch_model(xt, t), t, xt, eta=1.0,
-                  variance_noise=om.to_torch(om.ddx_noise(key, i))).prev_sample
+    xt = sch.step(om.torch_model(xt, t), t, xt, eta=1.0, variance_noise=om.to_torch(om.ddx_noise(key, i))).prev_sample
     assert om.rel_err(ours["traj"][i], om.from_torch(xt)) <= om.TOL, i
   assert om.rel_err(ours["final"], om.from_torch(xt)) <= om.TOL
 
@@ -196,8 +201,9 @@ def test_alphas_cumprod_match_diffusers(schedule, zero_snr):
     rel = np.abs(ours - ref) / ref
     assert rel[:-1].max() <= 2e-6 and rel[-1] <= (2e-5 if schedule == "cosine" else 2e-6)
   # and the float32 device copy used by the samplers
-  chex.assert_trees_all_close(np.asarray(om.ddx_schedule(schedule, zero_snr).alphas_cumprod, np.float64), ref,
-                              atol=1e-6, rtol=0)
+  chex.assert_trees_all_close(
+    np.asarray(om.ddx_schedule(schedule, zero_snr).alphas_cumprod, np.float64), ref, atol=1e-6, rtol=0
+  )
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,8 +292,10 @@ def test_grid_dpm_solver(spacing, off):
 
 def test_grid_dpm_examples():
   """docs/samplers.md §4.1: DPM linspace S = 20 -> [999, 949, ..., 100, 50]."""
-  np.testing.assert_array_equal(np.asarray(ddx.samplers.make("dpm_solver++", SCHED, 20).timesteps),
-                                np.round(np.linspace(0, 999, 21))[::-1][:-1].astype(np.int64))
+  np.testing.assert_array_equal(
+    np.asarray(ddx.samplers.make("dpm_solver++", SCHED, 20).timesteps),
+    np.round(np.linspace(0, 999, 21))[::-1][:-1].astype(np.int64),
+  )
   assert list(np.asarray(ddx.samplers.make("dpm_solver++", SCHED, 20).timesteps)[[0, 1, -2, -1]]) == [999, 949, 100, 50]
 
 
@@ -298,7 +306,7 @@ def _make_ddim_timesteps(ddim_discr_method, num_ddim_timesteps, num_ddpm_timeste
     c = num_ddpm_timesteps // num_ddim_timesteps
     ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
   elif ddim_discr_method == "quad":
-    ddim_timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
+    ddim_timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
   else:
     raise NotImplementedError(ddim_discr_method)
   steps_out = ddim_timesteps + 1
@@ -342,5 +350,4 @@ def test_grid_compvis_examples():
   np.testing.assert_array_equal(_make_ddim_timesteps("uniform", 3, T), [1, 334, 667, 1000])
   with pytest.raises(ValueError):
     ddx.samplers.make("ddim", SCHED, 3, spacing="compvis_uniform")
-  np.testing.assert_array_equal(ddx.samplers.grids.compvis_quad(T, 10),
-                                [801, 633, 484, 356, 247, 159, 89, 40, 10, 1])
+  np.testing.assert_array_equal(ddx.samplers.grids.compvis_quad(T, 10), [801, 633, 484, 356, 247, 159, 89, 40, 10, 1])

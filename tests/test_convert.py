@@ -13,29 +13,57 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddx import checkpoint, cli, service
-from ddx.models import UNet, convert, from_diffusers, unet_kwargs
+from ddx.cli import main as cli
+from ddx.cli import restore
+from ddx.models import UNet, from_diffusers, unet_kwargs
+from ddx.models.io import diffusers as convert
+from ddx.training import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small diffusers configs (16x16): one with the google/ddpm-* options (TF padding, sin/cos,
 # freq_shift 1, one head), one with diffusers defaults and 8-dim heads / attention at level 0.
 SMALL_DDPM = dict(
-    sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-    layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_num_groups=8,
-    norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
+  sample_size=16,
+  in_channels=3,
+  out_channels=3,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+  attention_head_dim=None,
+  norm_num_groups=8,
+  norm_eps=1e-6,
+  downsample_padding=0,
+  flip_sin_to_cos=False,
+  freq_shift=1,
+)
 SMALL_DEFAULTS = dict(
-    sample_size=16, in_channels=2, out_channels=4, block_out_channels=(32, 64),
-    layers_per_block=2, down_block_types=("AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=8, norm_num_groups=8)
+  sample_size=16,
+  in_channels=2,
+  out_channels=4,
+  block_out_channels=(32, 64),
+  layers_per_block=2,
+  down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+  attention_head_dim=8,
+  norm_num_groups=8,
+)
 CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
-    layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
-                                          "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=None, norm_eps=1e-6, norm_num_groups=32, downsample_padding=0,
-    flip_sin_to_cos=False, freq_shift=1)
+  sample_size=32,
+  in_channels=3,
+  out_channels=3,
+  block_out_channels=(128, 256, 256, 256),
+  layers_per_block=2,
+  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+  attention_head_dim=None,
+  norm_eps=1e-6,
+  norm_num_groups=32,
+  downsample_padding=0,
+  flip_sin_to_cos=False,
+  freq_shift=1,
+)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -50,7 +78,8 @@ def ddx_forward(model, x_nchw, t):
 
 
 def torch_forward(tmodel, x_nchw, t):
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   with torch.inference_mode():
     return tmodel(torch.from_numpy(x_nchw), torch.from_numpy(np.asarray(t))).sample.numpy()
 
@@ -86,8 +115,7 @@ def random_inputs(config, batch=2, seed=0, float_t=False):
 @pytest.fixture(scope="module")
 def small_ddpm(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("small_ddpm"))
-  tmodel = make_diffusers(path, SMALL_DDPM, scheduler=dict(variance_type="fixed_small",
-                                                            prediction_type="v_prediction"))
+  tmodel = make_diffusers(path, SMALL_DDPM, scheduler=dict(variance_type="fixed_small", prediction_type="v_prediction"))
   return path, tmodel
 
 
@@ -112,16 +140,26 @@ def test_cifar10_config_matches_diffusers(tmp_path):
   n_ddx = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert n_torch == n_ddx == 35_746_307
   assert model.kwargs == unet_kwargs(
-      image_size=32, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-      attention_resolutions=(16,), num_heads=1, norm_num_groups=32, norm_eps=1e-6,
-      flip_sin_to_cos=False, freq_shift=1, downsample_padding=0)
+    image_size=32,
+    base_channels=128,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(16,),
+    num_heads=1,
+    norm_num_groups=32,
+    norm_eps=1e-6,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    downsample_padding=0,
+  )
   x, t = random_inputs(CIFAR10, batch=2, seed=3)
   assert rel_err(ddx_forward(model, x, t), torch_forward(tmodel, x, t)) < 1e-4
 
 
 @pytest.mark.torch
 def test_legacy_attention_names(small_ddpm, tmp_path):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file
+
   path, _ = small_ddpm
   state = load_file(os.path.join(path, "unet", convert.WEIGHTS_NAME))
   renames = {"to_q.": "query.", "to_k.": "key.", "to_v.": "value.", "to_out.0.": "proj_attn."}
@@ -145,22 +183,32 @@ def test_convert_cli_checkpoint_roundtrip(small_ddpm, tmp_path):
   path, tmodel = small_ddpm
   workdir = str(tmp_path / "work")
   proc = subprocess.run(
-      [sys.executable, "-m", "ddx", "convert", f"--diffusers={path}/unet", f"--workdir={workdir}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    [sys.executable, "-m", "ddx", "convert", f"--diffusers={path}/unet", f"--workdir={workdir}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")},
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   assert config["model"] == convert.diffusers_to_unet_kwargs(SMALL_DDPM)
   assert config["diffusion"] == {
-      "num_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-      "prediction": "v", "variance": "fixed_small", "rescale_zero_snr": False,
-      "clip_sample": True}
+    "num_timesteps": 1000,
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "prediction": "v",
+    "variance": "fixed_small",
+    "rescale_zero_snr": False,
+    "clip_sample": True,
+  }
   assert checkpoint.all_steps(workdir) == [0]
 
   direct = from_diffusers(os.path.join(path, "unet"))
   for which in ("params", "ema_params"):
-    model, cfg, _ = service.load_model(workdir, which=which)
+    model, cfg, _ = restore.load_model(workdir, which=which)
     assert cfg == config
     chex.assert_trees_all_equal(nnx.state(model, nnx.Param), nnx.state(direct, nnx.Param))
   x, t = random_inputs(SMALL_DDPM, seed=4)
@@ -168,9 +216,13 @@ def test_convert_cli_checkpoint_roundtrip(small_ddpm, tmp_path):
 
   # converting into a workdir that already has checkpoints is refused
   proc = subprocess.run(
-      [sys.executable, "-m", "ddx", "convert", f"--diffusers={path}/unet", f"--workdir={workdir}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    [sys.executable, "-m", "ddx", "convert", f"--diffusers={path}/unet", f"--workdir={workdir}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")},
+  )
   assert proc.returncode != 0 and "already has checkpoints" in proc.stderr
 
 
@@ -182,7 +234,7 @@ def test_convert_function_without_scheduler_uses_defaults(tmp_path):
   assert config["diffusion"] == convert.diffusers_scheduler_to_diffusion(None)
   assert config["diffusion"]["variance"] == "fixed_large"
   assert config["diffusion"]["prediction"] == "eps"
-  model, _, _ = service.load_model(str(tmp_path / "w"), dtype="bfloat16")
+  model, _, _ = restore.load_model(str(tmp_path / "w"), dtype="bfloat16")
   assert model.kwargs["dtype"] == "bfloat16"
 
 
@@ -212,7 +264,9 @@ def _write_config(path, **changes):
   return str(path)
 
 
-@pytest.mark.parametrize("changes,key", [
+@pytest.mark.parametrize(
+  "changes,key",
+  [
     (dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D")), "down_block_types"),
     (dict(up_block_types=("AttnUpBlock2D", "SkipUpBlock2D")), "up_block_types"),
     (dict(up_block_types=("UpBlock2D", "AttnUpBlock2D")), "up_block_types"),
@@ -227,7 +281,8 @@ def _write_config(path, **changes):
     (dict(block_out_channels=(32, 48)), "block_out_channels"),
     (dict(some_new_option=3), "some_new_option"),
     (dict(_class_name="UNet1DModel"), "_class_name"),
-])
+  ],
+)
 def test_unsupported_config_raises(tmp_path, changes, key):
   path = _write_config(tmp_path, **changes)  # no weights: the config is rejected first
   with pytest.raises(ValueError, match=f"^{key}: unsupported") as exc:
@@ -257,7 +312,8 @@ def test_missing_safetensors_raises(tmp_path):
 
 @pytest.mark.torch
 def test_wrong_weights_raise(small_ddpm, tmp_path):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file
+
   path, _ = small_ddpm
   state = load_file(os.path.join(path, "unet", convert.WEIGHTS_NAME))
   _write_config(tmp_path)
@@ -276,9 +332,15 @@ def test_wrong_weights_raise(small_ddpm, tmp_path):
 def test_scheduler_mapping():
   d = convert.diffusers_scheduler_to_diffusion
   assert d({"beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range"}) == {
-      "num_timesteps": 1000, "beta_schedule": "cosine", "beta_start": None, "beta_end": None,
-      "prediction": "eps", "variance": "learned_range", "rescale_zero_snr": False,
-      "clip_sample": True}
+    "num_timesteps": 1000,
+    "beta_schedule": "cosine",
+    "beta_start": None,
+    "beta_end": None,
+    "prediction": "eps",
+    "variance": "learned_range",
+    "rescale_zero_snr": False,
+    "clip_sample": True,
+  }
   assert d({})["variance"] == "fixed_small"  # DDPMScheduler default
   assert d({"prediction_type": "sample"})["prediction"] == "x0"
   with pytest.raises(ValueError, match="^variance_type: "):
@@ -289,8 +351,9 @@ def test_scheduler_mapping():
 
 # ------------------------------------------------------------------ checkpoints
 
-TINY = dict(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-            attention_resolutions=(), norm_num_groups=4)
+TINY = dict(
+  image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_num_groups=4
+)
 DIFFUSION = convert.diffusers_scheduler_to_diffusion(None)
 
 
@@ -300,7 +363,8 @@ def tiny_model():
 
 
 def test_save_restore_all_items(tiny_model, tmp_path):
-  import optax  # pylint: disable=import-outside-toplevel
+  import optax
+
   params = nnx.state(tiny_model, nnx.Param)
   ema = jax.tree.map(lambda p: p * 0.5, params)
   opt = optax.adam(1e-3)
@@ -308,21 +372,27 @@ def test_save_restore_all_items(tiny_model, tmp_path):
   key_data = jax.random.key_data(jax.random.key(7))
   config = {"model": tiny_model.kwargs, "diffusion": DIFFUSION, "train": {"lr": 1e-3}}
   workdir = str(tmp_path)
-  checkpoint.save(workdir, 5, {"params": params, "ema_params": nnx.to_pure_dict(ema),
-                               "opt_state": opt_state,
-                               "train": {"step": 5, "key": key_data}}, config)
+  checkpoint.save(
+    workdir,
+    5,
+    {
+      "params": params,
+      "ema_params": nnx.to_pure_dict(ema),
+      "opt_state": opt_state,
+      "train": {"step": 5, "key": key_data},
+    },
+    config,
+  )
   checkpoint.save(workdir, 9, {"params": tiny_model, "ema_params": tiny_model})
   assert checkpoint.all_steps(workdir) == [5, 9] and checkpoint.latest_step(workdir) == 9
 
-  model, cfg, _ = service.load_model(workdir, step=5)
+  model, cfg, _ = restore.load_model(workdir, step=5)
   assert cfg["train"] == {"lr": 1e-3} and cfg["model"] == tiny_model.kwargs
-  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-                              nnx.to_pure_dict(ema))
-  model, _, _ = service.load_model(workdir, which="params")  # latest = 9
+  chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(ema))
+  model, _, _ = restore.load_model(workdir, which="params")  # latest = 9
   chex.assert_trees_all_equal(nnx.state(model, nnx.Param), params)
 
-  step, items = checkpoint.restore(
-      workdir, 5, {"opt_state": jax.eval_shape(lambda: opt_state), "train": None})
+  step, items = checkpoint.restore(workdir, 5, {"opt_state": jax.eval_shape(lambda: opt_state), "train": None})
   assert step == 5
   chex.assert_trees_all_equal(items["opt_state"], opt_state)
   assert items["train"]["step"] == 5
@@ -336,53 +406,52 @@ def test_config_model_section_is_checked(tiny_model, tmp_path):
   bad = str(tmp_path / "bad")
   checkpoint.save(bad, 0, {"params": tiny_model}, {"model": {**TINY, "norm_num_groups": 3}, "diffusion": DIFFUSION})
   with pytest.raises(ValueError, match="model section: norm_num_groups: "):
-    service.load_model(bad, which="params")
+    restore.load_model(bad, which="params")
   checkpoint.write_config(str(tmp_path), {"model": TINY, "diffusion": DIFFUSION})
   with pytest.raises(ValueError, match="different model config"):
-    checkpoint.write_config(str(tmp_path), {"model": {**TINY, "base_channels": 16},
-                                            "diffusion": DIFFUSION})
+    checkpoint.write_config(str(tmp_path), {"model": {**TINY, "base_channels": 16}, "diffusion": DIFFUSION})
 
 
 def test_restore_errors(tiny_model, tmp_path):
   missing = str(tmp_path / "nope")
   with pytest.raises(FileNotFoundError, match=f"workdir does not exist: {missing}$"):
-    service.load_model(missing)
+    restore.load_model(missing)
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="no config.json in workdir"):
-    service.load_model(str(empty))
+    restore.load_model(str(empty))
   checkpoint.write_config(str(empty), {"model": TINY, "diffusion": DIFFUSION})
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints$"):
-    service.load_model(str(empty))
+    restore.load_model(str(empty))
   # an interrupted save leaves only a temporary directory: still "no checkpoint"
   os.makedirs(empty / "checkpoints" / "3.orbax-checkpoint-tmp-1")
   with pytest.raises(FileNotFoundError, match="only incomplete entries: 3.orbax-checkpoint-tmp"):
-    service.load_model(str(empty))
+    restore.load_model(str(empty))
 
   workdir = str(tmp_path / "w")
-  checkpoint.save(workdir, 1, {"params": tiny_model},
-                  {"model": tiny_model.kwargs, "diffusion": DIFFUSION})
+  checkpoint.save(workdir, 1, {"params": tiny_model}, {"model": tiny_model.kwargs, "diffusion": DIFFUSION})
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 2"):
-    service.load_model(workdir, which="params", step=2)
+    restore.load_model(workdir, which="params", step=2)
   with pytest.raises(ValueError, match="has no item 'ema_params'"):
-    service.load_model(workdir)  # converter-style default: EMA weights
+    restore.load_model(workdir)  # converter-style default: EMA weights
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write("{not json")
   with pytest.raises(ValueError, match="config.json: invalid JSON"):
-    service.load_model(workdir, which="params")
+    restore.load_model(workdir, which="params")
 
 
 def test_corrupt_checkpoint(tiny_model, tmp_path):
   workdir = str(tmp_path)
-  checkpoint.save(workdir, 0, {"params": tiny_model, "ema_params": tiny_model},
-                  {"model": tiny_model.kwargs, "diffusion": DIFFUSION})
+  checkpoint.save(
+    workdir, 0, {"params": tiny_model, "ema_params": tiny_model}, {"model": tiny_model.kwargs, "diffusion": DIFFUSION}
+  )
   item = os.path.join(workdir, "checkpoints", "0", "ema_params")
   for root, _, files in os.walk(item):  # truncate every data file of the item
     for name in files:
       with open(os.path.join(root, name), "wb"):
         pass
   with pytest.raises(ValueError, match=r"^corrupt or incomplete checkpoint .*/checkpoints/0: ") as e:
-    service.load_model(workdir)
+    restore.load_model(workdir)
   assert "\n" not in str(e.value)
-  model, _, _ = service.load_model(workdir, which="params")  # the other item is intact
+  model, _, _ = restore.load_model(workdir, which="params")  # the other item is intact
   chex.assert_trees_all_equal(nnx.state(model, nnx.Param), nnx.state(tiny_model, nnx.Param))

@@ -131,10 +131,8 @@ def test_resume_equals_direct_start(digits, random_flip):
 def test_threads_and_workers_do_not_change_batches(digits):
   kw = dict(seed=3, global_batch_size=16, start_step=5, random_flip=True)
   ref = [data.get_batch(digits, 5 + i, **kw_without_start(kw)) for i in range(4)]
-  threaded = list(data.make_dataset(digits, num_steps=4, num_threads=2,
-                                    process_index=0, process_count=1, **kw))
-  workers = list(data.make_dataset(digits, num_steps=4, num_workers=2,
-                                   process_index=0, process_count=1, **kw))
+  threaded = list(data.make_dataset(digits, num_steps=4, num_threads=2, process_index=0, process_count=1, **kw))
+  workers = list(data.make_dataset(digits, num_steps=4, num_workers=2, process_index=0, process_count=1, **kw))
   for got in (threaded, workers):
     assert len(got) == 4
     for a, b in zip(got, ref):
@@ -161,9 +159,7 @@ def test_epochs_visit_every_example_once(batch_size):
   n = 24
   src = IndexSource(n)
   steps = (3 * n) // batch_size + 1
-  labels = np.concatenate(
-      [b["label"] for b in take(make(src, seed=5, global_batch_size=batch_size), steps)]
-  )
+  labels = np.concatenate([b["label"] for b in take(make(src, seed=5, global_batch_size=batch_size), steps)])
   # Epoch e is the stream window [e*n, (e+1)*n), whatever the batch size.
   epochs = [labels[e * n : (e + 1) * n] for e in range(3)]
   for perm in epochs:
@@ -191,9 +187,8 @@ def test_process_slices_concatenate_to_global_batch(digits16, process_count):
   global_batches = {k: next(make(digits16, start_step=k, **kw)) for k in steps}
   for k in steps:
     parts = [
-        next(data.make_batches(digits16, start_step=k, process_index=p,
-                               process_count=process_count, **kw))
-        for p in range(process_count)
+      next(data.make_batches(digits16, start_step=k, process_index=p, process_count=process_count, **kw))
+      for p in range(process_count)
     ]
     for part in parts:
       chex.assert_shape(part["image"], (16 // process_count, 16, 16, 1))
@@ -201,17 +196,14 @@ def test_process_slices_concatenate_to_global_batch(digits16, process_count):
     assert_batches_equal(joined, global_batches[k])
     # get_batch agrees for one slice as well.
     assert_batches_equal(
-        data.get_batch(digits16, k, process_index=process_count - 1,
-                       process_count=process_count, **kw),
-        parts[-1],
+      data.get_batch(digits16, k, process_index=process_count - 1, process_count=process_count, **kw),
+      parts[-1],
     )
   # A process's iterator continues with its slice of the following steps.
-  it = data.make_batches(digits16, start_step=2, process_index=1,
-                         process_count=process_count, **kw)
+  it = data.make_batches(digits16, start_step=2, process_index=1, process_count=process_count, **kw)
   b = 16 // process_count
   for k in (2, 3):
-    assert_batches_equal(next(it), {key: v[b : 2 * b] for key, v in
-                                    data.get_batch(digits16, k, **kw).items()})
+    assert_batches_equal(next(it), {key: v[b : 2 * b] for key, v in data.get_batch(digits16, k, **kw).items()})
 
 
 def test_random_flip_mirrors_some_images(digits):
@@ -241,9 +233,7 @@ def test_random_flip_mirrors_some_images(digits):
 # --------------------------------------------------------------------- tfds
 
 
-@pytest.mark.parametrize(
-    "name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))]
-)
+@pytest.mark.parametrize("name,shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
 def test_tfds_mock_data_source(name, shape, tmp_path):
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -286,7 +276,7 @@ def test_tfds_missing_data_names_prepare_step(tmp_path):
 
 
 _GLOBAL_ARRAY_SCRIPT = textwrap.dedent(
-    """
+  """
     import jax, numpy as np
     from ddx import data
     assert jax.device_count() == 8, jax.devices()
@@ -325,24 +315,25 @@ def _subprocess_env(device_count):
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
   env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join(
-      [str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-  )
+  env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   return env
 
 
 def test_global_array_on_8_fake_devices():
   env = _subprocess_env(device_count=8)
   proc = subprocess.run(
-      [sys.executable, "-c", _GLOBAL_ARRAY_SCRIPT],
-      env=env, capture_output=True, text=True, timeout=120,
+    [sys.executable, "-c", _GLOBAL_ARRAY_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "GLOBAL_ARRAY_OK" in proc.stdout
 
 
 _TWO_PROCESS_SCRIPT = textwrap.dedent(
-    """
+  """
     import sys
     import jax, numpy as np
     pid, port = int(sys.argv[1]), sys.argv[2]
@@ -385,11 +376,14 @@ def test_global_array_two_processes():
     port = sock.getsockname()[1]
   env = _subprocess_env(device_count=4)
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(pid), str(port)],
-          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      )
-      for pid in range(2)
+    subprocess.Popen(
+      [sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(pid), str(port)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for pid in range(2)
   ]
   outputs = []
   try:
@@ -425,27 +419,26 @@ def _batches(**kw):
 
 
 @pytest.mark.parametrize(
-    "call,arg",
-    [
-        (lambda s: data.make_source("imagenet"), "name"),
-        (lambda s: data.make_source("digits", image_size=0), "image_size"),
-        (lambda s: data.make_source("digits", image_size=2.5), "image_size"),
-        (lambda s: data.make_source("digits", split="test"), "split"),
-        (lambda s: data.make_source("digits", data_dir="/tmp"), "data_dir"),
-        (lambda s: data.make_source("mnist", center_crop=64), "center_crop"),
-        (lambda s: data.make_source("mnist", image_size=-3), "image_size"),
-        (_batches(seed=-1), "seed"),
-        (_batches(seed=1.5), "seed"),
-        (_batches(global_batch_size=0), "global_batch_size"),
-        (_batches(global_batch_size=10, process_count=4), "global_batch_size"),
-        (_batches(process_index=2, process_count=2), "process_index"),
-        (_batches(process_count=0), "process_count"),
-        (_batches(start_step=-1), "start_step"),
-        (_batches(num_steps=-2), "num_steps"),
-        (lambda s: data.get_batch(s, -1, seed=0, global_batch_size=4), "step"),
-        (lambda s: data.make_batches([], seed=0, global_batch_size=4,
-                                     process_index=0, process_count=1), "source"),
-    ],
+  "call,arg",
+  [
+    (lambda s: data.make_source("imagenet"), "name"),
+    (lambda s: data.make_source("digits", image_size=0), "image_size"),
+    (lambda s: data.make_source("digits", image_size=2.5), "image_size"),
+    (lambda s: data.make_source("digits", split="test"), "split"),
+    (lambda s: data.make_source("digits", data_dir="/tmp"), "data_dir"),
+    (lambda s: data.make_source("mnist", center_crop=64), "center_crop"),
+    (lambda s: data.make_source("mnist", image_size=-3), "image_size"),
+    (_batches(seed=-1), "seed"),
+    (_batches(seed=1.5), "seed"),
+    (_batches(global_batch_size=0), "global_batch_size"),
+    (_batches(global_batch_size=10, process_count=4), "global_batch_size"),
+    (_batches(process_index=2, process_count=2), "process_index"),
+    (_batches(process_count=0), "process_count"),
+    (_batches(start_step=-1), "start_step"),
+    (_batches(num_steps=-2), "num_steps"),
+    (lambda s: data.get_batch(s, -1, seed=0, global_batch_size=4), "step"),
+    (lambda s: data.make_batches([], seed=0, global_batch_size=4, process_index=0, process_count=1), "source"),
+  ],
 )
 def test_bad_input_raises_value_error_naming_argument(digits, call, arg):
   with pytest.raises(ValueError) as info:
@@ -473,8 +466,25 @@ def test_order_is_pinned():
   assert pipeline.epoch_seed(1, 0) == 2521922038
   assert pipeline.epoch_seed(0, 1) == 600637716
   assert [pipeline.record_index(0, g, 10) for g in range(20)] == [
-      6, 7, 0, 2, 4, 1, 9, 3, 8, 5, 7, 4, 3, 9, 8, 6, 0, 1, 5, 2
+    6,
+    7,
+    0,
+    2,
+    4,
+    1,
+    9,
+    3,
+    8,
+    5,
+    7,
+    4,
+    3,
+    9,
+    8,
+    6,
+    0,
+    1,
+    5,
+    2,
   ]
-  assert [int(pipeline.flip_bit(0, g)) for g in range(16)] == [
-      1, 1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1
-  ]
+  assert [int(pipeline.flip_bit(0, g)) for g in range(16)] == [1, 1, 1, 1, 1, 1, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1]

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import ddx
 from tests._closed_form import Mixture
@@ -46,10 +47,18 @@ def test_program_size_independent_of_steps():
   sizes = []
   for S in (10, 1000):
     smp = ddx.samplers.make("plms", SCHED, S)
-    arrays, static = ddx.driver._partition(smp)
-    margs, mstatic = ddx.driver._partition(m.eps)
-    lowered = ddx.driver._run.lower(margs, arrays, x_T, None, jnp.zeros((smp.num_calls,), jnp.int32),
-                                      model_static=mstatic, sampler_static=static, num_x0=0)
+    arrays, static = ddx.sampling._partition(smp)
+    margs, mstatic = ddx.sampling._partition(m.eps)
+    lowered = ddx.sampling._run.lower(
+      margs,
+      arrays,
+      x_T,
+      None,
+      jnp.zeros((smp.num_calls,), jnp.int32),
+      model_static=mstatic,
+      sampler_static=static,
+      num_x0=0,
+    )
     sizes.append(len(lowered.as_text()))
   assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[0], sizes
 
@@ -114,7 +123,9 @@ def test_nnx_module_and_partial_are_traced_arguments():
 # --- bad input: a ValueError naming the argument, raised before tracing -------------------------
 
 
-@pytest.mark.parametrize("args,kwargs,field", [
+@pytest.mark.parametrize(
+  "args,kwargs,field",
+  [
     (("euler", SCHED, 10), {}, "name"),
     (("ddim", SCHED, 0), {}, "num_steps"),
     (("ddim", SCHED, 1001), {}, "num_steps"),
@@ -126,7 +137,7 @@ def test_nnx_module_and_partial_are_traced_arguments():
     (("ddim", SCHED, 10), {"spacing": "uniform"}, "spacing"),
     (("ddim", SCHED, 10), {"prediction": "epsilon"}, "prediction"),
     (("ddpm", SCHED, 10), {"variance": "learned"}, "variance"),
-    (("ddim", SCHED, 1000), {"steps_offset": 1}, "timesteps"),       # index T (diffusers#10003)
+    (("ddim", SCHED, 1000), {"steps_offset": 1}, "timesteps"),  # index T (diffusers#10003)
     (("ddim", SCHED, 3), {"spacing": "compvis_uniform"}, "num_steps"),  # CompVis index T
     (("ddim", SCHED, 10), {"timesteps": [5, 9, 1]}, "timesteps"),
     (("ddim", SCHED, 10), {"timesteps": [1000, 5]}, "timesteps"),
@@ -135,7 +146,8 @@ def test_nnx_module_and_partial_are_traced_arguments():
     (("ddim", SCHED, 10), {"threshold_ratio": 1.5}, "threshold_ratio"),
     (("ddim", SCHED, 10), {"spacing": "trailing", "steps_offset": 1}, "steps_offset"),
     (("ddim", SCHED), {}, "num_steps"),
-])
+  ],
+)
 def test_bad_sampler_args(args, kwargs, field):
   with pytest.raises(ValueError, match=f"^{field}"):
     ddx.samplers.make(*args, **kwargs)

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 
 import ddx
 from ddx import edit
-from ddx.driver import Plan
+from ddx.sampling import Plan
 from tests._closed_form import FullGaussian
 
 SCHED = ddx.schedules.make("linear", 1000)
@@ -50,8 +50,9 @@ def test_start_is_the_sub_grid():
   smp = ddx.samplers.make("ddim", SCHED, 20, clip_sample=False)
   sub = ddx.samplers.make("ddim", SCHED, None, timesteps=np.asarray(smp.timesteps)[7:], clip_sample=False)
   x = jax.random.normal(jax.random.key(2), (8, 16))
-  np.testing.assert_allclose(np.asarray(ddx.sample(G16.eps, smp, x, start=7)),
-                             np.asarray(ddx.sample(G16.eps, sub, x)), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(ddx.sample(G16.eps, smp, x, start=7)), np.asarray(ddx.sample(G16.eps, sub, x)), atol=1e-6
+  )
 
 
 def test_plan_with_undo_entries_matches_a_python_replay():
@@ -217,28 +218,27 @@ def test_bad_edit_inputs():
   x0 = jnp.zeros((2, 16))
   key = jax.random.key(0)
   cases = [
-      (lambda: edit.sdedit(G16.eps, ddim, x0, 0.0, key), "strength"),
-      (lambda: edit.sdedit(G16.eps, ddim, x0, 1.5, key), "strength"),
-      (lambda: edit.sdedit(G16.eps, ddim, x0, float("nan"), key), "strength"),
-      (lambda: edit.sdedit(G16.eps, ddx.samplers.make("plms", SCHED, 10), x0, 0.5, key), "sampler"),
-      (lambda: edit.inpaint(G16.eps, ddim, x0, np.ones(15), key), "mask"),
-      (lambda: edit.inpaint(G16.eps, ddim, x0, np.full(16, 0.5), key), "mask"),
-      (lambda: edit.repaint(G16.eps, ddim, x0, np.ones(16), key, jump_length=0), "jump_length"),
-      (lambda: edit.repaint(G16.eps, ddim, x0, np.ones(16), key, jump_n_sample=1.5), "jump_n_sample"),
-      (lambda: edit.invert(G16.eps, ddx.samplers.make("ddim", SCHED, 10, eta=1.0), x0), "sampler"),
-      (lambda: edit.invert(G16.eps, ddx.samplers.make("ddpm", SCHED, 10), x0), "sampler"),
-      (lambda: edit.reconstruct(G16.eps, ddx.samplers.make("ddim", SCHED, 10), x0), "sampler"),
-      (lambda: edit.invert(G16.eps, ddim, jnp.zeros((2, 16), jnp.int32)), "x0"),
-      (lambda: edit.slerp(x0, jnp.zeros((2, 15)), 0.5), "x_b"),
-      (lambda: edit.interpolation_grid(x0, x0, 1), "num"),
-      (lambda: ddx.sample(G16.eps, ddim, x0, start=10), "start"),
-      (lambda: ddx.sample(G16.eps, ddx.samplers.make("dpm_solver++", SCHED, 10), x0, start=2), "sampler"),
-      (lambda: ddx.sample(G16.eps, ddim, x0, plan=Plan.calls_only([0, 10])), "plan"),
-      (lambda: ddx.sample(G16.eps, ddim, x0, hook=lambda x, i, e: x[:, :3]), "hook"),
-      (lambda: ddx.sample(G16.eps, ddim, x0, start=3, return_x0_at=(1,)), "return_x0_at"),
+    (lambda: edit.sdedit(G16.eps, ddim, x0, 0.0, key), "strength"),
+    (lambda: edit.sdedit(G16.eps, ddim, x0, 1.5, key), "strength"),
+    (lambda: edit.sdedit(G16.eps, ddim, x0, float("nan"), key), "strength"),
+    (lambda: edit.sdedit(G16.eps, ddx.samplers.make("plms", SCHED, 10), x0, 0.5, key), "sampler"),
+    (lambda: edit.inpaint(G16.eps, ddim, x0, np.ones(15), key), "mask"),
+    (lambda: edit.inpaint(G16.eps, ddim, x0, np.full(16, 0.5), key), "mask"),
+    (lambda: edit.repaint(G16.eps, ddim, x0, np.ones(16), key, jump_length=0), "jump_length"),
+    (lambda: edit.repaint(G16.eps, ddim, x0, np.ones(16), key, jump_n_sample=1.5), "jump_n_sample"),
+    (lambda: edit.invert(G16.eps, ddx.samplers.make("ddim", SCHED, 10, eta=1.0), x0), "sampler"),
+    (lambda: edit.invert(G16.eps, ddx.samplers.make("ddpm", SCHED, 10), x0), "sampler"),
+    (lambda: edit.reconstruct(G16.eps, ddx.samplers.make("ddim", SCHED, 10), x0), "sampler"),
+    (lambda: edit.invert(G16.eps, ddim, jnp.zeros((2, 16), jnp.int32)), "x0"),
+    (lambda: edit.slerp(x0, jnp.zeros((2, 15)), 0.5), "x_b"),
+    (lambda: edit.interpolation_grid(x0, x0, 1), "num"),
+    (lambda: ddx.sample(G16.eps, ddim, x0, start=10), "start"),
+    (lambda: ddx.sample(G16.eps, ddx.samplers.make("dpm_solver++", SCHED, 10), x0, start=2), "sampler"),
+    (lambda: ddx.sample(G16.eps, ddim, x0, plan=Plan.calls_only([0, 10])), "plan"),
+    (lambda: ddx.sample(G16.eps, ddim, x0, hook=lambda x, i, e: x[:, :3]), "hook"),
+    (lambda: ddx.sample(G16.eps, ddim, x0, start=3, return_x0_at=(1,)), "return_x0_at"),
   ]
   for fn, name in cases:
     with pytest.raises(ValueError, match=f"^{name}:") as info:
       fn()
     assert "\n" not in str(info.value), str(info.value)
-

@@ -11,14 +11,23 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from ddx import cli, service
+from ddx import guidance
+from ddx.cli import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "--config=configs/digits.py", "--config.data.image_size=8", "--config.model.image_size=8",
-    "--config.model.base_channels=8", "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=()",
-    "--config.model.norm_num_groups=4", "--config.train.global_batch_size=8", "--config.train.sample_every=0",
-    "--config.optim.warmup_steps=1", "--config.train.checkpoint_every=1", "--config.train.total_steps=1",
+  "--config=configs/digits.py",
+  "--config.data.image_size=8",
+  "--config.model.image_size=8",
+  "--config.model.base_channels=8",
+  "--config.model.channel_mult=(1,)",
+  "--config.model.attention_resolutions=()",
+  "--config.model.norm_num_groups=4",
+  "--config.train.global_batch_size=8",
+  "--config.train.sample_every=0",
+  "--config.optim.warmup_steps=1",
+  "--config.train.checkpoint_every=1",
+  "--config.train.total_steps=1",
 ]
 
 
@@ -26,10 +35,20 @@ TINY = [
 def files(tmp_path_factory):
   d = tmp_path_factory.mktemp("edit_cli")
   wd = str(d / "wd")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  p = subprocess.run([sys.executable, "-m", "ddx", "train", f"--workdir={wd}", *TINY], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=900)
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
+  p = subprocess.run(
+    [sys.executable, "-m", "ddx", "train", f"--workdir={wd}", *TINY],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert p.returncode == 0, p.stderr[-2000:]
   digits = load_digits().images
   paths = {}
@@ -71,27 +90,48 @@ def test_invert_interpolate_edit_inpaint(files):
   lerp = _load(f"{d}/lerp")
   assert lerp["latents"].shape == lerp["samples"].shape == (4, 8, 8, 1)
   import jax
-  np.testing.assert_allclose(lerp["latents"][0], np.asarray(jax.random.normal(jax.random.key(3), (1, 8, 8, 1)))[0],
-                             atol=1e-6)
 
-  assert _run("edit", f"--workdir={wd}", f"--input={p['d0']}", "--strength=0.6", "--num=2", "--steps=5",
-              f"--out={d}/ed") == 0
+  np.testing.assert_allclose(
+    lerp["latents"][0], np.asarray(jax.random.normal(jax.random.key(3), (1, 8, 8, 1)))[0], atol=1e-6
+  )
+
+  assert (
+    _run("edit", f"--workdir={wd}", f"--input={p['d0']}", "--strength=0.6", "--num=2", "--steps=5", f"--out={d}/ed")
+    == 0
+  )
   ed = _load(f"{d}/ed")
   assert ed["edits"].shape == (2, 8, 8, 1) and not np.allclose(ed["edits"][0], ed["edits"][1])
-  assert _run("edit", f"--workdir={wd}", f"--input={p['d0']}", "--strength=0.1", "--num=1", "--steps=5",
-              f"--out={d}/ed0") == 0  # < 1/S: no step, the input comes back
+  assert (
+    _run("edit", f"--workdir={wd}", f"--input={p['d0']}", "--strength=0.1", "--num=1", "--steps=5", f"--out={d}/ed0")
+    == 0
+  )  # < 1/S: no step, the input comes back
   np.testing.assert_array_equal(_load(f"{d}/ed0")["edits"], _load(f"{d}/ed0")["inputs"])
 
   for method in ("repaint",):  # replacement shares the path (tests/test_edit.py covers both)
-    assert _run("inpaint", f"--workdir={wd}", f"--input={two}", f"--mask={p['mask']}", f"--method={method}",
-                "--num=2", "--steps=6", "--jump_length=2", "--jump_n_sample=2", f"--out={d}/inp_{method}") == 0
+    assert (
+      _run(
+        "inpaint",
+        f"--workdir={wd}",
+        f"--input={two}",
+        f"--mask={p['mask']}",
+        f"--method={method}",
+        "--num=2",
+        "--steps=6",
+        "--jump_length=2",
+        "--jump_n_sample=2",
+        f"--out={d}/inp_{method}",
+      )
+      == 0
+    )
     inp = _load(f"{d}/inp_{method}")
     assert inp["fills"].shape == (4, 8, 8, 1)
     kept = np.repeat(inp["inputs"], 2, axis=0)[:, :4]
     np.testing.assert_array_equal(inp["fills"][:, :4], kept)  # DDPM ends at alpha 1: the kept pixels exactly
 
 
-@pytest.mark.parametrize("argv,needle", [
+@pytest.mark.parametrize(
+  "argv,needle",
+  [
     (["edit", "--input={d0}", "--strength=0"], "--strength"),
     (["edit", "--input={d0}", "--strength=1.5"], "--strength"),
     (["edit", "--input={d0}"], "--strength"),
@@ -104,7 +144,8 @@ def test_invert_interpolate_edit_inpaint(files):
     (["inpaint", "--input={d0}", "--mask={mask}", "--sampler=plms"], "--sampler"),
     (["interpolate", "--seeds=1"], "--seeds"),
     (["interpolate", "--seeds=1,2", "--input={d0},{d1}"], "--seeds"),
-])
+  ],
+)
 def test_bad_inputs_one_line_nothing_written(files, argv, needle):
   wd, d, p = files
   out = os.path.join(d, "bad")
@@ -118,13 +159,13 @@ def test_bad_inputs_one_line_nothing_written(files, argv, needle):
 def test_nonfinite_outputs_are_refused(files, monkeypatch):
   """A model whose output turns NaN: the command fails with one line and writes nothing."""
   wd, d, p = files
-  real = service.guided_model_fn
+  real = guidance.for_labels
 
   def poisoned(*args, **kwargs):
     fn = real(*args, **kwargs)
     return lambda x, t: fn(x, t) * np.float32("nan")
 
-  monkeypatch.setattr(service, "guided_model_fn", poisoned)
+  monkeypatch.setattr(guidance, "for_labels", poisoned)
   out = os.path.join(d, "nan")
   with pytest.raises(ValueError, match="^(edits|fills): .* not finite; nothing written$"):
     _run("edit", f"--workdir={wd}", f"--input={p['d0']}", "--strength=1", "--num=1", "--steps=1", f"--out={out}")

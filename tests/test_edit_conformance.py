@@ -17,10 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from diffusers.schedulers import scheduling_repaint  # noqa: E402
+
 import ddx  # noqa: E402
 from ddx import edit  # noqa: E402
-from ddx.driver import Plan  # noqa: E402
-from diffusers.schedulers import scheduling_repaint  # noqa: E402
+from ddx.sampling import Plan  # noqa: E402
 from tests import _oracle_models as om  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -30,20 +31,36 @@ def _x0(seed=5):
   return jnp.tanh(jax.random.normal(jax.random.key(seed), om.SHAPE))
 
 
-@pytest.mark.parametrize("schedule,S,set_alpha_to_one,steps_offset", [
-    ("linear", 10, True, 0), ("linear", 50, False, 0), ("scaled_linear", 25, True, 1), ("cosine", 20, False, 1),
-])
+@pytest.mark.parametrize(
+  "schedule,S,set_alpha_to_one,steps_offset",
+  [
+    ("linear", 10, True, 0),
+    ("linear", 50, False, 0),
+    ("scaled_linear", 25, True, 1),
+    ("cosine", 20, False, 1),
+  ],
+)
 def test_ddim_inverse_scheduler_trajectory(schedule, S, set_alpha_to_one, steps_offset):
-  sch = diffusers.DDIMInverseScheduler(**om.diffusers_sched_kwargs(schedule), clip_sample=False,
-                                       set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset)
+  sch = diffusers.DDIMInverseScheduler(
+    **om.diffusers_sched_kwargs(schedule),
+    clip_sample=False,
+    set_alpha_to_one=set_alpha_to_one,
+    steps_offset=steps_offset,
+  )
   sch.set_timesteps(S)
   x0 = _x0()
   ref, x = [], om.to_torch(x0)
   for t in sch.timesteps:
     x = sch.step(om.torch_model(x, t), t, x).prev_sample
     ref.append(om.from_torch(x))
-  smp = ddx.samplers.make("ddim", om.ddx_schedule(schedule), S, clip_sample=False,
-                          set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset)
+  smp = ddx.samplers.make(
+    "ddim",
+    om.ddx_schedule(schedule),
+    S,
+    clip_sample=False,
+    set_alpha_to_one=set_alpha_to_one,
+    steps_offset=steps_offset,
+  )
   np.testing.assert_array_equal(np.asarray(edit.inverse_sampler(smp).timesteps), sch.timesteps.numpy())
   x_T, lat = edit.invert(om.jax_model, smp, x0, return_all=True)
   assert len(ref) == S == lat.shape[0]
@@ -58,7 +75,9 @@ def _repaint_timesteps(plan: Plan, ts: np.ndarray, r: int) -> list:
   return [int(ts[i]) + (r if u else 0) for i, u in zip(plan.calls, plan.up)]
 
 
-@pytest.mark.parametrize("S,jump_length,jump_n_sample", [(250, 10, 10), (50, 5, 3), (20, 3, 2), (40, 1, 4), (12, 12, 5)])
+@pytest.mark.parametrize(
+  "S,jump_length,jump_n_sample", [(250, 10, 10), (50, 5, 3), (20, 3, 2), (40, 1, 4), (12, 12, 5)]
+)
 def test_repaint_schedule(S, jump_length, jump_n_sample):
   sch = diffusers.RePaintScheduler()
   sch.set_timesteps(S, jump_length=jump_length, jump_n_sample=jump_n_sample)
@@ -72,8 +91,9 @@ def test_repaint_steps_with_injected_noise(eta):
   T = S = 40
   sch = diffusers.RePaintScheduler(num_train_timesteps=T, eta=eta, clip_sample=True)
   sch.set_timesteps(S, jump_length=4, jump_n_sample=3)
-  smp = ddx.samplers.make("ddim", ddx.schedules.make("linear", T), S, eta=eta, clip_sample=True,
-                          use_clipped_model_output=False)
+  smp = ddx.samplers.make(
+    "ddim", ddx.schedules.make("linear", T), S, eta=eta, clip_sample=True, use_clipped_model_output=False
+  )
   plan = edit.repaint_plan(smp, 4, 3)
   x0 = _x0()
   mask = np.broadcast_to((np.arange(64).reshape(8, 8, 1) % 7 < 3).astype(np.float32), om.SHAPE[1:])
@@ -113,6 +133,7 @@ def test_repaint_steps_with_injected_noise(eta):
 @pytest.mark.parametrize("S", [10, 25, 50])
 def test_img2img_timesteps(S):
   from diffusers import StableDiffusionImg2ImgPipeline
+
   sch = diffusers.DDIMScheduler(**om.diffusers_sched_kwargs("scaled_linear"), steps_offset=1)
   sch.set_timesteps(S)
   smp = ddx.samplers.make("ddim", om.ddx_schedule("scaled_linear"), S, steps_offset=1)

@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddx import checkpoint, cli
-from ddx import config as config_lib
+from ddx.cli import config as config_lib
+from ddx.cli import main as cli
+from ddx.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config():
   sys.path.insert(0, ROOT)
-  from configs import digits  # pylint: disable=import-outside-toplevel
+  from configs import digits
+
   c = digits.get_config()
   c.model.base_channels = 8
   c.model.channel_mult = (1, 2)
@@ -34,7 +36,8 @@ def _tiny_config():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  from ddx.models import unet as unet_lib  # pylint: disable=import-outside-toplevel
+  from ddx.models import unet as unet_lib
+
   cfg = _tiny_config()
   w = str(tmp_path_factory.mktemp("run"))
   # Seeded random weights of the right shapes, without running (or compiling) the U-Net's init.
@@ -60,19 +63,28 @@ def test_eval_end_to_end(workdir, tmp_path, capsys):
   assert len(rows) == 1
   r = rows[0]
   assert (r["step"], r["sampler"], r["steps"], r["num"], r["weights"]) == (3, "ddim", 3, 40, "ema_params")
-  assert r["features"].startswith("digits_cnn-") and r["reference"] == {"dataset": "digits", "split": "train",
-                                                                        "num": 1797}
+  assert r["features"].startswith("digits_cnn-") and r["reference"] == {
+    "dataset": "digits",
+    "split": "train",
+    "num": 1797,
+  }
   assert np.isfinite(r["fd"]) and r["fd"] > 0 and np.isfinite(r["kid_mean"]) and 0 <= r["precision"] <= 1
   assert os.listdir(cache) == [f"{r['features']}__digits-train-16.npz"]
 
 
-@pytest.mark.parametrize("flags,exc,msg", [
+@pytest.mark.parametrize(
+  "flags,exc,msg",
+  [
     (["--num=1"], ValueError, "--num: must be >= 2, got 1"),
     (["--features=clip"], ValueError, "--features: must be one of"),
     (["--features=inception"], ValueError, "--inception_weights: required"),
-    (["--features=inception", "--inception_weights=/nonexistent/pt_inception.pth"], ValueError,
-     "--inception_weights: no file at '/nonexistent/pt_inception.pth'"),
-])
+    (
+      ["--features=inception", "--inception_weights=/nonexistent/pt_inception.pth"],
+      ValueError,
+      "--inception_weights: no file at '/nonexistent/pt_inception.pth'",
+    ),
+  ],
+)
 def test_eval_bad_input_writes_nothing(workdir, tmp_path, flags, exc, msg):
   before = sorted(os.listdir(workdir))
   cache = tmp_path / "cache"

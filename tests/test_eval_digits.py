@@ -91,7 +91,7 @@ def test_grey_images_repeat_for_three_channel_nets():
 def test_compute_features_batches_and_pads(net, splits):
   (_, _), (xte, _) = splits
   whole = np.asarray(net(xte[:70]))
-  a = feat_lib.compute_features(net, xte[:70], batch_size=32)             # 32 + 32 + 6 (padded)
+  a = feat_lib.compute_features(net, xte[:70], batch_size=32)  # 32 + 32 + 6 (padded)
   b = feat_lib.compute_features(net, iter([xte[:50], xte[50:70]]), batch_size=32)
   np.testing.assert_allclose(a, whole, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(b, whole, rtol=1e-5, atol=1e-6)

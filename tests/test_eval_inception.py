@@ -29,7 +29,7 @@ def _import_pytorch_fid():
 def reference():
   """(pytorch-fid InceptionV3 for pool3 with random weights, its Inception3 state dict)."""
   pi = _import_pytorch_fid()
-  import torchvision  # pylint: disable=import-outside-toplevel
+  import torchvision
 
   built = {}
   build = pi.fid_inception_v3
@@ -41,9 +41,11 @@ def reference():
 
   # pytorch-fid's own builder, with the weight download replaced by "no weights": the
   # architecture (torchvision Inception3 + FIDInceptionA/C/E_1/E_2) is exactly pytorch-fid's.
-  with mock.patch.object(pi, "load_state_dict_from_url", lambda *a, **k: None), \
-       mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None), \
-       mock.patch.object(pi, "fid_inception_v3", capture):
+  with (
+    mock.patch.object(pi, "load_state_dict_from_url", lambda *a, **k: None),
+    mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None),
+    mock.patch.object(pi, "fid_inception_v3", capture),
+  ):
     model = pi.InceptionV3([pi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
   net = built["inception"]
   gen = torch.Generator().manual_seed(0)
@@ -99,8 +101,11 @@ def test_resize_matches_torch_interpolate():
   F = torch.nn.functional
   for h, w, size in ((32, 32, 299), (8, 13, 299), (400, 350, 299), (7, 5, 3)):
     x = np.random.default_rng(h * w).normal(size=(2, h, w, 3)).astype(np.float32)
-    ref = F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=(size, size), mode="bilinear",
-                        align_corners=False).numpy().transpose(0, 2, 3, 1)
+    ref = (
+      F.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2)), size=(size, size), mode="bilinear", align_corners=False)
+      .numpy()
+      .transpose(0, 2, 3, 1)
+    )
     got = np.asarray(inception.resize_bilinear(jax.numpy.asarray(x), size))
     assert np.abs(got - ref).max() < 1e-5, (h, w, size, np.abs(got - ref).max())
 

@@ -56,8 +56,9 @@ def test_fd_features_match_stats_and_self_is_zero():
   y = rng.normal(size=(300, 16)) + 0.3
   mu_x, s_x = x.mean(0), np.cov(x, rowvar=False)
   mu_y, s_y = y.mean(0), np.cov(y, rowvar=False)
-  np.testing.assert_allclose(ev.frechet_distance(x, y), ev.frechet_distance_from_stats(mu_x, s_x, mu_y, s_y),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    ev.frechet_distance(x, y), ev.frechet_distance_from_stats(mu_x, s_x, mu_y, s_y), rtol=1e-12
+  )
   assert ev.frechet_distance(x, x) <= 1e-10 * np.trace(s_x)
   assert ev.frechet_distance(x, y) > 1.0
 
@@ -103,9 +104,11 @@ def test_kid_matches_pairwise_loop():
   x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 3)) + 1
   k = lambda a, b: (np.dot(a, b) / 3 + 1) ** 3
   m = 5
-  ref = (sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-         + sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-         - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2)
+  ref = (
+    sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    + sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
+  )
   mean, _ = ev.kid(x, y, jax.random.key(1), num_subsets=2, subset_size=5)  # all rows, permuted
   np.testing.assert_allclose(mean, ref, rtol=1e-12)
 

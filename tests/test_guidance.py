@@ -8,7 +8,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import ddx
-from ddx import classifier as clf_lib
+from ddx.training import classifier as clf_lib
 from tests._closed_form import Mixture
 
 SCHED = ddx.schedules.make("linear", 1000)
@@ -36,8 +36,11 @@ def test_cfg_guides_the_prediction_and_passes_the_conditional_variance_through()
     np.testing.assert_allclose(out[..., :3], unc[..., :3] + scale * (cond[..., :3] - unc[..., :3]), atol=1e-5)
   # same-shape outputs are guided whole, as before
   plain = lambda x, t, y: _class_model(x, t, y)[..., :3]
-  np.testing.assert_allclose(ddx.guidance.classifier_free(plain, y, null, 2.0)(x, t),
-                             2.0 * plain(x, t, y) - plain(x, t, jnp.full_like(y, null)), atol=1e-5)
+  np.testing.assert_allclose(
+    ddx.guidance.classifier_free(plain, y, null, 2.0)(x, t),
+    2.0 * plain(x, t, y) - plain(x, t, jnp.full_like(y, null)),
+    atol=1e-5,
+  )
 
 
 def _linear_classifier(w):
@@ -61,7 +64,9 @@ def test_classifier_guidance_formula(prediction):
   p = np.exp(logits - logits.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
   grad = wt[np.arange(3), :, np.asarray(y)] - np.einsum("bdk,bk->bd", wt, p)
-  eps = {"eps": raw, "x0": (xs - np.sqrt(a) * raw) / np.sqrt(1 - a), "v": np.sqrt(a) * raw + np.sqrt(1 - a) * xs}[prediction]
+  eps = {"eps": raw, "x0": (xs - np.sqrt(a) * raw) / np.sqrt(1 - a), "v": np.sqrt(a) * raw + np.sqrt(1 - a) * xs}[
+    prediction
+  ]
   eps_g = eps - 2.5 * np.sqrt(1 - a) * grad
   _, got_eps = ddx.diffusion.to_x0_eps(jnp.asarray(out), x, jnp.asarray(a, jnp.float32), prediction)
   np.testing.assert_allclose(np.asarray(got_eps), eps_g, rtol=2e-4, atol=2e-4)

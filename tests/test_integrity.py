@@ -21,29 +21,38 @@ import pytest
 from flax import nnx
 
 import ddx
-from ddx import checkpoint, cli, loop, parallel, service
-from ddx import train as train_lib
-from ddx.models import UNet, convert, unet_kwargs
+from ddx import parallel
+from ddx.cli import main as cli
+from ddx.cli import restore
+from ddx.models import unet_kwargs
+from ddx.models.io import diffusers as convert
+from ddx.models.io.diffusers import unet_from_params
 from ddx.models.unet import abstract_unet
-from ddx.models.convert import unet_from_params
+from ddx.training import checkpoint, loop
+from ddx.training import step as train_lib
 from tests.test_pipeline import folder  # noqa: F401  (the tiny random Stable Diffusion pipeline fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
-            norm_num_groups=4)
+TINY = dict(
+  image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_num_groups=4
+)
 DIFFUSION = convert.diffusers_scheduler_to_diffusion(None)
 
 
 def _env():
   env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+  env.update(
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+  )
   return env
 
 
 def _ddx(args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "ddx", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "ddx", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+  )
 
 
 def _last_line(p) -> str:
@@ -94,7 +103,7 @@ def _flip_keeping_finite(workdir, step, item):
     _flip(fname, mask=0x01, n=8, at=at)
     try:
       after = _raw(workdir, step, item)
-    except Exception:  # pylint: disable=broad-except  (undecodable: try elsewhere)
+    except Exception:  # (undecodable: try elsewhere)
       after = None
     if after is not None and all(np.all(np.isfinite(v)) for v in after.values()) and _changed(before, after):
       return _changed(before, after)
@@ -142,13 +151,13 @@ def test_value_changing_corruption_is_caught_by_the_checksums(tiny, tmp_path, ca
   # the damage decodes: orbax reads ordinary finite floats, a few of them different
   bad = _flip_keeping_finite(wd, 2, "ema_params")
   with pytest.raises(checkpoint.CorruptCheckpointError) as e:
-    service.load_model(wd)
+    restore.load_model(wd)
   msg = str(e.value)
   assert "\n" not in msg and e.value.step == 2
   assert msg.startswith(f"corrupt checkpoint {wd}/checkpoints/2: step 2: ema_params/{bad[0]} does not match"), msg
   # the other item of that step and the older step are intact and load
-  service.load_model(wd, which="params")
-  assert service.load_model(wd, step=1)[2] == 1
+  restore.load_model(wd, which="params")
+  assert restore.load_model(wd, step=1)[2] == 1
   code, out = _verify(wd, capsys)
   lines = out.splitlines()
   assert code == 1 and lines[0].startswith("step 1: ok: ") and lines[1].startswith("step 2: BAD: "), out
@@ -165,20 +174,22 @@ def test_undecodable_and_truncated_data_name_step_and_leaf(tiny, tmp_path, capsy
   _flip(big, mask=0xFF, n=256)  # every bit of 256 bytes: sign, exponent and mantissa
   bad = _changed(before, _raw(wd, 3, "params"))
   with pytest.raises(checkpoint.CorruptCheckpointError, match=f"step 3: params/{bad[0]} does not match") as e:
-    service.load_model(wd, which="params")
+    restore.load_model(wd, which="params")
   assert "\n" not in str(e.value)
   # truncated: tensorstore cannot read the chunk; the error still names the step and the leaf
   data = open(big, "rb").read()
   open(big, "wb").write(data[: len(data) // 3])
-  with pytest.raises(checkpoint.CorruptCheckpointError,
-                     match=rf"^corrupt or incomplete checkpoint {wd}/checkpoints/3: step 3: params/\S+ cannot be read: "):
-    service.load_model(wd, which="params")
+  with pytest.raises(
+    checkpoint.CorruptCheckpointError,
+    match=rf"^corrupt or incomplete checkpoint {wd}/checkpoints/3: step 3: params/\S+ cannot be read: ",
+  ):
+    restore.load_model(wd, which="params")
   code, out = _verify(wd, capsys)
   assert code == 1 and out.startswith("step 3: BAD: corrupt or incomplete checkpoint"), out
   # a deleted checksums item is damage too, not an old-format step
   shutil.rmtree(os.path.join(wd, "checkpoints", "3", checkpoint.CHECKSUMS_ITEM))
   with pytest.raises(checkpoint.CorruptCheckpointError, match="step 3: its checksums item is missing"):
-    service.load_model(wd)
+    restore.load_model(wd)
 
 
 def test_old_format_checkpoint_restores_with_one_warning(tiny, tmp_path, caplog, capsys):
@@ -190,27 +201,31 @@ def test_old_format_checkpoint_restores_with_one_warning(tiny, tmp_path, caplog,
   mngr.wait_until_finished()
   mngr.close()
   checkpoint.write_config(wd, _config(tiny))
-  with caplog.at_level(logging.WARNING, logger="ddx.checkpoint"):
-    model, _, step = service.load_model(wd)
+  with caplog.at_level(logging.WARNING, logger="ddx.training.checkpoint"):
+    model, _, step = restore.load_model(wd)
   assert step == 7
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model, nnx.Param)), params)
-  notes = [r.getMessage() for r in caplog.records if r.name == "ddx.checkpoint"]
+  notes = [r.getMessage() for r in caplog.records if r.name == "ddx.training.checkpoint"]
   assert len(notes) == 1 and "\n" not in notes[0], notes
-  assert notes[0] == f"checkpoint {wd}/checkpoints/7 (step 7) has no checksums (written before ddx recorded them): " \
-                     "loaded unverified"
+  assert (
+    notes[0] == f"checkpoint {wd}/checkpoints/7 (step 7) has no checksums (written before ddx recorded them): "
+    "loaded unverified"
+  )
   code, out = _verify(wd, capsys)
   assert code == 0 and out.startswith("step 7: unverified: no checksums"), out
   # on the command line the note is one line of the command's stderr
   logger = logging.getLogger("ddx")
   handlers, propagate = list(logger.handlers), logger.propagate
   try:
-    cli._one_line_warnings("ddx sample")  # pylint: disable=protected-access  (what cli.run sets up)
-    service.load_model(wd)
+    cli._one_line_warnings("ddx sample")  # (what cli.run sets up)
+    restore.load_model(wd)
     err = capsys.readouterr().err
   finally:
     logger.handlers[:], logger.propagate = handlers, propagate
-  assert err == (f"ddx sample: warning: checkpoint {wd}/checkpoints/7 (step 7) has no checksums (written before ddx "
-                 "recorded them): loaded unverified\n"), err
+  assert err == (
+    f"ddx sample: warning: checkpoint {wd}/checkpoints/7 (step 7) has no checksums (written before ddx "
+    "recorded them): loaded unverified\n"
+  ), err
   # a new step written next to it has checksums; the old one is untouched
   checkpoint.save(wd, 8, {"params": tiny, "ema_params": tiny})
   code, out = _verify(wd, capsys)
@@ -218,7 +233,8 @@ def test_old_format_checkpoint_restores_with_one_warning(tiny, tmp_path, caplog,
 
 
 def test_checkpointer_writes_and_checks_checksums(tmp_path, caplog):
-  import optax  # pylint: disable=import-outside-toplevel
+  import optax
+
   model = _random_unet(1)
   tx = optax.adam(1e-3)
   _, state = train_lib.init_state(model, tx, jax.random.key(0))
@@ -237,19 +253,27 @@ def test_checkpointer_writes_and_checks_checksums(tmp_path, caplog):
   # a training step written before checksums existed resumes, with one warning
   plain = ocp.CheckpointManager(checkpoint.checkpoint_dir(str(tmp_path)))
   saved = train_lib.checkpoint_items(state)
-  plain.save(6, args=ocp.args.Composite(
+  plain.save(
+    6,
+    args=ocp.args.Composite(
       train=ocp.args.JsonSave({**saved["train"], "step": 6}),
-      **{k: ocp.args.StandardSave(nnx.to_pure_dict(v) if isinstance(v, nnx.State) else v)
-         for k, v in saved.items() if k != "train"}))
+      **{
+        k: ocp.args.StandardSave(nnx.to_pure_dict(v) if isinstance(v, nnx.State) else v)
+        for k, v in saved.items()
+        if k != "train"
+      },
+    ),
+  )
   plain.wait_until_finished()
   plain.close()
   ck.reload()
-  with caplog.at_level(logging.WARNING, logger="ddx.checkpoint"):
+  with caplog.at_level(logging.WARNING, logger="ddx.training.checkpoint"):
     items = ck.restore(6, train_lib.checkpoint_targets(state))
   assert items["train"]["step"] == 6
-  assert [r.getMessage() for r in caplog.records if r.name == "ddx.checkpoint"] == [
-      f"checkpoint {tmp_path}/checkpoints/6 (step 6) has no checksums (written before ddx recorded them): "
-      "loaded unverified"]
+  assert [r.getMessage() for r in caplog.records if r.name == "ddx.training.checkpoint"] == [
+    f"checkpoint {tmp_path}/checkpoints/6 (step 6) has no checksums (written before ddx recorded them): "
+    "loaded unverified"
+  ]
   ck.close()
   with pytest.raises(ValueError, match="'checksums' is reserved"):
     checkpoint.save(str(tmp_path), 5, {"params": model, "checksums": {}}, _config(model))
@@ -270,14 +294,30 @@ class _PixelModel(nnx.Module):
 
 
 def _train(workdir, total_steps, *, stop_after_steps=None, num_classes=None, sample=None, sample_every=0):
-  spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=total_steps, checkpoint_every=2, keep_checkpoints=2,
-                       sample_every=sample_every, log_every_seconds=100.0)
-  return loop.run(workdir, {"model": {"pixel": 512}, "diffusion": DIFFUSION}, model_factory=_PixelModel,
-                  num_classes=num_classes, use_dropout=False, source=ddx.data.make_source("digits", image_size=8),
-                  sched=ddx.schedules.make("linear", 1000), optim=train_lib.OptimizerSpec(learning_rate=1e-2,
-                                                                                          warmup_steps=1),
-                  loss=train_lib.LossSpec(), loop=spec, sample=sample or loop.SampleSpec(),
-                  mesh=parallel.data_mesh(jax.devices()[:1]), stop_after_steps=stop_after_steps)
+  spec = loop.LoopSpec(
+    seed=0,
+    global_batch_size=8,
+    total_steps=total_steps,
+    checkpoint_every=2,
+    keep_checkpoints=2,
+    sample_every=sample_every,
+    log_every_seconds=100.0,
+  )
+  return loop.run(
+    workdir,
+    {"model": {"pixel": 512}, "diffusion": DIFFUSION},
+    model_factory=_PixelModel,
+    num_classes=num_classes,
+    use_dropout=False,
+    source=ddx.data.make_source("digits", image_size=8),
+    sched=ddx.schedules.make("linear", 1000),
+    optim=train_lib.OptimizerSpec(learning_rate=1e-2, warmup_steps=1),
+    loss=train_lib.LossSpec(),
+    loop=spec,
+    sample=sample or loop.SampleSpec(),
+    mesh=parallel.data_mesh(jax.devices()[:1]),
+    stop_after_steps=stop_after_steps,
+  )
 
 
 def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
@@ -292,8 +332,10 @@ def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
   out = capsys.readouterr().out
   aside = os.path.join(wd, checkpoint.CORRUPT_SUBDIR, "4")
   assert f"checkpoint step 4 does not verify: corrupt checkpoint {wd}/checkpoints/4: step 4: params/{bad[0]}" in out
-  assert (f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
-          f"moved to {aside}, not deleted)") in out, out
+  assert (
+    f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
+    f"moved to {aside}, not deleted)"
+  ) in out, out
   # Had step 4 stayed in checkpoints/, saving step 4 again would fail (orbax refuses to
   # overwrite a step) and max_to_keep=2 would count it. Set aside, it is kept byte for byte;
   # steps 4 and 6 are written anew and max_to_keep rotates out step 2 only after they exist.
@@ -308,8 +350,9 @@ def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
     _flip_keeping_finite(wd, step, "ema_params")
   with pytest.raises(checkpoint.CorruptCheckpointError) as e:
     _train(wd, 8)
-  assert str(e.value) == (f"no checkpoint in {wd}/checkpoints verifies (steps 6, 4; see `python -m ddx verify`); "
-                          "move them away to start over")
+  assert str(e.value) == (
+    f"no checkpoint in {wd}/checkpoints verifies (steps 6, 4; see `python -m ddx verify`); move them away to start over"
+  )
   assert checkpoint.all_steps(wd) == [4, 6] and os.listdir(os.path.join(wd, checkpoint.CORRUPT_SUBDIR)) == ["4"]
 
 
@@ -317,7 +360,7 @@ def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
 # resume; then a step that only process 1 fails to read. Every process verifies, they agree on
 # the step to resume from, process 0 alone moves the bad step, all meet before reloading.
 _TWO_PROCESS_RESUME = textwrap.dedent(
-    """
+  """
     import glob, os, sys
     import jax, jax.numpy as jnp
     pid, port, wd = int(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -325,9 +368,11 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
     from flax import nnx
     from jax.experimental import multihost_utils
     import ddx
-    from ddx import checkpoint, loop, parallel
-    from ddx import train as train_lib
-    from ddx.models import convert
+    from ddx import parallel
+    from ddx.training import checkpoint
+    from ddx.training import loop
+    from ddx.training import step as train_lib
+    from ddx.models.io import diffusers as convert
 
     class PixelModel(nnx.Module):
       def __init__(self, rngs):
@@ -371,18 +416,28 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
     checkpoint.Checkpointer.restore = restore
     print("DONE", pid, train(8)["step"], flush=True)
     jax.distributed.shutdown()
-    """)
+    """
+)
 
 
 def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
-  from tests.test_data import _subprocess_env  # pylint: disable=import-outside-toplevel
+  from tests.test_data import _subprocess_env
+
   wd = str(tmp_path)
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_RESUME, str(pid), str(port), wd], cwd=ROOT,
-                            env=_subprocess_env(device_count=1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for pid in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _TWO_PROCESS_RESUME, str(pid), str(port), wd],
+      cwd=ROOT,
+      env=_subprocess_env(device_count=1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=300)[0] for p in procs]
   finally:
@@ -393,13 +448,17 @@ def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
     assert p.returncode == 0 and f"DONE {pid} 6" in out and f"DONE {pid} 8" in out, out[-3000:]
   aside = os.path.join(wd, checkpoint.CORRUPT_SUBDIR)
   assert "checkpoint step 4 does not verify: corrupt" in outs[0], outs[0][-3000:]
-  assert (f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
-          f"moved to {aside}/4, not deleted)") in outs[0], outs[0][-3000:]
+  assert (
+    f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
+    f"moved to {aside}/4, not deleted)"
+  ) in outs[0], outs[0][-3000:]
   # step 6 failed on process 1 only: both processes resumed from step 4
   assert "process 1: checkpoint step 6 does not verify: step 6: injected mismatch on process 1" in outs[1]
   assert "checkpoint step 6 does not verify on every process" in outs[0], outs[0][-3000:]
-  assert (f"resumed from {wd}/checkpoints/4, the newest checkpoint that verifies (step 6 failed verification; "
-          f"moved to {aside}/6, not deleted)") in outs[0], outs[0][-3000:]
+  assert (
+    f"resumed from {wd}/checkpoints/4, the newest checkpoint that verifies (step 6 failed verification; "
+    f"moved to {aside}/6, not deleted)"
+  ) in outs[0], outs[0][-3000:]
   # moved once (not once per process), kept, and the steps written anew verify
   assert sorted(os.listdir(aside)) == ["4", "6"]
   assert checkpoint.all_steps(wd) == [6, 8]
@@ -417,14 +476,16 @@ def test_sample_refuses_a_model_that_outputs_nan(tmp_path):
   checkpoint.save(wd, 1, {"params": params, "ema_params": params}, _config(nan))
   p = _ddx(["sample", f"--workdir={wd}", "--steps=2", "--num=2", "--out=" + str(tmp_path / "out" / "s")])
   assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
-  assert _last_line(p) == ("ddx sample: error: samples: 384 of 384 values are not finite (checkpoint step 1, "
-                           "ema_params); nothing written"), p.stderr[-1000:]
+  assert _last_line(p) == (
+    "ddx sample: error: samples: 384 of 384 values are not finite (checkpoint step 1, ema_params); nothing written"
+  ), p.stderr[-1000:]
   assert not os.path.exists(tmp_path / "out") and not os.path.exists(os.path.join(wd, "samples"))
 
 
 @pytest.mark.torch
-def test_txt2img_refuses_non_finite_images(folder, tmp_path):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+def test_txt2img_refuses_non_finite_images(folder, tmp_path):  # noqa: F811 -- the fixture
+  from safetensors.numpy import load_file, save_file
+
   path = str(tmp_path / "pipe")
   shutil.copytree(folder[0], path)
   vae = os.path.join(path, "vae", "diffusion_pytorch_model.safetensors")
@@ -437,8 +498,8 @@ def test_txt2img_refuses_non_finite_images(folder, tmp_path):
   argv = ["ddx", "txt2img", f"--pipeline={path}", "--prompt=a cat", "--sampler=ddim", "--steps=1", f"--out={out}/t"]
   # the ranges that depend on the pipeline are checked once it is read, before anything compiles
   for extra, msg in [
-      (["--steps=1001"], "--steps: must be <= 1000 (the pipeline scheduler's num_train_timesteps), got 1001"),
-      (["--height=6"], "--height: must be a positive multiple of 4, got 6"),
+    (["--steps=1001"], "--steps: must be <= 1000 (the pipeline scheduler's num_train_timesteps), got 1001"),
+    (["--height=6"], "--height: must be a positive multiple of 4, got 6"),
   ]:
     with pytest.raises(ValueError) as e:
       cli.main(argv + extra)
@@ -451,7 +512,8 @@ def test_txt2img_refuses_non_finite_images(folder, tmp_path):
 
 
 def test_images_refuse_non_finite_samples(tmp_path):
-  from ddx import images  # pylint: disable=import-outside-toplevel
+  from ddx import images
+
   x = np.zeros((2, 4, 4, 1), np.float32)
   x[1, 2, 3, 0] = np.inf
   with pytest.raises(ValueError, match=r"^samples: 1 of 32 values are not finite; nothing written"):
@@ -462,14 +524,17 @@ def test_images_refuse_non_finite_samples(tmp_path):
 def test_training_sample_grids_skip_non_finite_samples_and_training_goes_on(tmp_path, capsys):
   wd = str(tmp_path)
   # an infinite classifier-free guidance scale (which the config would reject) makes the samples NaN
-  sample = loop.SampleSpec(sampler="ddim", steps=2, num=4, guidance=float("inf"),
-                           sampler_kwargs={"prediction": "eps", "clip_sample": False})
+  sample = loop.SampleSpec(
+    sampler="ddim", steps=2, num=4, guidance=float("inf"), sampler_kwargs={"prediction": "eps", "clip_sample": False}
+  )
   summary = _train(wd, 4, num_classes=10, sample=sample, sample_every=2)
   out = capsys.readouterr().out
   assert summary["step"] == 4 and checkpoint.all_steps(wd) == [2, 4]
   for step in (2, 4):
-    assert re.search(f"warning: sample grid at step {step}: [0-9]+ of 256 values are not finite; nothing written, "
-                     "training goes on", out), out
+    assert re.search(
+      f"warning: sample grid at step {step}: [0-9]+ of 256 values are not finite; nothing written, training goes on",
+      out,
+    ), out
   assert not os.path.exists(os.path.join(wd, "samples"))
 
 
@@ -485,46 +550,50 @@ def _model_flag_cases(command, tail):
   class-conditional with 10 classes, T = 1000, a checkpoint at step 1. ``tail``: the error
   that shows --label=0 and --seed=0 passed."""
   return [
-      (["--seed=-1"], "--seed: must be >= 0, got -1"),
-      ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
-      (["--label=-1"], "--label: must be >= 0, got -1"),
-      (["--label=11"], "--label: must be in [0, 10] (10 = unconditional), got 11"),
-      ([f"--label={BIG}"], f"--label: must be in [0, 10] (10 = unconditional), got {BIG}"),
-      (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
-      ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
-      (["--checkpoint_step=0"], NO_STEP_0),
-      (["--out="], "--out: must be a non-empty path prefix"),
-      (["--label=0", "--seed=0"], tail),
+    (["--seed=-1"], "--seed: must be >= 0, got -1"),
+    ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
+    (["--label=-1"], "--label: must be >= 0, got -1"),
+    (["--label=11"], "--label: must be in [0, 10] (10 = unconditional), got 11"),
+    ([f"--label={BIG}"], f"--label: must be in [0, 10] (10 = unconditional), got {BIG}"),
+    (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
+    ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
+    (["--checkpoint_step=0"], NO_STEP_0),
+    (["--out="], "--out: must be a non-empty path prefix"),
+    (["--label=0", "--seed=0"], tail),
   ]
 
 
 def _steps_cases():
   return [
-      (["--steps=0"], "--steps: must be >= 1, got 0"),
-      (["--steps=-3"], "--steps: must be >= 1, got -3"),
-      (["--steps=1001"], "--steps: must be <= 1000 (the model's diffusion.num_timesteps), got 1001"),
-      ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
+    (["--steps=0"], "--steps: must be >= 1, got 0"),
+    (["--steps=-3"], "--steps: must be >= 1, got -3"),
+    (["--steps=1001"], "--steps: must be <= 1000 (the model's diffusion.num_timesteps), got 1001"),
+    ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
   ]
 
 
 def _eta_cases(sampler=None):
   cases = [
-      (["--eta=-0.5"], "--eta: must be >= 0.0, got -0.5"),
-      (["--eta=1e30"], "--eta: must be <= 1.0, got 1e+30"),
-      (["--eta=nan"], "--eta: must be a finite number, got nan"),
-      (["--eta=-inf"], "--eta: must be a finite number, got -inf"),
+    (["--eta=-0.5"], "--eta: must be >= 0.0, got -0.5"),
+    (["--eta=1e30"], "--eta: must be <= 1.0, got 1e+30"),
+    (["--eta=nan"], "--eta: must be a finite number, got nan"),
+    (["--eta=-inf"], "--eta: must be a finite number, got -inf"),
   ]
   if sampler:  # a non-zero eta is DDIM's alone: another sampler would ignore it
-    cases.append((["--eta=0.5", f"--sampler={sampler}"],
-                  f"--eta: only the ddim sampler takes eta > 0, got 0.5 with sampler {sampler}"))
+    cases.append(
+      (
+        ["--eta=0.5", f"--sampler={sampler}"],
+        f"--eta: only the ddim sampler takes eta > 0, got 0.5 with sampler {sampler}",
+      )
+    )
   return cases
 
 
 def _num_cases(lo, hi):
   return [
-      (["--num=0"], f"--num: must be >= {lo}, got 0"),
-      (["--num=-1"], f"--num: must be >= {lo}, got -1"),
-      ([f"--num={BIG}"], f"--num: must be <= {hi}, got {BIG}"),
+    (["--num=0"], f"--num: must be >= {lo}, got 0"),
+    (["--num=-1"], f"--num: must be >= {lo}, got -1"),
+    ([f"--num={BIG}"], f"--num: must be <= {hi}, got {BIG}"),
   ]
 
 
@@ -533,191 +602,192 @@ def _num_cases(lo, hi):
 # a non-finite one for floats): see test_every_numeric_flag_is_covered. Where 0 is in range,
 # its case ends with the error of a flag checked later, which shows that 0 passed.
 FLAG_CASES = {
-    "sample": [
-        *_steps_cases(),
-        *_num_cases(1, 1048576),
-        *_eta_cases("ddpm"),
-        (["--eta=1.5"], "--eta: must be <= 1.0, got 1.5"),
-        (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
-        (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
-        (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
-        (["--label=-1"], "--label: must be >= 0, got -1"),
-        (["--label=11"], "--label: must be in [0, 10] (10 = unconditional), got 11"),
-        ([f"--label={BIG}"], f"--label: must be in [0, 10] (10 = unconditional), got {BIG}"),
-        (["--seed=-1"], "--seed: must be >= 0, got -1"),
-        ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
-        (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
-        ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
-        (["--checkpoint_step=0"], NO_STEP_0),
-        (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
-        (["--num_processes=-2"], "--num_processes: must be >= 1, got -2"),
-        ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
-        (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
-        ([f"--process_id={BIG}"], f"--process_id: must be <= 65535, got {BIG}"),
-        (["--num_processes=2", "--process_id=2"], "--process_id: must be <= 1, got 2"),
-        # 0 is in range for these: the next flag's error shows they passed
-        (["--eta=0", "--guidance=0", "--seed=0", "--label=0", "--checkpoint_step=0", "--process_id=0",
-          "--sampler=euler"], "--sampler: must be one of"),
-    ],
-    "train": [
-        (["--stop_after_steps=0"], "--stop_after_steps: must be >= 1, got 0"),
-        (["--stop_after_steps=-2"], "--stop_after_steps: must be >= 1, got -2"),
-        ([f"--stop_after_steps={2**31}"], f"--stop_after_steps: must be <= {2**31 - 1}, got {2**31}"),
-        (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
-        (["--num_processes=-1"], "--num_processes: must be >= 1, got -1"),
-        ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
-        (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
-        ([f"--process_id={BIG}"], f"--process_id: must be <= 65535, got {BIG}"),
-        (["--process_id=0", "--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
-        ([f"--config.train.total_steps={2**31}"], f"train.total_steps: must be <= {2**31 - 1}, got {2**31}"),
-        (["--config.sample.num=0"], "sample.num: must be >= 1, got 0"),
-        ([f"--config.sample.num={BIG}"], f"sample.num: must be <= 1048576, got {BIG}"),
-        (["--config.sample.steps=0"], "sample.steps: must be >= 1, got 0"),
-        (["--config.sample.eta=2.0"], "sample.eta: must be <= 1.0, got 2.0"),
-        (["--config.sample.guidance=1e30"], "sample.guidance: must be <= 100.0, got 1e+30"),
-        (["--config.sample.guidance=-1.0"], "sample.guidance: must be >= 0.0, got -1.0"),
-        (["--config.optim.learning_rate=0.0"], "optim.learning_rate: must be > 0, got 0.0"),
-        (["--config.optim.learning_rate=nan"], "optim.learning_rate: must be a finite number, got nan"),
-        (["--config.optim.grad_clip=inf"], "optim.grad_clip: must be a finite number, got inf"),
-        (["--config.train.global_batch_size=0"], "train.global_batch_size: must be >= 1, got 0"),
-        ([f"--config.train.global_batch_size={BIG}"], f"train.global_batch_size: must be <= 1048576, got {BIG}"),
-        (["--config.train.checkpoint_every=0"], "train.checkpoint_every: must be >= 1, got 0"),
-        (["--config.seed=-1"], "seed: must be >= 0, got -1"),
-        ([f"--config.diffusion.num_timesteps={BIG}"], f"diffusion.num_timesteps: must be <= 100000, got {BIG}"),
-        ([f"--config.data.image_size={BIG}"], f"data.image_size: must be <= 4096, got {BIG}"),
-        # the model section: every number within what a U-Net can be built with
-        ([f"--config.model.image_size={BIG}"], f"model.image_size: must be <= 4096, got {BIG}"),
-        (["--config.model.in_channels=0"], "model.in_channels: must be >= 1, got 0"),
-        ([f"--config.model.in_channels={BIG}"], f"model.in_channels: must be <= 16384, got {BIG}"),
-        (["--config.model.out_channels=0"], "model.out_channels: must be >= 1, got 0"),
-        (["--config.model.base_channels=0"], "model.base_channels: must be >= 1, got 0"),
-        (["--config.model.base_channels=-8"], "model.base_channels: must be >= 1, got -8"),
-        ([f"--config.model.base_channels={BIG}"], f"model.base_channels: must be <= 16384, got {BIG}"),
-        (["--config.model.channel_mult=(1,0)"], "model.channel_mult[1]: must be >= 1, got 0"),
-        (["--config.model.channel_mult=(1,2,1000)"], "model.channel_mult[2]: must be <= 64, got 1000"),
-        (["--config.model.num_res_blocks=0"], "model.num_res_blocks: must be >= 1, got 0"),
-        ([f"--config.model.num_res_blocks={BIG}"], f"model.num_res_blocks: must be <= 64, got {BIG}"),
-        (["--config.model.attention_resolutions=(8,-1)"], "model.attention_resolutions[1]: must be >= 1, got -1"),
-        ([f"--config.model.attention_resolutions=({BIG},)"],
-         f"model.attention_resolutions[0]: must be <= 4096, got {BIG}"),
-        (["--config.model.num_heads=0"], "model.num_heads: must be >= 1, got 0"),
-        ([f"--config.model.num_heads={BIG}"], f"model.num_heads: must be <= 1024, got {BIG}"),
-        (["--config.model.head_dim=0"], "model.head_dim: must be >= 1, got 0"),
-        ([f"--config.model.head_dim={BIG}"], f"model.head_dim: must be <= 16384, got {BIG}"),
-        (["--config.model.dropout=1.0"], "model.dropout: must be < 1, got 1.0"),
-        (["--config.model.dropout=-0.1"], "model.dropout: must be >= 0, got -0.1"),
-        (["--config.model.dropout=nan"], "model.dropout: must be a finite number, got nan"),
-        (["--config.model.norm_num_groups=0"], "model.norm_num_groups: must be >= 1, got 0"),
-        (["--config.model.norm_eps=0.0"], "model.norm_eps: must be > 0, got 0.0"),
-        (["--config.model.norm_eps=inf"], "model.norm_eps: must be a finite number, got inf"),
-        (["--config.model.freq_shift=nan"], "model.freq_shift: must be a finite number, got nan"),
-        (["--config.model.num_classes=0"], "model.num_classes: must be >= 1, got 0"),
-        ([f"--config.model.num_classes={BIG}"], f"model.num_classes: must be <= 1048576, got {BIG}"),
-        # 0 is in range for dropout: the U-Net's own consistency check comes after
-        (["--config.model.dropout=0.0", "--config.model.norm_num_groups=3"], "model.norm_num_groups: 3 does not"),
-    ],
-    "info": [
-        (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
-        (["--num_processes=-4"], "--num_processes: must be >= 1, got -4"),
-        ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
-        (["--num_processes=3", f"--process_id={BIG}"], f"--process_id: must be <= 2, got {BIG}"),
-        (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
-        (["--process_id=0", "--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
-    ],
-    "verify": [
-        (["--step=-1"], "--step: must be >= 0, got -1"),
-        ([f"--step={2**31}"], f"--step: must be <= {2**31 - 1}, got {2**31}"),
-        (["--step=0"], NO_STEP_0),
-    ],
-    "eval": [
-        *_steps_cases(),
-        *_num_cases(2, 1048576),
-        (["--num=1"], "--num: must be >= 2, got 1"),
-        (["--batch=0"], "--batch: must be >= 1, got 0"),
-        (["--batch=-1"], "--batch: must be >= 1, got -1"),
-        ([f"--batch={BIG}"], f"--batch: must be <= 1048576, got {BIG}"),
-        *_eta_cases("plms"),
-        (["--seed=-1"], "--seed: must be >= 0, got -1"),
-        ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
-        (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
-        ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
-        (["--checkpoint_step=0"], NO_STEP_0),
-        (["--cache_dir="], "--cache_dir: must be a non-empty path"),
-        (["--eta=0", "--seed=0", "--checkpoint_step=0"], NO_STEP_0),
-    ],
-    "invert": [
-        *_model_flag_cases("invert", "--input: required"),
-        *_steps_cases(),
-    ],
-    "interpolate": [
-        *_model_flag_cases("interpolate", "--seeds: give exactly one of"),
-        *_steps_cases(),
-        *_num_cases(2, 4096),
-        (["--num=1"], "--num: must be >= 2, got 1"),
-        (["--seeds=-1,2"], f"--seeds: each seed must be in [0, {MAX_SEED}], got -1"),
-        ([f"--seeds=1,{2**63}"], f"--seeds: each seed must be in [0, {MAX_SEED}], got {2**63}"),
-        (["--seeds=1,x"], "--seeds: expected two comma-separated integers, got '1,x'"),
-        (["--seeds=1,2,3"], "--seeds: expected two comma-separated integers, got '1,2,3'"),
-        # seeds 0 parse: the error after them is the --seeds / --input choice
-        (["--seeds=0,0", "--input=a.png,b.png"], "--seeds: give exactly one of"),
-    ],
-    "edit": [  # run with --strength=0.5 unless a case gives another
-        *_model_flag_cases("edit", "--input: required"),
-        *_steps_cases(),
-        *_num_cases(1, 4096),
-        *_eta_cases("ddpm"),
-        (["--strength=0"], "--strength: must be in (0, 1], got 0.0"),
-        (["--strength=-0.5"], "--strength: must be in (0, 1], got -0.5"),
-        (["--strength=1e30"], "--strength: must be in (0, 1], got 1e+30"),
-        (["--strength=nan"], "--strength: must be a finite number, got nan"),
-        (["--strength=inf"], "--strength: must be a finite number, got inf"),
-        (["--eta=0", "--sampler=ddpm"], "--input: required"),
-        (["--input=,"], "--input: no file given, got ','"),
-    ],
-    "inpaint": [
-        *_model_flag_cases("inpaint", "--input: required"),
-        *_steps_cases(),
-        *_num_cases(1, 4096),
-        *_eta_cases("ddpm"),
-        (["--jump_length=0"], "--jump_length: must be >= 1, got 0"),
-        (["--jump_length=-1"], "--jump_length: must be >= 1, got -1"),
-        ([f"--jump_length={BIG}"], f"--jump_length: must be <= 100000, got {BIG}"),
-        # the default 50 steps: a jump of 50 or more would never happen
-        (["--jump_length=50"], "--jump_length: must be < the number of steps (50) for RePaint to resample, got 50"),
-        (["--jump_n_sample=0"], "--jump_n_sample: must be >= 1, got 0"),
-        (["--jump_n_sample=-1"], "--jump_n_sample: must be >= 1, got -1"),
-        ([f"--jump_n_sample={BIG}"], f"--jump_n_sample: must be <= 1000, got {BIG}"),
-        (["--eta=0"], "--input: required"),
-        (["--eta=0.5", "--sampler=ddim"], "--input: required"),
-    ],
-    "txt2img": [  # flags first: the pipeline folder (which does not exist) is read after them
-        (["--steps=0"], "--steps: must be >= 1, got 0"),
-        (["--steps=-1"], "--steps: must be >= 1, got -1"),
-        ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
-        *_num_cases(1, 1048576),
-        (["--num=1048576", "--prompt=b"], "--num: 2 prompts x 1048576 images exceed 1048576 images"),
-        (["--height=0"], "--height: must be >= 1, got 0"),
-        (["--height=-8"], "--height: must be >= 1, got -8"),
-        ([f"--height={BIG}"], f"--height: must be <= 4096, got {BIG}"),
-        (["--width=0"], "--width: must be >= 1, got 0"),
-        (["--width=-8"], "--width: must be >= 1, got -8"),
-        ([f"--width={BIG}"], f"--width: must be <= 4096, got {BIG}"),
-        (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
-        (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
-        (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
-        (["--guidance=inf"], "--guidance: must be a finite number, got inf"),
-        *_eta_cases("plms"),
-        (["--seed=-1"], "--seed: must be >= 0, got -1"),
-        ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
-        (["--strength=0"], "--strength: must be in (0, 1], got 0.0"),
-        (["--strength=-0.5"], "--strength: must be in (0, 1], got -0.5"),
-        (["--strength=1e30"], "--strength: must be in (0, 1], got 1e+30"),
-        (["--strength=nan"], "--strength: must be a finite number, got nan"),
-        (["--strength=inf"], "--strength: must be a finite number, got inf"),
-        (["--out="], "--out: must be a non-empty path prefix"),
-        (["--prompt= "], "--prompt: must not be empty"),
-        (["--eta=0", "--guidance=0", "--seed=0"], "pipeline: folder not found"),
-    ],
+  "sample": [
+    *_steps_cases(),
+    *_num_cases(1, 1048576),
+    *_eta_cases("ddpm"),
+    (["--eta=1.5"], "--eta: must be <= 1.0, got 1.5"),
+    (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
+    (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
+    (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
+    (["--label=-1"], "--label: must be >= 0, got -1"),
+    (["--label=11"], "--label: must be in [0, 10] (10 = unconditional), got 11"),
+    ([f"--label={BIG}"], f"--label: must be in [0, 10] (10 = unconditional), got {BIG}"),
+    (["--seed=-1"], "--seed: must be >= 0, got -1"),
+    ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
+    (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
+    ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
+    (["--checkpoint_step=0"], NO_STEP_0),
+    (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+    (["--num_processes=-2"], "--num_processes: must be >= 1, got -2"),
+    ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
+    (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
+    ([f"--process_id={BIG}"], f"--process_id: must be <= 65535, got {BIG}"),
+    (["--num_processes=2", "--process_id=2"], "--process_id: must be <= 1, got 2"),
+    # 0 is in range for these: the next flag's error shows they passed
+    (
+      ["--eta=0", "--guidance=0", "--seed=0", "--label=0", "--checkpoint_step=0", "--process_id=0", "--sampler=euler"],
+      "--sampler: must be one of",
+    ),
+  ],
+  "train": [
+    (["--stop_after_steps=0"], "--stop_after_steps: must be >= 1, got 0"),
+    (["--stop_after_steps=-2"], "--stop_after_steps: must be >= 1, got -2"),
+    ([f"--stop_after_steps={2**31}"], f"--stop_after_steps: must be <= {2**31 - 1}, got {2**31}"),
+    (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+    (["--num_processes=-1"], "--num_processes: must be >= 1, got -1"),
+    ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
+    (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
+    ([f"--process_id={BIG}"], f"--process_id: must be <= 65535, got {BIG}"),
+    (["--process_id=0", "--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
+    ([f"--config.train.total_steps={2**31}"], f"train.total_steps: must be <= {2**31 - 1}, got {2**31}"),
+    (["--config.sample.num=0"], "sample.num: must be >= 1, got 0"),
+    ([f"--config.sample.num={BIG}"], f"sample.num: must be <= 1048576, got {BIG}"),
+    (["--config.sample.steps=0"], "sample.steps: must be >= 1, got 0"),
+    (["--config.sample.eta=2.0"], "sample.eta: must be <= 1.0, got 2.0"),
+    (["--config.sample.guidance=1e30"], "sample.guidance: must be <= 100.0, got 1e+30"),
+    (["--config.sample.guidance=-1.0"], "sample.guidance: must be >= 0.0, got -1.0"),
+    (["--config.optim.learning_rate=0.0"], "optim.learning_rate: must be > 0, got 0.0"),
+    (["--config.optim.learning_rate=nan"], "optim.learning_rate: must be a finite number, got nan"),
+    (["--config.optim.grad_clip=inf"], "optim.grad_clip: must be a finite number, got inf"),
+    (["--config.train.global_batch_size=0"], "train.global_batch_size: must be >= 1, got 0"),
+    ([f"--config.train.global_batch_size={BIG}"], f"train.global_batch_size: must be <= 1048576, got {BIG}"),
+    (["--config.train.checkpoint_every=0"], "train.checkpoint_every: must be >= 1, got 0"),
+    (["--config.seed=-1"], "seed: must be >= 0, got -1"),
+    ([f"--config.diffusion.num_timesteps={BIG}"], f"diffusion.num_timesteps: must be <= 100000, got {BIG}"),
+    ([f"--config.data.image_size={BIG}"], f"data.image_size: must be <= 4096, got {BIG}"),
+    # the model section: every number within what a U-Net can be built with
+    ([f"--config.model.image_size={BIG}"], f"model.image_size: must be <= 4096, got {BIG}"),
+    (["--config.model.in_channels=0"], "model.in_channels: must be >= 1, got 0"),
+    ([f"--config.model.in_channels={BIG}"], f"model.in_channels: must be <= 16384, got {BIG}"),
+    (["--config.model.out_channels=0"], "model.out_channels: must be >= 1, got 0"),
+    (["--config.model.base_channels=0"], "model.base_channels: must be >= 1, got 0"),
+    (["--config.model.base_channels=-8"], "model.base_channels: must be >= 1, got -8"),
+    ([f"--config.model.base_channels={BIG}"], f"model.base_channels: must be <= 16384, got {BIG}"),
+    (["--config.model.channel_mult=(1,0)"], "model.channel_mult[1]: must be >= 1, got 0"),
+    (["--config.model.channel_mult=(1,2,1000)"], "model.channel_mult[2]: must be <= 64, got 1000"),
+    (["--config.model.num_res_blocks=0"], "model.num_res_blocks: must be >= 1, got 0"),
+    ([f"--config.model.num_res_blocks={BIG}"], f"model.num_res_blocks: must be <= 64, got {BIG}"),
+    (["--config.model.attention_resolutions=(8,-1)"], "model.attention_resolutions[1]: must be >= 1, got -1"),
+    ([f"--config.model.attention_resolutions=({BIG},)"], f"model.attention_resolutions[0]: must be <= 4096, got {BIG}"),
+    (["--config.model.num_heads=0"], "model.num_heads: must be >= 1, got 0"),
+    ([f"--config.model.num_heads={BIG}"], f"model.num_heads: must be <= 1024, got {BIG}"),
+    (["--config.model.head_dim=0"], "model.head_dim: must be >= 1, got 0"),
+    ([f"--config.model.head_dim={BIG}"], f"model.head_dim: must be <= 16384, got {BIG}"),
+    (["--config.model.dropout=1.0"], "model.dropout: must be < 1, got 1.0"),
+    (["--config.model.dropout=-0.1"], "model.dropout: must be >= 0, got -0.1"),
+    (["--config.model.dropout=nan"], "model.dropout: must be a finite number, got nan"),
+    (["--config.model.norm_num_groups=0"], "model.norm_num_groups: must be >= 1, got 0"),
+    (["--config.model.norm_eps=0.0"], "model.norm_eps: must be > 0, got 0.0"),
+    (["--config.model.norm_eps=inf"], "model.norm_eps: must be a finite number, got inf"),
+    (["--config.model.freq_shift=nan"], "model.freq_shift: must be a finite number, got nan"),
+    (["--config.model.num_classes=0"], "model.num_classes: must be >= 1, got 0"),
+    ([f"--config.model.num_classes={BIG}"], f"model.num_classes: must be <= 1048576, got {BIG}"),
+    # 0 is in range for dropout: the U-Net's own consistency check comes after
+    (["--config.model.dropout=0.0", "--config.model.norm_num_groups=3"], "model.norm_num_groups: 3 does not"),
+  ],
+  "info": [
+    (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
+    (["--num_processes=-4"], "--num_processes: must be >= 1, got -4"),
+    ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),
+    (["--num_processes=3", f"--process_id={BIG}"], f"--process_id: must be <= 2, got {BIG}"),
+    (["--process_id=-1"], "--process_id: must be >= 0, got -1"),
+    (["--process_id=0", "--config.train.total_steps=0"], "train.total_steps: must be >= 1, got 0"),
+  ],
+  "verify": [
+    (["--step=-1"], "--step: must be >= 0, got -1"),
+    ([f"--step={2**31}"], f"--step: must be <= {2**31 - 1}, got {2**31}"),
+    (["--step=0"], NO_STEP_0),
+  ],
+  "eval": [
+    *_steps_cases(),
+    *_num_cases(2, 1048576),
+    (["--num=1"], "--num: must be >= 2, got 1"),
+    (["--batch=0"], "--batch: must be >= 1, got 0"),
+    (["--batch=-1"], "--batch: must be >= 1, got -1"),
+    ([f"--batch={BIG}"], f"--batch: must be <= 1048576, got {BIG}"),
+    *_eta_cases("plms"),
+    (["--seed=-1"], "--seed: must be >= 0, got -1"),
+    ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
+    (["--checkpoint_step=-1"], "--checkpoint_step: must be >= 0, got -1"),
+    ([f"--checkpoint_step={2**31}"], f"--checkpoint_step: must be <= {2**31 - 1}, got {2**31}"),
+    (["--checkpoint_step=0"], NO_STEP_0),
+    (["--cache_dir="], "--cache_dir: must be a non-empty path"),
+    (["--eta=0", "--seed=0", "--checkpoint_step=0"], NO_STEP_0),
+  ],
+  "invert": [
+    *_model_flag_cases("invert", "--input: required"),
+    *_steps_cases(),
+  ],
+  "interpolate": [
+    *_model_flag_cases("interpolate", "--seeds: give exactly one of"),
+    *_steps_cases(),
+    *_num_cases(2, 4096),
+    (["--num=1"], "--num: must be >= 2, got 1"),
+    (["--seeds=-1,2"], f"--seeds: each seed must be in [0, {MAX_SEED}], got -1"),
+    ([f"--seeds=1,{2**63}"], f"--seeds: each seed must be in [0, {MAX_SEED}], got {2**63}"),
+    (["--seeds=1,x"], "--seeds: expected two comma-separated integers, got '1,x'"),
+    (["--seeds=1,2,3"], "--seeds: expected two comma-separated integers, got '1,2,3'"),
+    # seeds 0 parse: the error after them is the --seeds / --input choice
+    (["--seeds=0,0", "--input=a.png,b.png"], "--seeds: give exactly one of"),
+  ],
+  "edit": [  # run with --strength=0.5 unless a case gives another
+    *_model_flag_cases("edit", "--input: required"),
+    *_steps_cases(),
+    *_num_cases(1, 4096),
+    *_eta_cases("ddpm"),
+    (["--strength=0"], "--strength: must be in (0, 1], got 0.0"),
+    (["--strength=-0.5"], "--strength: must be in (0, 1], got -0.5"),
+    (["--strength=1e30"], "--strength: must be in (0, 1], got 1e+30"),
+    (["--strength=nan"], "--strength: must be a finite number, got nan"),
+    (["--strength=inf"], "--strength: must be a finite number, got inf"),
+    (["--eta=0", "--sampler=ddpm"], "--input: required"),
+    (["--input=,"], "--input: no file given, got ','"),
+  ],
+  "inpaint": [
+    *_model_flag_cases("inpaint", "--input: required"),
+    *_steps_cases(),
+    *_num_cases(1, 4096),
+    *_eta_cases("ddpm"),
+    (["--jump_length=0"], "--jump_length: must be >= 1, got 0"),
+    (["--jump_length=-1"], "--jump_length: must be >= 1, got -1"),
+    ([f"--jump_length={BIG}"], f"--jump_length: must be <= 100000, got {BIG}"),
+    # the default 50 steps: a jump of 50 or more would never happen
+    (["--jump_length=50"], "--jump_length: must be < the number of steps (50) for RePaint to resample, got 50"),
+    (["--jump_n_sample=0"], "--jump_n_sample: must be >= 1, got 0"),
+    (["--jump_n_sample=-1"], "--jump_n_sample: must be >= 1, got -1"),
+    ([f"--jump_n_sample={BIG}"], f"--jump_n_sample: must be <= 1000, got {BIG}"),
+    (["--eta=0"], "--input: required"),
+    (["--eta=0.5", "--sampler=ddim"], "--input: required"),
+  ],
+  "txt2img": [  # flags first: the pipeline folder (which does not exist) is read after them
+    (["--steps=0"], "--steps: must be >= 1, got 0"),
+    (["--steps=-1"], "--steps: must be >= 1, got -1"),
+    ([f"--steps={BIG}"], f"--steps: must be <= 100000, got {BIG}"),
+    *_num_cases(1, 1048576),
+    (["--num=1048576", "--prompt=b"], "--num: 2 prompts x 1048576 images exceed 1048576 images"),
+    (["--height=0"], "--height: must be >= 1, got 0"),
+    (["--height=-8"], "--height: must be >= 1, got -8"),
+    ([f"--height={BIG}"], f"--height: must be <= 4096, got {BIG}"),
+    (["--width=0"], "--width: must be >= 1, got 0"),
+    (["--width=-8"], "--width: must be >= 1, got -8"),
+    ([f"--width={BIG}"], f"--width: must be <= 4096, got {BIG}"),
+    (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
+    (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
+    (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
+    (["--guidance=inf"], "--guidance: must be a finite number, got inf"),
+    *_eta_cases("plms"),
+    (["--seed=-1"], "--seed: must be >= 0, got -1"),
+    ([f"--seed={2**63}"], f"--seed: must be <= {MAX_SEED}, got {2**63}"),
+    (["--strength=0"], "--strength: must be in (0, 1], got 0.0"),
+    (["--strength=-0.5"], "--strength: must be in (0, 1], got -0.5"),
+    (["--strength=1e30"], "--strength: must be in (0, 1], got 1e+30"),
+    (["--strength=nan"], "--strength: must be a finite number, got nan"),
+    (["--strength=inf"], "--strength: must be a finite number, got inf"),
+    (["--out="], "--out: must be a non-empty path prefix"),
+    (["--prompt= "], "--prompt: must not be empty"),
+    (["--eta=0", "--guidance=0", "--seed=0"], "pipeline: folder not found"),
+  ],
 }
 
 
@@ -742,12 +812,16 @@ def conditional_workdir(tmp_path_factory):
 
 def _numeric_flags(command):
   """{name: "int" | "float"} of a command's flags parsed as numbers."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  import importlib  # pylint: disable=import-outside-toplevel
+  import importlib
+
+  from absl import flags
+
   fv = importlib.import_module(cli.COMMANDS[command]).FLAGS
-  return {f.name: "float" if isinstance(f.parser, flags.FloatParser) else "int"
-          for f in fv._flags().values()  # pylint: disable=protected-access
-          if isinstance(f.parser, (flags.IntegerParser, flags.FloatParser))}
+  return {
+    f.name: "float" if isinstance(f.parser, flags.FloatParser) else "int"
+    for f in fv._flags().values()
+    if isinstance(f.parser, (flags.IntegerParser, flags.FloatParser))
+  }
 
 
 def _kinds(command):
@@ -763,8 +837,17 @@ def _kinds(command):
         v = float(value)
       except ValueError:
         continue
-      kinds.add("nonfinite" if not math.isfinite(v) else "zero" if v == 0 else "negative" if v < 0 else
-                "absurd" if v >= 1e9 else "other")
+      kinds.add(
+        "nonfinite"
+        if not math.isfinite(v)
+        else "zero"
+        if v == 0
+        else "negative"
+        if v < 0
+        else "absurd"
+        if v >= 1e9
+        else "other"
+      )
   return out
 
 
@@ -796,10 +879,14 @@ def test_numeric_flags_are_range_checked(command, conditional_workdir, tmp_path,
 
 def test_bad_flags_from_the_command_line_are_one_line(conditional_workdir):
   for args, line in [
-      (["sample", f"--workdir={conditional_workdir}", "--steps=0", "--num=0"],
-       "ddx sample: error: --steps: must be >= 1, got 0"),
-      (["train", f"--workdir={conditional_workdir}/t", "--config=configs/digits.py", f"--config.sample.num={BIG}"],
-       f"ddx train: error: sample.num: must be <= 1048576, got {BIG}"),
+    (
+      ["sample", f"--workdir={conditional_workdir}", "--steps=0", "--num=0"],
+      "ddx sample: error: --steps: must be >= 1, got 0",
+    ),
+    (
+      ["train", f"--workdir={conditional_workdir}/t", "--config=configs/digits.py", f"--config.sample.num={BIG}"],
+      f"ddx train: error: sample.num: must be <= 1048576, got {BIG}",
+    ),
   ]:
     p = _ddx(args)
     assert p.returncode == 1 and p.stderr.strip() == line, p.stderr[-1000:]
@@ -810,15 +897,24 @@ def test_bad_flags_from_the_command_line_are_one_line(conditional_workdir):
 # --- the safetensors importer -----------------------------------------------------------------
 
 DIFFUSERS_TINY = dict(
-    _class_name="UNet2DModel", sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-    layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, norm_num_groups=4)
+  _class_name="UNet2DModel",
+  sample_size=8,
+  in_channels=1,
+  out_channels=1,
+  block_out_channels=(8, 16),
+  layers_per_block=1,
+  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+  up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+  attention_head_dim=None,
+  norm_num_groups=4,
+)
 
 
 def _diffusers_folder(path, state=None):
   """A diffusers UNet2DModel folder written with the safetensors package alone (no torch): random
   weights under diffusers' names and torch layouts, or ``state`` as given."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file
+
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(DIFFUSERS_TINY, f)
@@ -828,7 +924,7 @@ def _diffusers_folder(path, state=None):
     rng, state = np.random.RandomState(0), {}
     for keys, like in jax.tree_util.tree_flatten_with_path(shapes)[0]:
       names = tuple(k.key for k in keys)
-      name = convert._diffusers_name(names)  # pylint: disable=protected-access
+      name = convert._diffusers_name(names)
       shape = like.shape
       if names[-1] == "kernel":  # flax [kh, kw, I, O] / [I, O] -> torch [O, I, kh, kw] / [O, I]
         shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
@@ -838,7 +934,8 @@ def _diffusers_folder(path, state=None):
 
 
 def test_importer_names_the_damaged_tensor(tmp_path):
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file
+
   path = str(tmp_path / "unet")
   state = _diffusers_folder(path)
   fname = os.path.join(path, convert.WEIGHTS_NAME)
@@ -849,10 +946,16 @@ def test_importer_names_the_damaged_tensor(tmp_path):
   data = open(fname, "rb").read()
   cut = len(data) * 2 // 3
   open(fname, "wb").write(data[:cut])
-  first_cut = min((v["data_offsets"][0], k) for k, v in header.items()
-                  if k != "__metadata__" and 8 + header_len + v["data_offsets"][1] > cut)[1]
-  with pytest.raises(ValueError, match=rf": tensor {re.escape(first_cut)} is truncated: its data ends at byte \d+, "
-                                       rf"the file at {cut} ") as e:
+  first_cut = min(
+    (v["data_offsets"][0], k)
+    for k, v in header.items()
+    if k != "__metadata__" and 8 + header_len + v["data_offsets"][1] > cut
+  )[1]
+  with pytest.raises(
+    ValueError,
+    match=rf": tensor {re.escape(first_cut)} is truncated: its data ends at byte \d+, "
+    rf"the file at {cut} ",
+  ) as e:
     convert.from_diffusers(path)
   assert "\n" not in str(e.value)
   # cut inside the header
@@ -864,16 +967,20 @@ def test_importer_names_the_damaged_tensor(tmp_path):
   bad = dict(header, **{name: {**header[name], "shape": [3] + header[name]["shape"]}})
   text = json.dumps(bad).encode()
   text += b" " * (-len(text) % 8)
-  open(fname, "wb").write(len(text).to_bytes(8, "little") + text + data[8 + header_len:])
+  open(fname, "wb").write(len(text).to_bytes(8, "little") + text + data[8 + header_len :])
   with pytest.raises(ValueError, match=rf": tensor {re.escape(name)}: F32\[3, .* needs \d+ bytes, the header gives it"):
     convert.from_diffusers(path)
   # a tensor of the wrong shape for the config
   _diffusers_folder(path, {**state, "conv_out.bias": np.zeros(4, np.float32)})
-  with pytest.raises(ValueError, match=r"^weights: tensor conv_out.bias has shape \(4,\), which does not give the expected \(1,\)$"):
+  with pytest.raises(
+    ValueError, match=r"^weights: tensor conv_out.bias has shape \(4,\), which does not give the expected \(1,\)$"
+  ):
     convert.from_diffusers(path)
   # a NaN inside a tensor (the file itself is well formed)
   poisoned = {**state, "mid_block.resnets.0.conv1.bias": np.full(16, np.nan, np.float32)}
   _diffusers_folder(path, poisoned)
   assert np.isnan(load_file(fname)["mid_block.resnets.0.conv1.bias"]).all()
-  with pytest.raises(ValueError, match=r"^weights: tensor mid_block.resnets.0.conv1.bias has 16 non-finite values of 16$"):
+  with pytest.raises(
+    ValueError, match=r"^weights: tensor mid_block.resnets.0.conv1.bias has 16 non-finite values of 16$"
+  ):
     convert.from_diffusers(path)

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
-from ddx import cli, latent
+from ddx import latent
+from ddx.cli import main as cli
 from tests._latent_refs import abstract_tiny, refs
 from tests.test_latent import GUIDANCE, SD_SCHED, STEPS, build_components, rel_err
 from tests.test_pipeline import PROMPTS, folder  # noqa: F401  (the pipeline-folder fixture)
@@ -37,7 +37,8 @@ def components(tmp_path_factory):
 
 
 def _nchw(a):
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
 
 
@@ -63,16 +64,22 @@ def measure_img2img(c, name):
   """Relative errors of `latent.img2img` vs what StableDiffusionImg2ImgPipeline does after
   preprocessing: timesteps from strength (its get_timesteps), scheduler.add_noise at the
   first of them, the guided loop, decode. Also used by benchmarks/latent_conformance.py."""
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   _, diffusers, _ = refs()
-  from tests import _oracle_models as om  # pylint: disable=import-outside-toplevel
+  from tests import _oracle_models as om
+
   key = jax.random.key(11)
   sd = {k: v for k, v in SD_SCHED.items() if k != "set_alpha_to_one" or name == "ddim"}
-  sch = (diffusers.DDIMScheduler(**sd, clip_sample=False) if name == "ddim"
-         else diffusers.DDPMScheduler(**sd, clip_sample=False))
+  sch = (
+    diffusers.DDIMScheduler(**sd, clip_sample=False)
+    if name == "ddim"
+    else diffusers.DDPMScheduler(**sd, clip_sample=False)
+  )
   sch.set_timesteps(STEPS)
   timesteps, n = diffusers.StableDiffusionImg2ImgPipeline.get_timesteps(
-      types.SimpleNamespace(scheduler=sch), STEPS, STRENGTH, "cpu")
+    types.SimpleNamespace(scheduler=sch), STEPS, STRENGTH, "cpu"
+  )
   assert n == 4
   emb = torch.from_numpy(np.concatenate([c["uncond"], c["cond"]]))
   shape = (2, 8, 8, 4)
@@ -87,11 +94,23 @@ def measure_img2img(c, name):
     ref_lat = x.numpy()
     mean = (c["tvae"].config.scaling_factor * post.mean).numpy()
 
-  img, lat = latent.img2img(c["unet"], c["vae"], c["cond"], c["uncond"], latent.sd_sampler(name, STEPS),
-                            c["image"], STRENGTH, key, guidance_scale=GUIDANCE, return_latents=True)
+  img, lat = latent.img2img(
+    c["unet"],
+    c["vae"],
+    c["cond"],
+    c["uncond"],
+    latent.sd_sampler(name, STEPS),
+    c["image"],
+    STRENGTH,
+    key,
+    guidance_scale=GUIDANCE,
+    return_latents=True,
+  )
   assert img.shape == (2, 16, 16, 3)
-  out = dict(latents=rel_err(np.asarray(lat).transpose(0, 3, 1, 2), ref_lat),
-             images=rel_err(np.asarray(img).transpose(0, 3, 1, 2), ref_img))
+  out = dict(
+    latents=rel_err(np.asarray(lat).transpose(0, 3, 1, 2), ref_lat),
+    images=rel_err(np.asarray(img).transpose(0, 3, 1, 2), ref_img),
+  )
   if name == "ddim":  # posterior="mean": the scaled posterior mean
     out["posterior mean"] = rel_err(np.asarray(latent.encode(c["vae"], c["image"])).transpose(0, 3, 1, 2), mean)
   return out
@@ -112,10 +131,12 @@ def _pixel_mask():
 
 def measure_inpaint(c):
   """Relative errors of `latent.inpaint` (paste=True) vs an independent torch loop of the
-  replacement rule on latents: x_T = noise with the kept latents at the first level; after each DDIM step the kept latents are z0 noised to the
-  level of the next timestep (the final alpha after the last step). The latent mask is
-  1 - maxpool(1 - mask): kept only where the whole 2 x 2 pixel block is kept."""
-  import torch  # pylint: disable=import-outside-toplevel
+  replacement rule on latents: x_T = noise with the kept latents at the first level; after each
+  DDIM step the kept latents are z0 noised to the level of the next timestep (the final alpha
+  after the last step). The latent mask is 1 - maxpool(1 - mask): kept only where the whole
+  2 x 2 pixel block is kept."""
+  import torch
+
   _, diffusers, _ = refs()
   key = jax.random.key(12)
   sch = diffusers.DDIMScheduler(**SD_SCHED, clip_sample=False)
@@ -137,15 +158,28 @@ def measure_inpaint(c):
     ref_img = c["tvae"].decode(x / c["tvae"].config.scaling_factor).sample.numpy().transpose(0, 2, 3, 1)
     ref_lat = x.numpy()
 
-  img, lat = latent.inpaint(c["unet"], c["vae"], c["cond"], c["uncond"], latent.sd_sampler("ddim", STEPS),
-                            c["image"], mask, key, guidance_scale=GUIDANCE, paste=True, return_latents=True)
+  img, lat = latent.inpaint(
+    c["unet"],
+    c["vae"],
+    c["cond"],
+    c["uncond"],
+    latent.sd_sampler("ddim", STEPS),
+    c["image"],
+    mask,
+    key,
+    guidance_scale=GUIDANCE,
+    paste=True,
+    return_latents=True,
+  )
   img = np.asarray(img)
   keep = mask[None, :, :, None].astype(bool) & np.ones_like(img, bool)
   # paste=True: the input pixels where the mask keeps them, the decoded latents elsewhere
   np.testing.assert_array_equal(img[keep], c["image"][keep])
   np.testing.assert_array_equal(latent.latent_mask(mask, (2, 16, 16), 2), lm[0, 0].numpy())
-  return dict(latents=rel_err(np.asarray(lat).transpose(0, 3, 1, 2), ref_lat),
-              images=float(np.abs(img[~keep] - ref_img[~keep]).max() / np.abs(ref_img).max()))
+  return dict(
+    latents=rel_err(np.asarray(lat).transpose(0, 3, 1, 2), ref_lat),
+    images=float(np.abs(img[~keep] - ref_img[~keep]).max() / np.abs(ref_img).max()),
+  )
 
 
 @pytest.mark.torch
@@ -160,16 +194,19 @@ def test_bad_inputs():
   ctx, img, key = jnp.zeros((2, 7, 12)), jnp.zeros((2, 16, 16, 3)), jax.random.key(0)
   base = dict(unet=unet, vae=vae, context=ctx, uncond_context=ctx, sampler=ddim, image=img, key=key)
   cases = [
-      (dict(image=jnp.zeros((2, 18, 16, 3))), r"^image: height and width must be divisible by 4 \(the VAE's "
-                                              r"factor 2 x the U-Net's 2\), got \(18, 16\)$"),
-      (dict(image=jnp.zeros((2, 16, 16, 1))), r"^image: expected images \[B, H, W, 3\]"),
-      (dict(image=jnp.zeros((2, 16, 16))), r"^image: expected images \[B, H, W, 3\]"),
-      (dict(image=jnp.zeros((2, 16, 16, 3), jnp.uint8)), r"^image: expected a floating dtype"),
-      (dict(image=jnp.zeros((3, 16, 16, 3))), r"^image: batch 3 differs from the context's batch 2$"),
-      (dict(sampler=latent.sd_sampler("plms", 4)), r"^sampler: expected a DDPM or DDIM sampler, got PLMS"),
-      (dict(key=None), r"^key: img2img and inpainting need a PRNG key"),
-      (dict(vae=None), r"^vae: img2img and inpainting need the autoencoder"),
-      (dict(context=jnp.zeros((2, 7, 16))), r"^context: expected text embeddings \[B, L, 12\]"),
+    (
+      dict(image=jnp.zeros((2, 18, 16, 3))),
+      r"^image: height and width must be divisible by 4 \(the VAE's "
+      r"factor 2 x the U-Net's 2\), got \(18, 16\)$",
+    ),
+    (dict(image=jnp.zeros((2, 16, 16, 1))), r"^image: expected images \[B, H, W, 3\]"),
+    (dict(image=jnp.zeros((2, 16, 16))), r"^image: expected images \[B, H, W, 3\]"),
+    (dict(image=jnp.zeros((2, 16, 16, 3), jnp.uint8)), r"^image: expected a floating dtype"),
+    (dict(image=jnp.zeros((3, 16, 16, 3))), r"^image: batch 3 differs from the context's batch 2$"),
+    (dict(sampler=latent.sd_sampler("plms", 4)), r"^sampler: .* needs a single-step sampler .*, got PLMS"),
+    (dict(key=None), r"^key: img2img and inpainting need a PRNG key"),
+    (dict(vae=None), r"^vae: img2img and inpainting need the autoencoder"),
+    (dict(context=jnp.zeros((2, 7, 16))), r"^context: expected text embeddings \[B, L, 12\]"),
   ]
   for change, msg in cases:
     for fn, extra in ((latent.img2img, dict(strength=0.5)), (latent.inpaint, dict(mask=np.ones((16, 16))))):
@@ -180,9 +217,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"^strength: must be in \(0, 1\], got ") as e:
       latent.img2img(**base, strength=s)
     assert "\n" not in str(e.value)
-  for m, msg in ((np.ones((8, 8)), r"^mask: expected shape \(16, 16\) or \(2, 16, 16\) \(the image's"),
-                 (np.ones((2, 16, 16, 3)), r"^mask: expected shape"),
-                 (np.full((16, 16), 0.5), r"^mask: must be binary \(1 = keep, 0 = fill\)")):
+  for m, msg in (
+    (np.ones((8, 8)), r"^mask: expected shape \(16, 16\) or \(2, 16, 16\) \(the image's"),
+    (np.ones((2, 16, 16, 3)), r"^mask: expected shape"),
+    (np.full((16, 16), 0.5), r"^mask: must be binary \(1 = keep, 0 = fill\)"),
+  ):
     with pytest.raises(ValueError, match=msg) as e:
       latent.inpaint(**base, mask=m)
     assert "\n" not in str(e.value)
@@ -200,37 +239,53 @@ def test_command_img2img_matches_diffusers_pipeline(folder, tmp_path, monkeypatc
   """``txt2img --init_image`` vs diffusers' StableDiffusionImg2ImgPipeline on the same folder
   (DDIM, strength 0.5 of 6 steps), both randn draws (the VAE posterior's and add_noise's)
   replaced by ddx's; then ``--mask --paste`` writes the input pixels where the mask is white."""
-  import torch  # pylint: disable=import-outside-toplevel
   _, diffusers, _ = refs()
-  from diffusers.models.autoencoders import vae as vae_mod  # pylint: disable=import-outside-toplevel
-  from diffusers.pipelines.stable_diffusion import (  # pylint: disable=import-outside-toplevel
-      pipeline_stable_diffusion_img2img as i2i_mod)
+  from diffusers.models.autoencoders import vae as vae_mod
+  from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as i2i_mod
+
   path, tpipe = folder
   rng = np.random.RandomState(1)
   u8 = np.clip(np.cumsum(rng.randint(0, 40, (16, 16, 3)), 0), 0, 255).astype(np.uint8)
   png = _write_png(tmp_path / "in.png", u8)
   key, steps, strength = jax.random.key(5), 6, 0.5
-  draws = {"post": _nchw(_normal(key, latent.ENCODE_KEY, (2, 8, 8, 4))),
-           "noise": _nchw(_normal(key, 0, (2, 8, 8, 4)))}
+  draws = {"post": _nchw(_normal(key, latent.ENCODE_KEY, (2, 8, 8, 4))), "noise": _nchw(_normal(key, 0, (2, 8, 8, 4)))}
 
   def fake(which):
     def randn(shape, generator=None, device=None, dtype=None, layout=None):
       z = draws.pop(which)
       assert tuple(z.shape) == tuple(shape)
       return z.to(dtype=dtype)
+
     return randn
 
   monkeypatch.setattr(vae_mod, "randn_tensor", fake("post"))
   monkeypatch.setattr(i2i_mod, "randn_tensor", fake("noise"))
   ddim = diffusers.DDIMScheduler.from_config(tpipe.scheduler.config, clip_sample=False)
   i2i = diffusers.StableDiffusionImg2ImgPipeline(**{**tpipe.components, "scheduler": ddim})
-  ref = i2i(PROMPTS, image=np.stack([u8, u8]).astype(np.float32) / 255.0, strength=strength,
-            num_inference_steps=steps, guidance_scale=7.5, output_type="np").images
+  ref = i2i(
+    PROMPTS,
+    image=np.stack([u8, u8]).astype(np.float32) / 255.0,
+    strength=strength,
+    num_inference_steps=steps,
+    guidance_scale=7.5,
+    output_type="np",
+  ).images
   assert not draws
 
-  code = cli.main(["ddx", "txt2img", f"--pipeline={path}", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}",
-                   f"--init_image={png}", f"--strength={strength}", f"--steps={steps}", "--seed=5",
-                   f"--out={tmp_path}/i2i"])
+  code = cli.main(
+    [
+      "ddx",
+      "txt2img",
+      f"--pipeline={path}",
+      f"--prompt={PROMPTS[0]}",
+      f"--prompt={PROMPTS[1]}",
+      f"--init_image={png}",
+      f"--strength={strength}",
+      f"--steps={steps}",
+      "--seed=5",
+      f"--out={tmp_path}/i2i",
+    ]
+  )
   assert code == 0 and os.path.isfile(f"{tmp_path}/i2i.png")
   with np.load(f"{tmp_path}/i2i.npz") as z:
     ours01 = np.clip(z["samples"] / 2 + 0.5, 0, 1)
@@ -242,8 +297,20 @@ def test_command_img2img_matches_diffusers_pipeline(folder, tmp_path, monkeypatc
   mask[4:12, 2:9] = 0
   mpng = _write_png(tmp_path / "mask.png", mask)
   # the same prompts and steps: the text encoder, VAE and U-Net programs are reused
-  code = cli.main(["ddx", "txt2img", f"--pipeline={path}", f"--prompt={PROMPTS[0]}", f"--prompt={PROMPTS[1]}",
-                   f"--init_image={png}", f"--mask={mpng}", "--paste", f"--steps={steps}", f"--out={tmp_path}/inp"])
+  code = cli.main(
+    [
+      "ddx",
+      "txt2img",
+      f"--pipeline={path}",
+      f"--prompt={PROMPTS[0]}",
+      f"--prompt={PROMPTS[1]}",
+      f"--init_image={png}",
+      f"--mask={mpng}",
+      "--paste",
+      f"--steps={steps}",
+      f"--out={tmp_path}/inp",
+    ]
+  )
   assert code == 0
   with np.load(f"{tmp_path}/inp.npz") as z:
     out, x0 = z["samples"], z["init_image"]
@@ -253,7 +320,9 @@ def test_command_img2img_matches_diffusers_pipeline(folder, tmp_path, monkeypatc
     assert np.abs(out[~keep] - np.broadcast_to(x0, out.shape)[~keep]).max() > 1e-3  # the hole was generated
 
 
-@pytest.mark.parametrize("argv,msg", [
+@pytest.mark.parametrize(
+  "argv,msg",
+  [
     (["--strength=0.5"], "--strength: needs --init_image"),
     (["--mask=m.png"], "--mask: needs --init_image"),
     (["--paste"], "--paste: needs --init_image and --mask"),
@@ -263,7 +332,8 @@ def test_command_img2img_matches_diffusers_pipeline(folder, tmp_path, monkeypatc
     (["--init_image={png}", "--mask={png}", "--strength=0.5"], "--strength: not used with --mask"),
     (["--init_image={png}", "--paste"], "--paste: needs --mask"),
     (["--init_image={png}", "--eta=0.5"], "pipeline: folder not found"),  # ddim is the default: eta is fine
-])
+  ],
+)
 def test_command_edit_errors(tmp_path, argv, msg):
   png = _write_png(tmp_path / "a.png", np.zeros((16, 16, 3), np.uint8))
   argv = [a.format(png=png) for a in argv]
@@ -278,11 +348,17 @@ def test_command_bad_init_image(folder, tmp_path):  # noqa: F811
   for shape, msg in [((18, 16, 3), "must be divisible by 4"), ((16, 16), "has mode L")]:
     png = _write_png(tmp_path / "b.png", np.zeros(shape, np.uint8))
     with pytest.raises(ValueError, match=f"^--init_image: .*{msg}") as e:
-      cli.main(["ddx", "txt2img", f"--pipeline={path}", "--prompt=a cat", f"--init_image={png}",
-                f"--out={tmp_path}/x"])
+      cli.main(["ddx", "txt2img", f"--pipeline={path}", "--prompt=a cat", f"--init_image={png}", f"--out={tmp_path}/x"])
     assert "\n" not in str(e.value)
   assert not os.path.exists(f"{tmp_path}/x.npz")
   with pytest.raises(ValueError, match=r"^--mask: .* is 8x8, the model takes 16x16"):
-    cli.main(["ddx", "txt2img", f"--pipeline={path}", "--prompt=a cat",
-              f"--init_image={_write_png(tmp_path / 'c.png', np.zeros((16, 16, 3), np.uint8))}",
-              f"--mask={_write_png(tmp_path / 'm.png', np.zeros((8, 8), np.uint8))}"])
+    cli.main(
+      [
+        "ddx",
+        "txt2img",
+        f"--pipeline={path}",
+        "--prompt=a cat",
+        f"--init_image={_write_png(tmp_path / 'c.png', np.zeros((16, 16, 3), np.uint8))}",
+        f"--mask={_write_png(tmp_path / 'm.png', np.zeros((8, 8), np.uint8))}",
+      ]
+    )

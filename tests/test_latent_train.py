@@ -11,22 +11,39 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddx import autoencoder_train, checkpoint, cli, latent_data, service
+from ddx.cli import main as cli
+from ddx.cli import restore
 from ddx.data import arrays, make_source
+from ddx.latent import data as latent_data
+from ddx.training import autoencoder as autoencoder_train
+from ddx.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLDOUT = 297
 COMMON = ["--config.train.log_every_seconds=0.01", "--config.train.steps_per_call=1", "--config.optim.warmup_steps=20"]
 AE_STEPS = 150
-AE_FLAGS = ["--config=configs/digits_autoencoder.py", "--config.autoencoder.block_out_channels=(8,16)",
-            "--config.autoencoder.norm_num_groups=4", "--config.autoencoder.mid_block_add_attention=False",
-            "--config.train.global_batch_size=16", f"--config.train.total_steps={AE_STEPS}",
-            f"--config.train.checkpoint_every={AE_STEPS}", *COMMON]
-LATENT_FLAGS = ["--config=configs/digits_latent.py", "--config.model.base_channels=8",
-                "--config.model.norm_num_groups=4", "--config.train.global_batch_size=16",
-                "--config.train.total_steps=100", "--config.train.checkpoint_every=100",
-                "--config.train.sample_every=100", "--config.sample.num=8",
-                "--config.sample.steps=5", *COMMON]
+AE_FLAGS = [
+  "--config=configs/digits_autoencoder.py",
+  "--config.autoencoder.block_out_channels=(8,16)",
+  "--config.autoencoder.norm_num_groups=4",
+  "--config.autoencoder.mid_block_add_attention=False",
+  "--config.train.global_batch_size=16",
+  f"--config.train.total_steps={AE_STEPS}",
+  f"--config.train.checkpoint_every={AE_STEPS}",
+  *COMMON,
+]
+LATENT_FLAGS = [
+  "--config=configs/digits_latent.py",
+  "--config.model.base_channels=8",
+  "--config.model.norm_num_groups=4",
+  "--config.train.global_batch_size=16",
+  "--config.train.total_steps=100",
+  "--config.train.checkpoint_every=100",
+  "--config.train.sample_every=100",
+  "--config.sample.num=8",
+  "--config.sample.steps=5",
+  *COMMON,
+]
 # Held-out MSE on the [-1, 1] scale: predicting the training digits' per-pixel mean image
 # scores 0.180 (recomputed in the test), an all-background image 0.80; the real recipe
 # (configs/digits_autoencoder.py) reaches 0.0005.
@@ -42,8 +59,9 @@ def _env():
 
 
 def _ddx(args, check=True):
-  p = subprocess.run([sys.executable, "-m", "ddx", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                     timeout=600)
+  p = subprocess.run(
+    [sys.executable, "-m", "ddx", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+  )
   if check and p.returncode != 0:
     raise AssertionError(f"ddx {args[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
   return p
@@ -85,7 +103,7 @@ def test_autoencoder_trains_and_reconstructs_held_out_digits(ae_workdir):
   assert rec["num"] == HOLDOUT and rec["step"] == AE_STEPS
   # recompute independently from the checkpoint and the held-out digits
   train, held = arrays.holdout_split(make_source("digits", image_size=16), HOLDOUT)
-  vae, _, _ = service.load_autoencoder(ae_workdir)
+  vae, _, _ = restore.load_autoencoder(ae_workdir)
   x_hat, _, _ = autoencoder_train.reconstruct(vae, held.images)
   mse = float(np.mean((x_hat.astype(np.float64) - held.images) ** 2))
   np.testing.assert_allclose(rec["mse"], mse, rtol=1e-6)
@@ -102,7 +120,7 @@ def test_latent_model_trains_and_sample_decodes(ae_workdir, latent_workdir):
   lat = cfg["latent"]
   assert lat["autoencoder_workdir"] == ae_workdir and lat["autoencoder_step"] == AE_STEPS
   # the scaling factor is 1 / std of the posterior means of every digit
-  vae, _, _ = service.load_autoencoder(ae_workdir)
+  vae, _, _ = restore.load_autoencoder(ae_workdir)
   means, _, _ = latent_data.encode_source(vae, make_source("digits", image_size=16))
   np.testing.assert_allclose(lat["scaling_factor"], 1.0 / np.std(means.astype(np.float64)), rtol=1e-5)
   # the training sample grid is decoded
@@ -141,15 +159,19 @@ def test_bad_latent_configs_fail_in_one_line(ae_workdir, tmp_path, monkeypatch):
   assert error(base + ok + ["--config.model.image_size=16"]).startswith("model.image_size: must be 8")
   assert error(base + ok + ["--config.sample.clip_sample=True"]).startswith("sample.clip_sample:")
   assert error(base + ok + ["--config.latent.autoencoder_step=7"]).startswith("latent.autoencoder_step:")
-  assert error(["train", f"--workdir={wd}", "--config=configs/digits_autoencoder.py",
-                 "--config.autoencoder.reconstruction=l3"]).startswith("autoencoder.reconstruction:")
-  assert error(["train", f"--workdir={wd}", "--config=configs/digits_autoencoder.py",
-                 "--config.autoencoder.holdout=1797"]).startswith("autoencoder.holdout:")
+  assert error(
+    ["train", f"--workdir={wd}", "--config=configs/digits_autoencoder.py", "--config.autoencoder.reconstruction=l3"]
+  ).startswith("autoencoder.reconstruction:")
+  assert error(
+    ["train", f"--workdir={wd}", "--config=configs/digits_autoencoder.py", "--config.autoencoder.holdout=1797"]
+  ).startswith("autoencoder.holdout:")
   assert error(["sample", f"--workdir={ae_workdir}"]).startswith("--workdir: holds an autoencoder")
   assert not os.path.exists(wd)
   # the console entry point prints it as one line
-  p = _ddx(base[:2] + ["--config=configs/digits_latent.py",
-                       f"--config.latent.autoencoder_workdir={tmp_path / 'missing'}"], check=False)
+  p = _ddx(
+    base[:2] + ["--config=configs/digits_latent.py", f"--config.latent.autoencoder_workdir={tmp_path / 'missing'}"],
+    check=False,
+  )
   assert p.returncode == 1 and p.stderr.count("\n") == 1 and "latent.autoencoder_workdir" in p.stderr
 
 

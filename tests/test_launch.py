@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from ddx import checkpoint, parallel
+from ddx import parallel
+from ddx.training import checkpoint
 from tests.test_train import ROOT, TINY_FLAGS, _assert_params_close, _ddx, _saved
 
 SBATCH = os.path.join(ROOT, "launch", "slurm_gpu.sbatch")
@@ -25,7 +26,7 @@ FLAGS = [*TINY_FLAGS, "--config.model.channel_mult=(1,)", "--config.model.attent
 # the step/task variables; by default each task sees every GPU of its node (gres binding is
 # per step, not per task). The layout comes from the test (FAKE_* variables). Signals sent to
 # srun go to every task; --kill-on-bad-exit=1 stops the others when one fails.
-FAKE_SRUN = r'''#!PYTHON
+FAKE_SRUN = r"""#!PYTHON
 import os, signal, subprocess, sys, time
 nodes, per_node, gpus = (int(os.environ[k]) for k in ("FAKE_NODES", "FAKE_TASKS_PER_NODE", "FAKE_GPUS_PER_NODE"))
 args, kill_on_bad_exit = sys.argv[1:], False
@@ -56,11 +57,11 @@ while any(p.poll() is None for p in procs):
   time.sleep(0.05)
 codes = [p.returncode for p in procs]
 sys.exit(max((c if c >= 0 else 128 - c) for c in codes))
-'''
+"""
 
-FAKE_SCONTROL = r'''#!/usr/bin/env bash
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
 echo "$@" >> "$FAKE_SCONTROL_LOG"
-'''
+"""
 
 
 def _free_job_port():
@@ -87,24 +88,39 @@ def _slurm_env(tmp_path, nodes, tasks_per_node, gpus_per_node, devices_per_task,
   job_id, port = _free_job_port()
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_", "DDX_", "CUDA_"))}
   env.update(
-      PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env.get("PATH", "")]),
-      PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), DDX_VENV="", JAX_PLATFORMS="cpu",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_task}",
-      # the coordinator (process 0) listens on loopback only; JAX's default is every interface
-      JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
-      SLURM_JOB_ID=str(job_id), SLURM_JOB_NUM_NODES=str(nodes), SLURM_NNODES=str(nodes),
-      SLURM_NTASKS=str(nodes * tasks_per_node), SLURM_NTASKS_PER_NODE=str(tasks_per_node),
-      SLURM_JOB_NODELIST="localhost" if nodes == 1 else f"localhost,node[1-{nodes - 1}]",
-      FAKE_NODES=str(nodes), FAKE_TASKS_PER_NODE=str(tasks_per_node), FAKE_GPUS_PER_NODE=str(gpus_per_node),
-      FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"))
+    PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), env.get("PATH", "")]),
+    PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+    DDX_VENV="",
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_task}",
+    # the coordinator (process 0) listens on loopback only; JAX's default is every interface
+    JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
+    SLURM_JOB_ID=str(job_id),
+    SLURM_JOB_NUM_NODES=str(nodes),
+    SLURM_NNODES=str(nodes),
+    SLURM_NTASKS=str(nodes * tasks_per_node),
+    SLURM_NTASKS_PER_NODE=str(tasks_per_node),
+    SLURM_JOB_NODELIST="localhost" if nodes == 1 else f"localhost,node[1-{nodes - 1}]",
+    FAKE_NODES=str(nodes),
+    FAKE_TASKS_PER_NODE=str(tasks_per_node),
+    FAKE_GPUS_PER_NODE=str(gpus_per_node),
+    FAKE_SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+  )
   env.update(extra)
   return env, port
 
 
 def _job(env, args, timeout=300):
   """Run the sbatch script with bash (its own session, so a timeout kills every task)."""
-  p = subprocess.Popen(["bash", SBATCH, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  p = subprocess.Popen(
+    ["bash", SBATCH, *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
   try:
     out, _ = p.communicate(timeout=timeout)
   finally:
@@ -121,7 +137,9 @@ def _kill_group(p):
   p.wait()
 
 
-REPORT = re.compile(r"^process (\d+)/(\d+) \(host [^)]*\): (\d+) local (\w+) devices \[([^\]]*)\] of (\d+); (.*)$", re.M)
+REPORT = re.compile(
+  r"^process (\d+)/(\d+) \(host [^)]*\): (\d+) local (\w+) devices \[([^\]]*)\] of (\d+); (.*)$", re.M
+)
 
 
 def _reports(out):
@@ -149,12 +167,12 @@ def test_slurm_local_device_ids():
   assert parallel.slurm_local_device_ids({**per_node, "SLURM_GPUS_ON_NODE": "8"}) == list(range(8))
   assert parallel.slurm_local_device_ids({**task3, "JAX_LOCAL_DEVICE_IDS": "1,2"}) == [1, 2]
   bad = [
-      ({**task3, "CUDA_VISIBLE_DEVICES": "0,1"}, "SLURM_LOCALID: GPU ordinal"),
-      ({**task3, "CUDA_VISIBLE_DEVICES": "3", "JAX_LOCAL_DEVICE_IDS": "3"}, "JAX_LOCAL_DEVICE_IDS: GPU ordinal"),
-      ({**task3, "JAX_LOCAL_DEVICE_IDS": "0;1"}, "JAX_LOCAL_DEVICE_IDS: must be"),
-      (per_node, "DDX_GPUS_PER_PROCESS: all needs CUDA_VISIBLE_DEVICES"),
-      ({**per_node, "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "8"}, "--ntasks-per-node=1"),
-      ({**task3, "DDX_GPUS_PER_PROCESS": "2"}, "DDX_GPUS_PER_PROCESS: must be 1 or all"),
+    ({**task3, "CUDA_VISIBLE_DEVICES": "0,1"}, "SLURM_LOCALID: GPU ordinal"),
+    ({**task3, "CUDA_VISIBLE_DEVICES": "3", "JAX_LOCAL_DEVICE_IDS": "3"}, "JAX_LOCAL_DEVICE_IDS: GPU ordinal"),
+    ({**task3, "JAX_LOCAL_DEVICE_IDS": "0;1"}, "JAX_LOCAL_DEVICE_IDS: must be"),
+    (per_node, "DDX_GPUS_PER_PROCESS: all needs CUDA_VISIBLE_DEVICES"),
+    ({**per_node, "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS_PER_NODE": "8"}, "--ntasks-per-node=1"),
+    ({**task3, "DDX_GPUS_PER_PROCESS": "2"}, "DDX_GPUS_PER_PROCESS: must be 1 or all"),
   ]
   for env, msg in bad:
     with pytest.raises(ValueError, match=re.escape(msg)):
@@ -186,8 +204,9 @@ def test_slurm_one_task_per_gpu_device_report(tmp_path):
 def test_slurm_one_task_per_node_trains_like_one_process(tmp_path):
   """2 nodes x 1 task driving all (2) GPUs of its node: the report says so, and 4 training
   steps over the 2 x 2 devices match one process with 4 devices."""
-  env, port = _slurm_env(tmp_path, nodes=2, tasks_per_node=1, gpus_per_node=2, devices_per_task=2,
-                         DDX_GPUS_PER_PROCESS="all")
+  env, port = _slurm_env(
+    tmp_path, nodes=2, tasks_per_node=1, gpus_per_node=2, devices_per_task=2, DDX_GPUS_PER_PROCESS="all"
+  )
   rc, out = _job(env, ["info"], timeout=600)
   assert rc == 0, out[-3000:]
   reports = _reports(out)
@@ -218,9 +237,23 @@ def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
   checkpoint and exit cleanly, and the script requeues the job."""
   env, _ = _slurm_env(tmp_path, nodes=1, tasks_per_node=2, gpus_per_node=2, devices_per_task=1)
   wd = str(tmp_path / "t")
-  p = subprocess.Popen(["bash", SBATCH, "train", f"--workdir={wd}", *FLAGS, "--config.train.total_steps=100000",
-                        "--config.train.checkpoint_every=50000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  p = subprocess.Popen(
+    [
+      "bash",
+      SBATCH,
+      "train",
+      f"--workdir={wd}",
+      *FLAGS,
+      "--config.train.total_steps=100000",
+      "--config.train.checkpoint_every=50000",
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
   try:
     metrics = os.path.join(wd, "metrics.jsonl")
     deadline = time.time() + 900
@@ -245,12 +278,29 @@ def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
 
 
 def test_tpu_pod_dry_run_ships_this_checkout():
-  head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                        check=True).stdout.strip()
+  head = subprocess.run(
+    ["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+  ).stdout.strip()
   env = {k: v for k, v in os.environ.items() if not k.startswith("DDX_")}
-  p = subprocess.run(["bash", "launch/tpu_pod.sh", "my-pod", "us-central2-b", "--project", "my-proj", "--dry-run", "--",
-                      "--config=configs/cifar10.py", "--workdir=gs://bucket/run 1"], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=60)
+  p = subprocess.run(
+    [
+      "bash",
+      "launch/tpu_pod.sh",
+      "my-pod",
+      "us-central2-b",
+      "--project",
+      "my-proj",
+      "--dry-run",
+      "--",
+      "--config=configs/cifar10.py",
+      "--workdir=gs://bucket/run 1",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert p.returncode == 0, p.stderr
   lines = p.stdout.strip().splitlines()
   assert len(lines) == 4, p.stdout
@@ -280,11 +330,35 @@ def test_tpu_pod_dry_run_ships_this_checkout():
     if os.path.exists(tarball):
       os.remove(tarball)
   # the alternative needs both --repo and --ref
-  p = subprocess.run(["bash", "launch/tpu_pod.sh", "my-pod", "z", "--dry-run", "--repo", "https://host/x.git", "--",
-                      "info"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  p = subprocess.run(
+    ["bash", "launch/tpu_pod.sh", "my-pod", "z", "--dry-run", "--repo", "https://host/x.git", "--", "info"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert p.returncode == 2 and "--repo and --ref go together" in p.stderr
-  p = subprocess.run(["bash", "launch/tpu_pod.sh", "my-pod", "z", "--dry-run", "--repo", "https://host/x.git",
-                      "--ref", "v1", "--", "info"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  p = subprocess.run(
+    [
+      "bash",
+      "launch/tpu_pod.sh",
+      "my-pod",
+      "z",
+      "--dry-run",
+      "--repo",
+      "https://host/x.git",
+      "--ref",
+      "v1",
+      "--",
+      "info",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert p.returncode == 0 and len(p.stdout.strip().splitlines()) == 2, p.stdout
   assert "git clone -q https://host/x.git ~/ddx" in p.stdout and "checkout -q v1" in p.stdout
   assert "python -m ddx info" in p.stdout

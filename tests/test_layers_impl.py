@@ -15,25 +15,33 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddx.models import UNet
-from ddx.models import layers
+from ddx.models import UNet, layers
 
 # (batch, H, W, C_in, C_out, kernel, stride, padding)
 CASES = [
-    (2, 7, 5, 3, 4, 3, 1, ((1, 1), (1, 1))),     # non-square, "same" padding
-    (1, 6, 9, 5, 6, 3, 2, ((0, 1), (0, 1))),     # batch 1, stride 2, TF "SAME" (bottom/right)
-    (2, 8, 6, 4, 3, 3, 2, ((1, 1), (1, 1))),     # stride 2, symmetric padding
-    (3, 5, 7, 6, 2, 1, 1, ((0, 0), (0, 0))),     # 1x1 (shortcut)
-    (1, 5, 4, 2, 3, 3, 1, ((2, 0), (0, 2))),     # asymmetric padding
-    (2, 6, 6, 3, 5, 3, 1, ((0, 0), (0, 0))),     # valid
-    (2, 7, 7, 4, 4, 1, 2, ((0, 0), (0, 0))),     # 1x1, stride 2
+  (2, 7, 5, 3, 4, 3, 1, ((1, 1), (1, 1))),  # non-square, "same" padding
+  (1, 6, 9, 5, 6, 3, 2, ((0, 1), (0, 1))),  # batch 1, stride 2, TF "SAME" (bottom/right)
+  (2, 8, 6, 4, 3, 3, 2, ((1, 1), (1, 1))),  # stride 2, symmetric padding
+  (3, 5, 7, 6, 2, 1, 1, ((0, 0), (0, 0))),  # 1x1 (shortcut)
+  (1, 5, 4, 2, 3, 3, 1, ((2, 0), (0, 2))),  # asymmetric padding
+  (2, 6, 6, 3, 5, 3, 1, ((0, 0), (0, 0))),  # valid
+  (2, 7, 7, 4, 4, 1, 2, ((0, 0), (0, 0))),  # 1x1, stride 2
 ]
 
 
 def _conv(case, impl, dtype=None, seed=0):
   b, h, w, cin, cout, k, s, pad = case
-  return layers.Conv(cin, cout, (k, k), strides=(s, s), padding=pad, dtype=dtype, impl=impl,
-                     bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(seed))
+  return layers.Conv(
+    cin,
+    cout,
+    (k, k),
+    strides=(s, s),
+    padding=pad,
+    dtype=dtype,
+    impl=impl,
+    bias_init=nnx.initializers.normal(1.0),
+    rngs=nnx.Rngs(seed),
+  )
 
 
 def _inputs(case, seed=1):
@@ -132,7 +140,7 @@ def _all_primitives(closed):
     for e in jaxpr.eqns:
       names.add(e.primitive.name)
       for v in e.params.values():
-        for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        for sub in v if isinstance(v, (tuple, list)) else (v,):
           if hasattr(sub, "jaxpr"):
             walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
           elif hasattr(sub, "eqns"):
@@ -142,26 +150,38 @@ def _all_primitives(closed):
   return names
 
 
-@pytest.mark.parametrize("impl,dtype,channels,k,expect_conv", [
-    ("lax", None, 8, 3, True), ("dots", None, 8, 3, False), ("lax", None, 8, 1, True),
-    ("auto", None, 256, 3, True),                  # float32 3x3 on CPU: XLA's convolution
-    ("auto", None, 256, 1, False),                 # 1x1 on CPU: a product, in every dtype
+@pytest.mark.parametrize(
+  "impl,dtype,channels,k,expect_conv",
+  [
+    ("lax", None, 8, 3, True),
+    ("dots", None, 8, 3, False),
+    ("lax", None, 8, 1, True),
+    ("auto", None, 256, 3, True),  # float32 3x3 on CPU: XLA's convolution
+    ("auto", None, 256, 1, False),  # 1x1 on CPU: a product, in every dtype
     ("auto", jnp.bfloat16, 8, 1, False),
-    ("auto", jnp.bfloat16, 256, 3, False),         # bfloat16, >= 256 channels on CPU: dots
+    ("auto", jnp.bfloat16, 256, 3, False),  # bfloat16, >= 256 channels on CPU: dots
     ("auto", jnp.bfloat16, 8, 3, True),
-])
+  ],
+)
 def test_forced_implementation_on_cpu(impl, dtype, channels, k, expect_conv):
   assert jax.default_backend() == "cpu"
-  conv = layers.Conv(channels, 4, (k, k), padding=((k // 2, k // 2),) * 2, dtype=dtype, impl=impl,
-                     rngs=nnx.Rngs(0))
+  conv = layers.Conv(channels, 4, (k, k), padding=((k // 2, k // 2),) * 2, dtype=dtype, impl=impl, rngs=nnx.Rngs(0))
   x = jnp.ones((1, 4, 4, channels), jnp.float32)
   graphdef, state = nnx.split(conv)
   prims = _all_primitives(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, x))
   assert ("conv_general_dilated" in prims) == expect_conv, prims
 
 
-SMALL = dict(image_size=16, in_channels=3, base_channels=16, channel_mult=(1, 2),
-             num_res_blocks=1, attention_resolutions=(8,), norm_num_groups=4, downsample_padding=0)
+SMALL = dict(
+  image_size=16,
+  in_channels=3,
+  base_channels=16,
+  channel_mult=(1, 2),
+  num_res_blocks=1,
+  attention_resolutions=(8,),
+  norm_num_groups=4,
+  downsample_padding=0,
+)
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])

@@ -39,8 +39,9 @@ def test_min_snr_weighting_is_the_same_x0_space_objective(prediction):
   t = jnp.array([5, 50, 150, 300, 600, 900])  # ab not ~0, so x0_hat is well conditioned
   xt = diffusion.q_sample(SCHED, x0, t, eps)
   out = losses.target(SCHED, x0, t, eps, prediction) + 0.05 * jax.random.normal(k, x0.shape)
-  loss = losses.diffusion_loss(SCHED, out, x0, xt, t, eps, prediction=prediction, weighting="min_snr",
-                               min_snr_gamma=gamma)
+  loss = losses.diffusion_loss(
+    SCHED, out, x0, xt, t, eps, prediction=prediction, weighting="min_snr", min_snr_gamma=gamma
+  )
   a = SCHED.f64.alphas_cumprod[np.asarray(t)]
   x0_hat, _ = diffusion.to_x0_eps(out, xt, jnp.asarray(a, jnp.float32).reshape(-1, 1, 1, 1), prediction)
   snr = a / (1 - a)
@@ -67,8 +68,12 @@ def test_hybrid_loss_vlb_term():
     kl = 0.5 * (-1 + logvar_model - np.log(var_true) + var_true / np.exp(logvar_model))
     np.testing.assert_allclose(float(l2[j]), 1000 * kl / np.log(2), rtol=1e-3)
   # the VLB term does not push on the mean: its gradient w.r.t. the eps channels is zero
-  g = jax.grad(lambda o: jnp.sum(losses.diffusion_loss(SCHED, o, x0, xt, t, eps, learned_variance=True)
-                                 - losses.diffusion_loss(SCHED, o[..., :c], x0, xt, t, eps)))(out2)
+  g = jax.grad(
+    lambda o: jnp.sum(
+      losses.diffusion_loss(SCHED, o, x0, xt, t, eps, learned_variance=True)
+      - losses.diffusion_loss(SCHED, o[..., :c], x0, xt, t, eps)
+    )
+  )(out2)
   chex.assert_trees_all_close(g[..., :c], jnp.zeros_like(eps), atol=1e-6)
   assert float(jnp.max(jnp.abs(g[..., c:]))) > 0
 

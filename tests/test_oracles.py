@@ -21,8 +21,10 @@ def _noise(shape, seed=0):
 # --- Gaussian data: DDIM eta = 0 has an exact per-step gain ---------------------------------
 
 
-@pytest.mark.parametrize("spacing,one", [("leading", True), ("leading", False), ("trailing", True),
-                                         ("linspace", True), ("compvis_uniform", False)])
+@pytest.mark.parametrize(
+  "spacing,one",
+  [("leading", True), ("leading", False), ("trailing", True), ("linspace", True), ("compvis_uniform", False)],
+)
 @pytest.mark.parametrize("S", [5, 25])
 def test_ddim_gaussian_gain(spacing, one, S):
   mu, s2 = 0.3, 0.49
@@ -40,13 +42,16 @@ def test_ddim_gaussian_gain(spacing, one, S):
 # --- point mass: every deterministic sampler transports the same e_T --------------------------
 
 
-@pytest.mark.parametrize("name,kw", [
+@pytest.mark.parametrize(
+  "name,kw",
+  [
     ("ddim", dict(clip_sample=False)),
     ("plms", dict(set_alpha_to_one=True)),
     ("plms", dict(set_alpha_to_one=False)),
     ("dpm_solver++", dict()),
     ("dpm_solver++", dict(solver_type="heun", final_sigma="sigma_min")),
-])
+  ],
+)
 def test_point_mass_all_deterministic_samplers(name, kw):
   mu = np.array([0.5, -0.25], np.float32)
   m = Mixture(SCHED, [1.0], [mu], [0.0])
@@ -77,7 +82,7 @@ def test_ddpm_ancestral_moments(variance):
     beta = 1 - a / ap
     c1 = np.sqrt(ap) * beta / (1 - a)
     c2 = np.sqrt(a / ap) * (1 - ap) / (1 - a)
-    kk = np.sqrt(a) * s2 / (a * s2 + 1 - a)         # x0*(x) = mu + kk (x - sqrt(a) mu)
+    kk = np.sqrt(a) * s2 / (a * s2 + 1 - a)  # x0*(x) = mu + kk (x - sqrt(a) mu)
     A = c1 * kk + c2
     b = c1 * (1 - kk * np.sqrt(a)) * mu
     step_var = ((1 - ap) / (1 - a) * beta if variance == "fixed_small" else beta) if t > 0 else 0.0
@@ -129,14 +134,17 @@ def test_ddim_eta_noise_is_added():
 # --- Gaussian mixture: samples land on the components with the right frequencies ---------------
 
 
-@pytest.mark.parametrize("name,kw,max_off", [
+@pytest.mark.parametrize(
+  "name,kw,max_off",
+  [
     ("ddim", dict(clip_sample=False), 0.0),
     # PLMS's last steps extrapolate eps from earlier calls (AB4); with point masses eps* flips
     # direction when a sample's responsibility switches late, so ~3% land between components.
     ("plms", dict(set_alpha_to_one=True), 0.04),
     ("dpm_solver++", dict(), 0.0),
     ("ddpm", dict(clip_sample=False), 0.0),
-])
+  ],
+)
 def test_mixture_landing(name, kw, max_off):
   w = np.array([0.5, 0.3, 0.2])
   mus = np.array([[1.0, 1.0], [-1.0, 0.5], [0.2, -1.2]])
@@ -235,13 +243,16 @@ def test_plms_is_pseudo_adams_bashforth_in_sbar():
   np.testing.assert_allclose(out, xb * np.sqrt(a[-1]), atol=1e-4)
 
 
-@pytest.mark.parametrize("name,kw", [
+@pytest.mark.parametrize(
+  "name,kw",
+  [
     ("ddim", dict(clip_sample=False)),
     ("ddim", dict(clip_sample=False, eta=0.7)),
     ("ddpm", dict(clip_sample=False)),
     ("plms", dict()),
     ("dpm_solver++", dict()),
-])
+  ],
+)
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_prediction_types_interchangeable(name, kw, prediction):
   """Feeding x0* or v* with the matching prediction type reproduces the eps* run (oracle 11)."""

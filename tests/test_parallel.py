@@ -14,7 +14,7 @@ from tests.test_data import _subprocess_env
 # collective of a device set; without the barrier both processes fail ("Gloo context
 # initialization failed": a GetKeyValue timeout on one side, a connect timeout on the other).
 _SKEWED_SCRIPT = textwrap.dedent(
-    """
+  """
     import sys, time
     import jax, jax.numpy as jnp, numpy as np
     pid, port, meet = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
@@ -37,9 +37,16 @@ def _run_pair(meet: bool):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
   env = _subprocess_env(device_count=1)
-  procs = [subprocess.Popen([sys.executable, "-c", _SKEWED_SCRIPT, str(pid), str(port), str(int(meet))],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for pid in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _SKEWED_SCRIPT, str(pid), str(port), str(int(meet))],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in range(2)
+  ]
   try:
     return [(p.communicate(timeout=240)[0], p.returncode) for p in procs]
   finally:
@@ -57,4 +64,5 @@ def test_barrier_lets_processes_compile_at_different_speeds():
 
 def test_barrier_is_a_no_op_in_one_process():
   from ddx import parallel
+
   parallel.barrier("alone", timeout_seconds=1)

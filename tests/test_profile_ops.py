@@ -32,14 +32,17 @@ def test_hlo_ops_are_classified_with_their_flops():
   args = (jnp.ones((n, h, w, c)), jnp.ones((3, 3, c, o)), jnp.ones((o, 4)))
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
   text = compiled.as_text()
-  comps, insts = mod._computations(text)  # pylint: disable=protected-access
+  comps, insts = mod._computations(text)
   entry = re.search(r"ENTRY %([\w.\-]+)", text).group(1)  # the ops a trace shows
   found = [mod.describe(name, comps, insts) for name, (comp, _) in insts.items() if comp == entry]
   convs = [(cat, flops) for cat, flops, _ in found if cat.startswith("convolution")]
   conv_flops = 2.0 * n * h * w * c * o * 9
   # the forward (d loss / d m needs y), the input gradient and the weight gradient
   assert sorted(cat.split(" (")[0] for cat, _ in convs) == [
-      "convolution", "convolution", "convolution, weight gradient"], convs
+    "convolution",
+    "convolution",
+    "convolution, weight gradient",
+  ], convs
   for _, flops in convs:
     np.testing.assert_allclose(flops, conv_flops)
   dots = [flops for cat, flops, _ in found if cat == "dot"]

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddx import checkpoint
-from ddx import config as config_lib
+from ddx.cli import config as config_lib
+from ddx.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _script():
-  spec = importlib.util.spec_from_file_location("quality_vs_steps", os.path.join(ROOT, "benchmarks",
-                                                                                 "quality_vs_steps.py"))
+  spec = importlib.util.spec_from_file_location(
+    "quality_vs_steps", os.path.join(ROOT, "benchmarks", "quality_vs_steps.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod
@@ -28,9 +29,11 @@ def _script():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  from ddx.models import unet as unet_lib  # pylint: disable=import-outside-toplevel
+  from ddx.models import unet as unet_lib
+
   sys.path.insert(0, ROOT)
-  from configs import digits  # pylint: disable=import-outside-toplevel
+  from configs import digits
+
   c = digits.get_config()
   c.model.base_channels = 8
   c.model.channel_mult = (1, 2)
@@ -55,8 +58,21 @@ def test_plan_runs_the_full_chain_only_for_ddpm_and_ddim():
 def test_quality_vs_steps_tiny(workdir, tmp_path, capsys):
   mod = _script()
   out = str(tmp_path / "out")
-  assert mod.main([f"--workdir={workdir}", "--num=8", "--batch=8", "--steps=2,3", "--samplers=ddpm,ddim0",
-                   "--seeds=0,1", f"--out={out}", f"--cache_dir={tmp_path / 'cache'}"]) == 0
+  assert (
+    mod.main(
+      [
+        f"--workdir={workdir}",
+        "--num=8",
+        "--batch=8",
+        "--steps=2,3",
+        "--samplers=ddpm,ddim0",
+        "--seeds=0,1",
+        f"--out={out}",
+        f"--cache_dir={tmp_path / 'cache'}",
+      ]
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   assert "[4/4] ddim η=0" in printed and "floor: FD(held-out digits, training digits)" in printed
   assert sorted(os.listdir(out)) == ["quality_vs_steps.json", "quality_vs_steps.md", "quality_vs_steps.png"]
@@ -76,9 +92,11 @@ def test_quality_vs_steps_tiny(workdir, tmp_path, capsys):
 
 def test_quality_vs_steps_bad_input(workdir, tmp_path):
   mod = _script()
-  for args, msg in ((["--steps=0"], "--steps: every S must be in [1, 1000]"),
-                    (["--samplers=euler"], "--samplers: must be among"),
-                    (["--features=inception"], "--inception_weights: required")):
+  for args, msg in (
+    (["--steps=0"], "--steps: every S must be in [1, 1000]"),
+    (["--samplers=euler"], "--samplers: must be among"),
+    (["--features=inception"], "--inception_weights: required"),
+  ):
     with pytest.raises(SystemExit, match=msg.replace("[", r"\[")):
       mod.main([f"--workdir={workdir}", f"--out={tmp_path / 'o'}", *args])
   assert not os.path.exists(tmp_path / "o")
@@ -101,5 +119,15 @@ def test_quality_vs_steps_resume_adds_a_column(workdir, tmp_path, capsys):
   assert {r["steps"] for r in rec["results"]} == {2, 3}
   assert "| ddim η=0 | " + f"{first[0]['fd']:.4g} | " in open(os.path.join(out, "quality_vs_steps.md")).read()
   with pytest.raises(SystemExit, match="--resume: .* N=8; this run is .* N=9"):
-    mod.main([f"--workdir={workdir}", "--num=9", "--batch=8", "--samplers=ddim0", "--steps=2", f"--out={out}",
-              cache, "--resume"])
+    mod.main(
+      [
+        f"--workdir={workdir}",
+        "--num=9",
+        "--batch=8",
+        "--samplers=ddim0",
+        "--steps=2",
+        f"--out={out}",
+        cache,
+        "--resume",
+      ]
+    )

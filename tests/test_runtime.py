@@ -1,13 +1,11 @@
-"""ddx.runtime: XLA:CPU flags and the persistent compilation cache of the ``ddx`` command."""
+"""ddx.cli.runtime: XLA:CPU flags and the persistent compilation cache of the ``ddx`` command."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
-import pytest
-
-from ddx import runtime
+from ddx.cli import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,15 +56,16 @@ def test_cache_dir(tmp_path):
 def _run(code: str, env: dict) -> str:
   env = {**os.environ, **env, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
   env.pop("XLA_FLAGS", None)
-  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                        env=env, check=False, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, check=False, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   return proc.stdout.strip().splitlines()[-1]
 
 
 CACHED = """
   import time
-  from ddx import runtime
+  from ddx.cli import runtime
   runtime.MIN_COMPILE_SECONDS = 0.0
   done = runtime.setup()
   import jax, jax.numpy as jnp
@@ -84,10 +83,10 @@ def test_second_process_reuses_compiled_program(tmp_path):
   cache = tmp_path / "cache"
   env = {"DDX_COMPILATION_CACHE": str(cache), "JAX_PLATFORMS": "cpu"}
   path, hits = _run(CACHED, env).split()
-  assert path == str(cache) and hits == "0"   # compiled and written ...
+  assert path == str(cache) and hits == "0"  # compiled and written ...
   assert os.listdir(cache)
   path, hits = _run(CACHED, env).split()
-  assert int(hits) >= 1                        # ... and read back by the next process
+  assert int(hits) >= 1  # ... and read back by the next process
 
 
 def test_cache_off(tmp_path):
@@ -97,8 +96,11 @@ def test_cache_off(tmp_path):
 
 
 def test_library_import_changes_nothing():
-  out = _run("""
+  out = _run(
+    """
     import os, ddx, ddx.models, jax
     print(os.environ.get("XLA_FLAGS"), jax.config.jax_compilation_cache_dir)
-  """, {"JAX_PLATFORMS": "cpu"})
+  """,
+    {"JAX_PLATFORMS": "cpu"},
+  )
   assert out == "None None"

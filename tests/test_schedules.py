@@ -11,15 +11,15 @@ from ddx import diffusion
 
 # exact float64 values (ab = alphas_cumprod at 0, 1, 499, 980, 999)
 GOLDEN_F64 = {
-    ("linear", None, None): [0.9999, 0.999780092072, 0.0785872428818, 5.90375137085e-05, 4.03582976538e-05],
-    ("scaled_linear", 0.00085, 0.012): [0.99915, 0.998296027838, 0.277669650456, 0.00584378331868, 0.00466009851308],
-    ("cosine", None, None): [0.999958715775, 0.999912575927, 0.493843590441, 0.00087652938196, 2.42876690703e-09],
+  ("linear", None, None): [0.9999, 0.999780092072, 0.0785872428818, 5.90375137085e-05, 4.03582976538e-05],
+  ("scaled_linear", 0.00085, 0.012): [0.99915, 0.998296027838, 0.277669650456, 0.00584378331868, 0.00466009851308],
+  ("cosine", None, None): [0.999958715775, 0.999912575927, 0.493843590441, 0.00087652938196, 2.42876690703e-09],
 }
 # diffusers' float32 values (the reference the samplers are compared with)
 GOLDEN_F32 = {
-    "linear": [0.999899983, 0.999780059, 0.078587234, 5.90375203e-05, 4.03583035e-05],
-    "scaled_linear": [0.999149978, 0.998296022, 0.27766943, 0.00584377907, 0.00466009509],
-    "cosine": [0.999958694, 0.99991256, 0.493843466, 0.0008765292, 2.42873499e-09],
+  "linear": [0.999899983, 0.999780059, 0.078587234, 5.90375203e-05, 4.03583035e-05],
+  "scaled_linear": [0.999149978, 0.998296022, 0.27766943, 0.00584377907, 0.00466009509],
+  "cosine": [0.999958694, 0.99991256, 0.493843466, 0.0008765292, 2.42873499e-09],
 }
 IDX = [0, 1, 499, 980, 999]
 
@@ -89,7 +89,9 @@ def test_schedule_is_a_pytree_with_static_host_copy():
   assert hash(s.f64) == hash(ddx.schedules.make("linear", 50).f64)
 
 
-@pytest.mark.parametrize("kwargs,field", [
+@pytest.mark.parametrize(
+  "kwargs,field",
+  [
     (dict(name="nope"), "name"),
     (dict(name="linear", num_timesteps=0), "num_timesteps"),
     (dict(name="linear", beta_start=-0.1), "beta_start"),
@@ -98,7 +100,8 @@ def test_schedule_is_a_pytree_with_static_host_copy():
     (dict(name=None, betas=[0.1, 1.5]), "betas"),
     (dict(name=None, betas=[[0.1]]), "betas"),
     (dict(name="linear", betas=[0.1]), "name"),
-])
+  ],
+)
 def test_bad_schedule_args(kwargs, field):
   with pytest.raises(ValueError, match=f"^{field}"):
     ddx.schedules.make(**kwargs)
@@ -148,5 +151,11 @@ def test_posterior_matches_gaussian_conditioning():
   var1 = b[1] * (1 - ab[0]) / (1 - ab[1])
   np.testing.assert_allclose(np.ravel(lg), [np.log(var1), np.log(b[7])], rtol=1e-5)
   for fill, kind in ((1.0, "fixed_large"), (-1.0, "fixed_small")):
-    lr = diffusion.model_log_variance(s, jnp.array([7]), "learned_range", jnp.full((1, 1), fill), like=jnp.zeros((1, 1)))
-    np.testing.assert_allclose(float(lr[0, 0]), float(diffusion.model_log_variance(s, jnp.array([7]), kind, like=jnp.zeros((1, 1)))[0, 0]), rtol=1e-6)
+    lr = diffusion.model_log_variance(
+      s, jnp.array([7]), "learned_range", jnp.full((1, 1), fill), like=jnp.zeros((1, 1))
+    )
+    np.testing.assert_allclose(
+      float(lr[0, 0]),
+      float(diffusion.model_log_variance(s, jnp.array([7]), kind, like=jnp.zeros((1, 1)))[0, 0]),
+      rtol=1e-6,
+    )

@@ -17,19 +17,37 @@ import pytest
 from flax import nnx
 
 import ddx
-from ddx import checkpoint, data, loop, parallel
-from ddx import train as train_lib
+from ddx import data, parallel
 from ddx.models import UNet
+from ddx.training import checkpoint, loop
+from ddx.training import step as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = dict(image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                  attention_resolutions=(4,), norm_num_groups=4, dropout=0.1)
+TINY_MODEL = dict(
+  image_size=8,
+  in_channels=1,
+  base_channels=8,
+  channel_mult=(1, 2),
+  num_res_blocks=1,
+  attention_resolutions=(4,),
+  norm_num_groups=4,
+  dropout=0.1,
+)
 TINY_FLAGS = [
-    "--config=configs/digits.py", "--config.data.image_size=8", "--config.model.image_size=8",
-    "--config.model.base_channels=8", "--config.model.channel_mult=(1,2)", "--config.model.attention_resolutions=(4,)",
-    "--config.model.norm_num_groups=4", "--config.model.dropout=0.1", "--config.train.global_batch_size=8",
-    "--config.train.log_every_seconds=0.5", "--config.train.sample_every=0", "--config.optim.warmup_steps=2",
-    "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=2",
+  "--config=configs/digits.py",
+  "--config.data.image_size=8",
+  "--config.model.image_size=8",
+  "--config.model.base_channels=8",
+  "--config.model.channel_mult=(1,2)",
+  "--config.model.attention_resolutions=(4,)",
+  "--config.model.norm_num_groups=4",
+  "--config.model.dropout=0.1",
+  "--config.train.global_batch_size=8",
+  "--config.train.log_every_seconds=0.5",
+  "--config.train.sample_every=0",
+  "--config.optim.warmup_steps=2",
+  "--config.train.checkpoint_every=2",
+  "--config.train.keep_checkpoints=2",
 ]
 
 
@@ -42,8 +60,9 @@ def _env(devices=1):
 
 
 def _ddx(args, devices=1, check=True, timeout=600):
-  p = subprocess.run([sys.executable, "-m", "ddx", *args], cwd=ROOT, env=_env(devices), capture_output=True,
-                     text=True, timeout=timeout)
+  p = subprocess.run(
+    [sys.executable, "-m", "ddx", *args], cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=timeout
+  )
   if check and p.returncode != 0:
     raise AssertionError(f"ddx {args[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
   return p
@@ -51,8 +70,9 @@ def _ddx(args, devices=1, check=True, timeout=600):
 
 def _saved(workdir, step=None):
   """Raw restore of every item of a checkpoint (numpy leaves), for bitwise comparison."""
-  step, items = checkpoint.restore(workdir, step, {"params": None, "ema_params": None, "opt_state": None,
-                                                   "train": None})
+  step, items = checkpoint.restore(
+    workdir, step, {"params": None, "ema_params": None, "opt_state": None, "train": None}
+  )
   return step, items
 
 
@@ -89,9 +109,20 @@ def _setup(mesh, steps_per_call=1, dropout=True, unroll=None):
   tx = train_lib.make_optimizer(spec)
   graphdef, state = train_lib.init_state(model, tx, jax.random.key(1))
   fn = train_lib.make_train_fn(
-      mesh, steps_per_call, unroll=unroll, graphdef=graphdef, sched=ddx.schedules.make("linear", 1000), tx=tx,
-      lr_fn=train_lib.learning_rate_fn(spec), loss=train_lib.LossSpec(), ema_decay=0.99, ema_warmup=True,
-      num_classes=None, label_dropout=0.0, use_dropout=dropout)
+    mesh,
+    steps_per_call,
+    unroll=unroll,
+    graphdef=graphdef,
+    sched=ddx.schedules.make("linear", 1000),
+    tx=tx,
+    lr_fn=train_lib.learning_rate_fn(spec),
+    loss=train_lib.LossSpec(),
+    ema_decay=0.99,
+    ema_warmup=True,
+    num_classes=None,
+    label_dropout=0.0,
+    use_dropout=dropout,
+  )
   return fn, train_lib.replicate(state, mesh)
 
 
@@ -119,8 +150,10 @@ def test_device_count_invariance_1_vs_8_devices():
   _assert_params_close(a.ema_params, b.ema_params)
   # and training really moved the parameters
   _, s0 = _setup(parallel.data_mesh(jax.devices()[:1]))
-  diff = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a.params),
-                                                           jax.tree_util.tree_leaves(jax.device_get(s0.params))))
+  diff = max(
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(jax.device_get(s0.params)))
+  )
   assert diff > 1e-4
 
 
@@ -180,16 +213,37 @@ class _NaNSource:
 
 
 def test_divergence_stops_with_clear_error_and_clean_checkpoints(tmp_path):
-  from ddx import config as config_lib
-  cfg = {"model": TINY_MODEL, "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4,
-                                             "beta_end": 0.02, "prediction": "eps", "variance": "fixed_large"}}
-  spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=20, checkpoint_every=2, max_nonfinite=3,
-                       log_every_seconds=100.0)
+  from ddx.cli import config as config_lib
+
+  cfg = {
+    "model": TINY_MODEL,
+    "diffusion": {
+      "num_timesteps": 1000,
+      "beta_schedule": "linear",
+      "beta_start": 1e-4,
+      "beta_end": 0.02,
+      "prediction": "eps",
+      "variance": "fixed_large",
+    },
+  }
+  spec = loop.LoopSpec(
+    seed=0, global_batch_size=8, total_steps=20, checkpoint_every=2, max_nonfinite=3, log_every_seconds=100.0
+  )
   with pytest.raises(loop.TrainingDiverged, match="3 consecutive non-finite"):
-    loop.run(str(tmp_path), cfg, model_factory=lambda r: UNet(**TINY_MODEL, rngs=r), num_classes=None,
-             use_dropout=True, source=_NaNSource(), sched=ddx.schedules.make("linear", 1000),
-             optim=train_lib.OptimizerSpec(warmup_steps=1), loss=train_lib.LossSpec(), loop=spec,
-             sample=loop.SampleSpec(), mesh=parallel.data_mesh(jax.devices()[:1]))
+    loop.run(
+      str(tmp_path),
+      cfg,
+      model_factory=lambda r: UNet(**TINY_MODEL, rngs=r),
+      num_classes=None,
+      use_dropout=True,
+      source=_NaNSource(),
+      sched=ddx.schedules.make("linear", 1000),
+      optim=train_lib.OptimizerSpec(warmup_steps=1),
+      loss=train_lib.LossSpec(),
+      loop=spec,
+      sample=loop.SampleSpec(),
+      mesh=parallel.data_mesh(jax.devices()[:1]),
+    )
   del config_lib
   for step in checkpoint.all_steps(str(tmp_path)):
     _, items = _saved(str(tmp_path), step)
@@ -205,8 +259,13 @@ def test_cli_train_kill9_resume_is_bitwise_identical(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   _ddx(["train", f"--workdir={a}", *TINY_FLAGS, *total])
   # b: killed with SIGKILL at a random point after its first checkpoint, then rerun
-  proc = subprocess.Popen([sys.executable, "-m", "ddx", "train", f"--workdir={b}", *TINY_FLAGS, *total], cwd=ROOT,
-                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "ddx", "train", f"--workdir={b}", *TINY_FLAGS, *total],
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.time() + 300
   while not checkpoint.all_steps(b) and time.time() < deadline and proc.poll() is None:
     time.sleep(0.2)
@@ -256,9 +315,23 @@ def test_cli_partial_checkpoint_write_and_corrupt_checkpoint(tmp_path):
 
 def test_cli_sigterm_saves_and_exits_cleanly(tmp_path):
   wd = str(tmp_path / "t")
-  proc = subprocess.Popen([sys.executable, "-m", "ddx", "train", f"--workdir={wd}", *TINY_FLAGS,
-                           "--config.train.total_steps=100000", "--config.train.checkpoint_every=50000"],
-                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "ddx",
+      "train",
+      f"--workdir={wd}",
+      *TINY_FLAGS,
+      "--config.train.total_steps=100000",
+      "--config.train.checkpoint_every=50000",
+    ],
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 300
   while time.time() < deadline:
     if os.path.exists(os.path.join(wd, "metrics.jsonl")) and os.path.getsize(os.path.join(wd, "metrics.jsonl")):
@@ -274,13 +347,13 @@ def test_cli_sigterm_saves_and_exits_cleanly(tmp_path):
 
 def test_cli_bad_inputs(tmp_path):
   cases = [
-      (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.optim.learning_rate=-1"], "optim.learning_rate"),
-      (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.optim.nope=1"], "optim.nope"),
-      (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.model.norm_num_groups=3"], "model.norm_num_groups"),
-      (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.train.steps_per_call=3"], "steps_per_call"),
-      (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.diffusion.variance=learned"], "diffusion.variance"),
-      (["sample", f"--workdir={tmp_path}/missing"], "workdir does not exist"),
-      (["sample", f"--workdir={tmp_path}"], "no config.json"),
+    (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.optim.learning_rate=-1"], "optim.learning_rate"),
+    (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.optim.nope=1"], "optim.nope"),
+    (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.model.norm_num_groups=3"], "model.norm_num_groups"),
+    (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.train.steps_per_call=3"], "steps_per_call"),
+    (["train", f"--workdir={tmp_path}/x", *TINY_FLAGS, "--config.diffusion.variance=learned"], "diffusion.variance"),
+    (["sample", f"--workdir={tmp_path}/missing"], "workdir does not exist"),
+    (["sample", f"--workdir={tmp_path}"], "no config.json"),
   ]
   for args, needle in cases:
     p = _ddx(args, check=False, timeout=120)
@@ -295,10 +368,33 @@ def test_cli_bad_inputs(tmp_path):
 
 def test_multihost_2x2_matches_single_process_4_devices(tmp_path):
   mh, sp = str(tmp_path / "mh"), str(tmp_path / "sp")
-  args = [*TINY_FLAGS, "--config.train.total_steps=4", "--config.train.sample_every=4", "--config.sample.num=8",
-          "--config.sample.steps=2"]
-  p = subprocess.run(["bash", "launch/local_multihost.sh", "2", "2", "--", sys.executable, "-m", "ddx", "train",
-                      f"--workdir={mh}", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  args = [
+    *TINY_FLAGS,
+    "--config.train.total_steps=4",
+    "--config.train.sample_every=4",
+    "--config.sample.num=8",
+    "--config.sample.steps=2",
+  ]
+  p = subprocess.run(
+    [
+      "bash",
+      "launch/local_multihost.sh",
+      "2",
+      "2",
+      "--",
+      sys.executable,
+      "-m",
+      "ddx",
+      "train",
+      f"--workdir={mh}",
+      *args,
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "2 processes" in p.stdout and "4 devices" in p.stdout, p.stdout[-2000:]
   # the sample grid, sharded over both processes, is gathered and written once by process 0

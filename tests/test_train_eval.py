@@ -16,9 +16,10 @@ import pytest
 from flax import nnx
 
 import ddx
-from ddx import config as config_lib
-from ddx import data, loop, parallel
-from ddx import train as train_lib
+from ddx import data, parallel
+from ddx.cli import config as config_lib
+from ddx.training import loop
+from ddx.training import step as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,15 +41,16 @@ class _TinyEps(nnx.Module):
 
 def _tb_scalars(workdir):
   """{tag: {step: value}} from the tensorboardX event files (TFRecord framing, Event protos)."""
-  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from tensorboardX.proto import event_pb2
+
   out = {}
   for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
     with open(path, "rb") as f:
       buf = f.read()
     pos = 0
     while pos < len(buf):
-      (n,) = struct.unpack("<Q", buf[pos:pos + 8])
-      ev = event_pb2.Event.FromString(buf[pos + 12:pos + 12 + n])
+      (n,) = struct.unpack("<Q", buf[pos : pos + 8])
+      ev = event_pb2.Event.FromString(buf[pos + 12 : pos + 12 + n])
       pos += 12 + n + 4
       for v in ev.summary.value:
         out.setdefault(v.tag, {})[ev.step] = v.simple_value
@@ -56,24 +58,50 @@ def _tb_scalars(workdir):
 
 
 def _run(workdir, evaluation, eval_every=2, total_steps=4):
-  cfg = {"model": {"tiny": True}, "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear",
-                                                 "beta_start": 1e-4, "beta_end": 0.02, "prediction": "eps",
-                                                 "variance": "fixed_large"}}
-  spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=total_steps, checkpoint_every=total_steps,
-                       eval_every=eval_every, log_every_seconds=100.0)
-  return loop.run(workdir, cfg, model_factory=lambda r: _TinyEps(rngs=r), num_classes=None, use_dropout=False,
-                  source=data.make_source("digits", image_size=16), sched=ddx.schedules.make("linear", 1000),
-                  optim=train_lib.OptimizerSpec(warmup_steps=1), loss=train_lib.LossSpec(), loop=spec,
-                  sample=loop.SampleSpec(), evaluation=evaluation, mesh=parallel.data_mesh(jax.devices()[:2]))
+  cfg = {
+    "model": {"tiny": True},
+    "diffusion": {
+      "num_timesteps": 1000,
+      "beta_schedule": "linear",
+      "beta_start": 1e-4,
+      "beta_end": 0.02,
+      "prediction": "eps",
+      "variance": "fixed_large",
+    },
+  }
+  spec = loop.LoopSpec(
+    seed=0,
+    global_batch_size=8,
+    total_steps=total_steps,
+    checkpoint_every=total_steps,
+    eval_every=eval_every,
+    log_every_seconds=100.0,
+  )
+  return loop.run(
+    workdir,
+    cfg,
+    model_factory=lambda r: _TinyEps(rngs=r),
+    num_classes=None,
+    use_dropout=False,
+    source=data.make_source("digits", image_size=16),
+    sched=ddx.schedules.make("linear", 1000),
+    optim=train_lib.OptimizerSpec(warmup_steps=1),
+    loss=train_lib.LossSpec(),
+    loop=spec,
+    sample=loop.SampleSpec(),
+    evaluation=evaluation,
+    mesh=parallel.data_mesh(jax.devices()[:2]),
+  )
 
 
 def test_loop_evaluates_every_n_steps(tmp_path, capsys):
-  from ddx.eval import quality  # pylint: disable=import-outside-toplevel
+  from ddx.eval import quality
+
   net = quality.feature_net("digits")
-  ref = quality.reference_for_source(net, data.make_source("digits", image_size=16), cache_dir=str(tmp_path / "c"),
-                                     dataset="digits", split="train")
-  ev = loop.EvalSpec(net=net, reference=ref, sampler="ddim", steps=2, sampler_kwargs={"eta": 0.0}, num=24,
-                     batch=12)
+  ref = quality.reference_for_source(
+    net, data.make_source("digits", image_size=16), cache_dir=str(tmp_path / "c"), dataset="digits", split="train"
+  )
+  ev = loop.EvalSpec(net=net, reference=ref, sampler="ddim", steps=2, sampler_kwargs={"eta": 0.0}, num=24, batch=12)
   wd = str(tmp_path / "run")
   _run(wd, ev)
   out = capsys.readouterr().out
@@ -99,11 +127,13 @@ def test_loop_needs_an_eval_spec(tmp_path):
 
 
 def test_train_command_translates_the_eval_section(tmp_path):
-  from ddx.commands import train as train_cmd  # pylint: disable=import-outside-toplevel
-  cfg = config_lib.validate(_config(train__eval_every=100, eval__sampler="ddpm", eval__steps=20, eval__num=500,
-                                    eval__batch=100))
+  from ddx.cli.commands import train as train_cmd
+
+  cfg = config_lib.validate(
+    _config(train__eval_every=100, eval__sampler="ddpm", eval__steps=20, eval__num=500, eval__batch=100)
+  )
   source = data.make_source("digits", image_size=16)
-  ev = train_cmd._eval_spec(cfg, source, str(tmp_path))  # pylint: disable=protected-access
+  ev = train_cmd._eval_spec(cfg, source, str(tmp_path))
   assert (ev.sampler, ev.steps, ev.num, ev.batch) == ("ddpm", 20, 500, 100)
   assert ev.sampler_kwargs == {"prediction": "eps", "variance": "fixed_large", "clip_sample": True}
   assert ev.net.name.startswith("digits_cnn-") and ev.reference.num == 1797 and ev.reference.features.shape[1] == 64
@@ -113,7 +143,8 @@ def test_train_command_translates_the_eval_section(tmp_path):
 
 def _config(**overrides):
   sys.path.insert(0, ROOT)
-  from configs import digits  # pylint: disable=import-outside-toplevel
+  from configs import digits
+
   c = digits.get_config()
   for key, value in overrides.items():
     section, field = key.split("__")
@@ -121,21 +152,36 @@ def _config(**overrides):
   return c
 
 
-@pytest.mark.parametrize("overrides,msg", [
+@pytest.mark.parametrize(
+  "overrides,msg",
+  [
     (dict(train__eval_every=-1), "train.eval_every: must be >= 0, got -1"),
-    (dict(train__eval_every=3, train__steps_per_call=2, train__total_steps=10, train__checkpoint_every=10,
-          train__sample_every=10), "train.eval_every: 3 must be a multiple of train.steps_per_call=2"),
+    (
+      dict(
+        train__eval_every=3,
+        train__steps_per_call=2,
+        train__total_steps=10,
+        train__checkpoint_every=10,
+        train__sample_every=10,
+      ),
+      "train.eval_every: 3 must be a multiple of train.steps_per_call=2",
+    ),
     (dict(eval__features="clip"), "eval.features: must be one of ('digits', 'inception'), got 'clip'"),
     (dict(eval__sampler="euler"), "eval.sampler: must be one of"),
     (dict(eval__num=1), "eval.num: must be >= 2, got 1"),
     (dict(eval__steps=1001), "eval.steps: must be <= 1000, got 1001"),
     (dict(eval__eta=-0.5), "eval.eta: must be >= 0, got -0.5"),
-    (dict(train__eval_every=100, data__image_size=32, model__image_size=32),
-     "eval.features: digits takes 16x16x1 images; this model makes 32x32x1 (use inception)"),
+    (
+      dict(train__eval_every=100, data__image_size=32, model__image_size=32),
+      "eval.features: digits takes 16x16x1 images; this model makes 32x32x1 (use inception)",
+    ),
     (dict(train__eval_every=100, eval__features="inception"), "eval.inception_weights: required with"),
-    (dict(train__eval_every=100, eval__features="inception", eval__inception_weights="/nonexistent/w.pth"),
-     "eval.inception_weights: no file at '/nonexistent/w.pth'; ddx never downloads weights"),
-])
+    (
+      dict(train__eval_every=100, eval__features="inception", eval__inception_weights="/nonexistent/w.pth"),
+      "eval.inception_weights: no file at '/nonexistent/w.pth'; ddx never downloads weights",
+    ),
+  ],
+)
 def test_eval_config_errors(overrides, msg):
   with pytest.raises(ValueError) as e:
     config_lib.validate(_config(**overrides))
@@ -150,7 +196,8 @@ def test_eval_config_checked_only_when_training_evaluates():
 
 def test_digits_large_config_is_valid_and_evaluates():
   sys.path.insert(0, ROOT)
-  from configs import digits_large  # pylint: disable=import-outside-toplevel
+  from configs import digits_large
+
   cfg = config_lib.validate(digits_large.get_config())
   assert cfg["train"]["eval_every"] > 0 and cfg["train"]["total_steps"] % cfg["train"]["eval_every"] == 0
   assert cfg["eval"]["features"] == "digits" and (cfg["model"]["image_size"], cfg["model"]["in_channels"]) == (16, 1)

@@ -12,12 +12,28 @@ from flax import nnx
 
 from ddx.models import UNet, unet_kwargs, unet_param_count
 
-CIFAR10 = dict(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
-               num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, norm_num_groups=32,
-               norm_eps=1e-6)
+CIFAR10 = dict(
+  image_size=32,
+  in_channels=3,
+  base_channels=128,
+  channel_mult=(1, 2, 2, 2),
+  num_res_blocks=2,
+  attention_resolutions=(16,),
+  dropout=0.1,
+  norm_num_groups=32,
+  norm_eps=1e-6,
+)
 # Small enough to compile in about a second: 16x16, channels 16/32, attention at 8x8.
-SMALL = dict(image_size=16, in_channels=3, base_channels=16, channel_mult=(1, 2),
-             num_res_blocks=1, attention_resolutions=(8,), norm_num_groups=4, dropout=0.1)
+SMALL = dict(
+  image_size=16,
+  in_channels=3,
+  base_channels=16,
+  channel_mult=(1, 2),
+  num_res_blocks=1,
+  attention_resolutions=(8,),
+  norm_num_groups=4,
+  dropout=0.1,
+)
 
 
 def make(seed=0, **overrides):
@@ -59,8 +75,8 @@ def test_output_shape_cifar10_abstract(learn_sigma):
   x = jax.ShapeDtypeStruct((4, 32, 32, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((4,), jnp.int32)
   out = nnx.eval_shape(
-      lambda: UNet(**CIFAR10, learn_sigma=learn_sigma, rngs=nnx.Rngs(0))(
-          jnp.zeros(x.shape), jnp.zeros(t.shape, t.dtype)))
+    lambda: UNet(**CIFAR10, learn_sigma=learn_sigma, rngs=nnx.Rngs(0))(jnp.zeros(x.shape), jnp.zeros(t.shape, t.dtype))
+  )
   chex.assert_shape(out, (4, 32, 32, 6 if learn_sigma else 3))
   assert out.dtype == jnp.float32
 
@@ -70,8 +86,8 @@ def test_output_shape_small(learn_sigma, out_channels):
   x = jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
   out = nnx.eval_shape(
-      lambda: make(learn_sigma=learn_sigma, out_channels=out_channels)(
-          jnp.zeros(x.shape), jnp.zeros(t.shape, t.dtype)))
+    lambda: make(learn_sigma=learn_sigma, out_channels=out_channels)(jnp.zeros(x.shape), jnp.zeros(t.shape, t.dtype))
+  )
   c = out_channels or 3
   chex.assert_shape(out, (2, 16, 16, 2 * c if learn_sigma else c))
 
@@ -86,8 +102,7 @@ def test_forward_and_time_dependence():
   assert rel_err(a, b) > 1e-3
   # a scalar t broadcasts over the batch; float timesteps are accepted
   chex.assert_trees_all_close(apply(x, jnp.int32(500)), b, atol=1e-6)
-  chex.assert_trees_all_close(apply(x, jnp.array([500.0, 0.0])),
-                              jnp.stack([b[0], a[1]]), atol=1e-5)
+  chex.assert_trees_all_close(apply(x, jnp.array([500.0, 0.0])), jnp.stack([b[0], a[1]]), atol=1e-5)
 
 
 def test_kwargs_json_roundtrip():
@@ -114,7 +129,6 @@ def dropout_apply():
 
 
 class TestClassConditioning:
-
   @pytest.fixture
   def model(self, cond_model):
     return cond_model
@@ -160,7 +174,6 @@ class TestClassConditioning:
 
 
 class TestDropout:
-
   @pytest.fixture
   def apply(self, dropout_apply):
     return dropout_apply
@@ -227,24 +240,24 @@ def test_bf16_close_to_fp32():
 
 
 BAD_CONFIGS = [
-    (dict(norm_num_groups=5), "norm_num_groups"),
-    (dict(base_channels=24, norm_num_groups=16), "norm_num_groups"),
-    (dict(attention_resolutions=(4,)), "attention_resolutions"),
-    (dict(attention_resolutions=(16, 3)), "attention_resolutions"),
-    (dict(image_size=18, channel_mult=(1, 2, 2)), "image_size"),
-    (dict(image_size=20, channel_mult=(1, 2, 2, 2), attention_resolutions=()), "image_size"),
-    (dict(num_classes=-1), "num_classes"),
-    (dict(num_classes=2.5), "num_classes"),
-    (dict(channel_mult=()), "channel_mult"),
-    (dict(channel_mult=(1, 0)), "channel_mult"),
-    (dict(num_res_blocks=0), "num_res_blocks"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(head_dim=12), "head_dim"),
-    (dict(num_heads=3), "num_heads"),
-    (dict(dtype="int8"), "dtype"),
-    (dict(downsample_padding=2), "downsample_padding"),
-    (dict(in_channels=0), "in_channels"),
-    (dict(norm_eps=0.0), "norm_eps"),
+  (dict(norm_num_groups=5), "norm_num_groups"),
+  (dict(base_channels=24, norm_num_groups=16), "norm_num_groups"),
+  (dict(attention_resolutions=(4,)), "attention_resolutions"),
+  (dict(attention_resolutions=(16, 3)), "attention_resolutions"),
+  (dict(image_size=18, channel_mult=(1, 2, 2)), "image_size"),
+  (dict(image_size=20, channel_mult=(1, 2, 2, 2), attention_resolutions=()), "image_size"),
+  (dict(num_classes=-1), "num_classes"),
+  (dict(num_classes=2.5), "num_classes"),
+  (dict(channel_mult=()), "channel_mult"),
+  (dict(channel_mult=(1, 0)), "channel_mult"),
+  (dict(num_res_blocks=0), "num_res_blocks"),
+  (dict(dropout=1.0), "dropout"),
+  (dict(head_dim=12), "head_dim"),
+  (dict(num_heads=3), "num_heads"),
+  (dict(dtype="int8"), "dtype"),
+  (dict(downsample_padding=2), "downsample_padding"),
+  (dict(in_channels=0), "in_channels"),
+  (dict(norm_eps=0.0), "norm_eps"),
 ]
 
 

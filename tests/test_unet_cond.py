@@ -17,17 +17,35 @@ from tests._latent_refs import numpy_init, refs, save_perturbed
 # class embedding; SD 2.x layout (linear projections, per-level head counts) with a class table
 # and two transformer layers at level 1.
 SD1_LIKE = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2,
-    cross_attention_dim=12, norm_num_groups=4, use_linear_projection=False,
-    class_embed_type="timestep")
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(16, 32),
+  layers_per_block=1,
+  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+  attention_head_dim=2,
+  cross_attention_dim=12,
+  norm_num_groups=4,
+  use_linear_projection=False,
+  class_embed_type="timestep",
+)
 SD2_LIKE = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=[2, 4],
-    transformer_layers_per_block=[1, 2], cross_attention_dim=24, norm_num_groups=4,
-    use_linear_projection=True, upcast_attention=True, num_class_embeds=5)
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(16, 32),
+  layers_per_block=1,
+  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+  attention_head_dim=[2, 4],
+  transformer_layers_per_block=[1, 2],
+  cross_attention_dim=24,
+  norm_num_groups=4,
+  use_linear_projection=True,
+  upcast_attention=True,
+  num_class_embeds=5,
+)
 
 
 def rel_err(a, b):
@@ -53,7 +71,8 @@ def apply(model, x, t, context, y=None):
 @pytest.mark.torch
 @pytest.mark.parametrize("config", [SD1_LIKE, SD2_LIKE], ids=["sd1_like", "sd2_like"])
 def test_matches_diffusers(tmp_path, config):
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   tmodel = make_unet(tmp_path / "unet", config)
   model = from_diffusers(str(tmp_path))  # the UNet2DModel entry point dispatches on _class_name
   assert isinstance(model, UNetCond)
@@ -63,21 +82,35 @@ def test_matches_diffusers(tmp_path, config):
   ctx = rng.randn(2, 7, config["cross_attention_dim"]).astype(np.float32)
   y = np.array([1.5, 700.0], np.float32) if config.get("class_embed_type") else np.array([0, 4])
   with torch.inference_mode():
-    ref = tmodel(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx),
-                 class_labels=torch.from_numpy(y)).sample.numpy()
-  out = apply(model, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32),
-              jnp.asarray(ctx), jnp.asarray(y))
+    ref = tmodel(
+      torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx), class_labels=torch.from_numpy(y)
+    ).sample.numpy()
+  out = apply(model, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32), jnp.asarray(ctx), jnp.asarray(y))
   assert rel_err(np.asarray(out).transpose(0, 3, 1, 2), ref) < 1e-5
   n_torch = sum(p.numel() for p in tmodel.parameters())
   assert n_torch == sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-SMALL = dict(block_out_channels=(16, 32), down_cross=(True, False), up_cross=(False, True),
-             layers_per_block=1, num_heads=2, cross_attention_dim=8, norm_num_groups=4)
+SMALL = dict(
+  block_out_channels=(16, 32),
+  down_cross=(True, False),
+  up_cross=(False, True),
+  layers_per_block=1,
+  num_heads=2,
+  cross_attention_dim=8,
+  norm_num_groups=4,
+)
 
 
-ONE_LEVEL = dict(block_out_channels=(16,), down_cross=(True,), up_cross=(True,),
-                 layers_per_block=1, num_heads=2, cross_attention_dim=8, norm_num_groups=4)
+ONE_LEVEL = dict(
+  block_out_channels=(16,),
+  down_cross=(True,),
+  up_cross=(True,),
+  layers_per_block=1,
+  num_heads=2,
+  cross_attention_dim=8,
+  norm_num_groups=4,
+)
 
 
 def test_bfloat16_and_remat():
@@ -99,7 +132,8 @@ def test_bfloat16_and_remat():
   def grad(graphdef, state):
     def loss(s):
       m = nnx.merge(graphdef, s)
-      return jnp.sum(m._block(m.mid_block.attentions[0], h, ctx) ** 2)  # pylint: disable=protected-access
+      return jnp.sum(m._block(m.mid_block.attentions[0], h, ctx) ** 2)
+
     return jax.grad(loss)(state)
 
   g1 = jax.tree.leaves(grad(*nnx.split(f32, nnx.Param)))
@@ -134,7 +168,9 @@ def _write(path, **changes):
   return str(path)
 
 
-@pytest.mark.parametrize("changes,key", [
+@pytest.mark.parametrize(
+  "changes,key",
+  [
     (dict(down_block_types=("CrossAttnDownBlock2D", "AttnDownBlock2D")), "down_block_types"),
     (dict(up_block_types=("UpBlock2D",)), "up_block_types"),
     (dict(mid_block_type="UNetMidBlock2DSimpleCrossAttn"), "mid_block_type"),
@@ -145,7 +181,8 @@ def _write(path, **changes):
     (dict(time_cond_proj_dim=4), "time_cond_proj_dim"),
     (dict(resnet_time_scale_shift="scale_shift"), "resnet_time_scale_shift"),
     (dict(new_thing=1), "new_thing"),
-])
+  ],
+)
 def test_unsupported_config(tmp_path, changes, key):
   with pytest.raises(ValueError, match=f"^{key}: unsupported diffusers UNet2DConditionModel") as e:
     unet_cond_from_diffusers(_write(tmp_path, **changes))
@@ -154,7 +191,8 @@ def test_unsupported_config(tmp_path, changes, key):
 
 @pytest.mark.torch
 def test_bad_tensors(tmp_path):
-  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import load_file, save_file
+
   make_unet(tmp_path / "ok", SD1_LIKE)
   fname = "diffusion_pytorch_model.safetensors"
   state = load_file(str(tmp_path / "ok" / fname))

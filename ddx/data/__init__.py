@@ -19,25 +19,25 @@ any number of processes/devices; resuming needs only ``start_step``. See
 
 from ddx.data.digits import DigitsSource
 from ddx.data.pipeline import (
-    get_batch,
-    make_batches,
-    make_dataset,
-    process_slice,
-    to_global_array,
+  get_batch,
+  make_batches,
+  make_dataset,
+  process_slice,
+  to_global_array,
 )
 from ddx.data.sources import DATASETS, make_source
 from ddx.data.tfds_sources import TFDS_DATASETS, TfdsImageSource, prepare
 
 __all__ = [
-    "DATASETS",
-    "DigitsSource",
-    "TFDS_DATASETS",
-    "TfdsImageSource",
-    "get_batch",
-    "make_batches",
-    "make_dataset",
-    "make_source",
-    "prepare",
-    "process_slice",
-    "to_global_array",
+  "DATASETS",
+  "DigitsSource",
+  "TFDS_DATASETS",
+  "TfdsImageSource",
+  "get_batch",
+  "make_batches",
+  "make_dataset",
+  "make_source",
+  "prepare",
+  "process_slice",
+  "to_global_array",
 ]

@@ -64,11 +64,14 @@ def holdout_split(source, num_holdout: int) -> tuple[ArraySource, ArraySource]:
   are held out, the others train. Deterministic; no record is in both."""
   n = len(source)
   if isinstance(num_holdout, bool) or not isinstance(num_holdout, (int, np.integer)) or not 0 < num_holdout < n:
-    raise ValueError(f"num_holdout: must be an integer in [1, {n - 1}] (the source has {n} records), "
-                     f"got {num_holdout!r}")
+    raise ValueError(
+      f"num_holdout: must be an integer in [1, {n - 1}] (the source has {n} records), got {num_holdout!r}"
+    )
   ex = [source[i] for i in range(n)]
   images = np.stack([e["image"] for e in ex])
   labels = np.asarray([e["label"] for e in ex], np.int32)
   k = n - int(num_holdout)
-  return (ArraySource(images[:k], labels[:k], source.num_classes),
-          ArraySource(images[k:], labels[k:], source.num_classes))
+  return (
+    ArraySource(images[:k], labels[:k], source.num_classes),
+    ArraySource(images[k:], labels[k:], source.num_classes),
+  )

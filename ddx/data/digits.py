@@ -14,6 +14,7 @@ worker process (the source pickles as two numpy arrays).
 from __future__ import annotations
 
 import numpy as np
+from sklearn.datasets import load_digits
 
 from ddx.data import image_ops
 from ddx.data.arrays import ArraySource
@@ -41,7 +42,6 @@ class DigitsSource(ArraySource):
     image_size = image_ops.check_image_size(image_size)
     if split not in SPLITS:
       raise ValueError(f"split: must be one of {SPLITS} for digits, got {split!r}")
-    from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
     bunch = load_digits()
     images = np.asarray(bunch.images, np.float32) * np.float32(2.0 / _MAX_VALUE) - 1.0

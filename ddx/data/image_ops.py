@@ -54,12 +54,10 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
   if image.shape[0] == size and image.shape[1] == size:
     return image
   channels = [
-      np.asarray(
-          Image.fromarray(np.ascontiguousarray(image[:, :, c])).resize(
-              (size, size), resample=Image.Resampling.BILINEAR
-          ),
-          np.float32,
-      )
-      for c in range(image.shape[2])
+    np.asarray(
+      Image.fromarray(np.ascontiguousarray(image[:, :, c])).resize((size, size), resample=Image.Resampling.BILINEAR),
+      np.float32,
+    )
+    for c in range(image.shape[2])
   ]
   return np.stack(channels, axis=-1)

@@ -37,7 +37,10 @@ import sys
 from typing import Any, Iterator, Mapping
 
 import grain
+import jax
 import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 Batch = dict[str, np.ndarray]
 
@@ -73,12 +76,12 @@ def record_index(seed: int, position: int, num_records: int, *, shuffle: bool = 
   if not shuffle or num_records == 1:
     return slot
   return int(
-      grain.experimental.index_shuffle(
-          slot,
-          max_index=num_records - 1,
-          seed=epoch_seed(seed, epoch),
-          rounds=_SHUFFLE_ROUNDS,
-      )
+    grain.experimental.index_shuffle(
+      slot,
+      max_index=num_records - 1,
+      seed=epoch_seed(seed, epoch),
+      rounds=_SHUFFLE_ROUNDS,
+    )
   )
 
 
@@ -104,8 +107,6 @@ def _check_int(value, name: str, *, minimum: int) -> int:
 
 def _resolve_process(process_index, process_count) -> tuple[int, int]:
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-
     if process_index is None:
       process_index = jax.process_index()
     if process_count is None:
@@ -113,9 +114,7 @@ def _resolve_process(process_index, process_count) -> tuple[int, int]:
   process_count = _check_int(process_count, "process_count", minimum=1)
   process_index = _check_int(process_index, "process_index", minimum=0)
   if process_index >= process_count:
-    raise ValueError(
-        f"process_index: must be < process_count={process_count}, got {process_index}"
-    )
+    raise ValueError(f"process_index: must be < process_count={process_count}, got {process_index}")
   return process_index, process_count
 
 
@@ -123,16 +122,16 @@ class _ExampleAt:
   """Host-local element ``j`` -> example dict. Pure, picklable."""
 
   def __init__(
-      self,
-      source,
-      *,
-      seed: int,
-      global_batch_size: int,
-      start_step: int,
-      process_index: int,
-      process_count: int,
-      random_flip: bool,
-      shuffle: bool,
+    self,
+    source,
+    *,
+    seed: int,
+    global_batch_size: int,
+    start_step: int,
+    process_index: int,
+    process_count: int,
+    random_flip: bool,
+    shuffle: bool,
   ):
     self.source = source
     self.seed = seed
@@ -151,28 +150,26 @@ class _ExampleAt:
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     g = self.position(int(j))
-    example = self.source[
-        record_index(self.seed, g, self.num_records, shuffle=self.shuffle)
-    ]
+    example = self.source[record_index(self.seed, g, self.num_records, shuffle=self.shuffle)]
     image = np.asarray(example["image"], np.float32)
     if self.random_flip and flip_bit(self.seed, g):
       image = image[:, ::-1]
     return {
-        "image": np.ascontiguousarray(image),
-        "label": np.asarray(example["label"], np.int32),
+      "image": np.ascontiguousarray(image),
+      "label": np.asarray(example["label"], np.int32),
     }
 
 
 def _make_element_fn(
-    source,
-    *,
-    seed,
-    global_batch_size,
-    start_step,
-    process_index,
-    process_count,
-    random_flip,
-    shuffle,
+  source,
+  *,
+  seed,
+  global_batch_size,
+  start_step,
+  process_index,
+  process_count,
+  random_flip,
+  shuffle,
 ) -> _ExampleAt:
   seed = _check_int(seed, "seed", minimum=0)
   if seed > _MASK64:
@@ -181,23 +178,20 @@ def _make_element_fn(
   start_step = _check_int(start_step, "start_step", minimum=0)
   process_index, process_count = _resolve_process(process_index, process_count)
   if global_batch_size % process_count:
-    raise ValueError(
-        f"global_batch_size: {global_batch_size} must be divisible by "
-        f"process_count={process_count}"
-    )
+    raise ValueError(f"global_batch_size: {global_batch_size} must be divisible by process_count={process_count}")
   if not hasattr(source, "__len__") or not hasattr(source, "__getitem__"):
     raise ValueError(f"source: must be a random-access source, got {source!r}")
   if len(source) < 1:
     raise ValueError("source must hold at least one example")
   return _ExampleAt(
-      source,
-      seed=seed,
-      global_batch_size=global_batch_size,
-      start_step=start_step,
-      process_index=process_index,
-      process_count=process_count,
-      random_flip=bool(random_flip),
-      shuffle=bool(shuffle),
+    source,
+    seed=seed,
+    global_batch_size=global_batch_size,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    random_flip=bool(random_flip),
+    shuffle=bool(shuffle),
   )
 
 
@@ -205,19 +199,19 @@ def _make_element_fn(
 
 
 def make_dataset(
-    source,
-    *,
-    seed: int,
-    global_batch_size: int,
-    start_step: int = 0,
-    num_steps: int | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    random_flip: bool = False,
-    shuffle: bool = True,
-    num_threads: int = 0,
-    prefetch_buffer_size: int = 8,
-    num_workers: int = 0,
+  source,
+  *,
+  seed: int,
+  global_batch_size: int,
+  start_step: int = 0,
+  num_steps: int | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  random_flip: bool = False,
+  shuffle: bool = True,
+  num_threads: int = 0,
+  prefetch_buffer_size: int = 8,
+  num_workers: int = 0,
 ) -> grain.IterDataset:
   """grain ``IterDataset`` of host-local batches for steps ``start_step, ...``.
 
@@ -242,14 +236,14 @@ def make_dataset(
     num_workers: grain worker processes (0 = none). Output order is the same.
   """
   fn = _make_element_fn(
-      source,
-      seed=seed,
-      global_batch_size=global_batch_size,
-      start_step=start_step,
-      process_index=process_index,
-      process_count=process_count,
-      random_flip=random_flip,
-      shuffle=shuffle,
+    source,
+    seed=seed,
+    global_batch_size=global_batch_size,
+    start_step=start_step,
+    process_index=process_index,
+    process_count=process_count,
+    random_flip=random_flip,
+    shuffle=shuffle,
   )
   if num_steps is None:
     num_elements = (sys.maxsize // fn.global_batch_size) * fn.local_batch_size
@@ -264,12 +258,9 @@ def make_dataset(
   # element-wise) each produce whole batches, in order.
   ds = grain.MapDataset.range(0, num_elements).map(fn)
   ds = ds.batch(fn.local_batch_size, drop_remainder=True)
-  ds = ds.to_iter_dataset(
-      grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-  )
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
   if num_workers > 0:
     # grain reads absl flags in its workers; outside absl.app they are unparsed.
-    from absl import flags  # pylint: disable=g-import-not-at-top
 
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
@@ -283,15 +274,15 @@ def make_batches(source, **kwargs) -> Iterator[Batch]:
 
 
 def get_batch(
-    source,
-    step: int,
-    *,
-    seed: int,
-    global_batch_size: int,
-    process_index: int = 0,
-    process_count: int = 1,
-    random_flip: bool = False,
-    shuffle: bool = True,
+  source,
+  step: int,
+  *,
+  seed: int,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  random_flip: bool = False,
+  shuffle: bool = True,
 ) -> Batch:
   """The host-local batch at ``step`` computed directly (no grain, no threads).
 
@@ -299,14 +290,14 @@ def get_batch(
   default ``process_index=0, process_count=1`` it is the whole global batch.
   """
   fn = _make_element_fn(
-      source,
-      seed=seed,
-      global_batch_size=global_batch_size,
-      start_step=_check_int(step, "step", minimum=0),
-      process_index=process_index,
-      process_count=process_count,
-      random_flip=random_flip,
-      shuffle=shuffle,
+    source,
+    seed=seed,
+    global_batch_size=global_batch_size,
+    start_step=_check_int(step, "step", minimum=0),
+    process_index=process_index,
+    process_count=process_count,
+    random_flip=random_flip,
+    shuffle=shuffle,
   )
   examples = [fn(j) for j in range(fn.local_batch_size)]
   return {k: np.stack([e[k] for e in examples]) for k in ("image", "label")}
@@ -316,7 +307,6 @@ def get_batch(
 
 
 def _data_sharding(mesh, axis: str):
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
 
   if axis not in mesh.axis_names:
     raise ValueError(f"axis: must be a mesh axis {tuple(mesh.axis_names)}, got {axis!r}")
@@ -333,14 +323,12 @@ def process_slice(mesh, global_batch_size: int, *, axis: str = "data") -> tuple[
   even when the mesh does not order devices by process. (With
   ``jax.make_mesh`` it is ``(jax.process_index(), jax.process_count())``.)
   """
-  import jax  # pylint: disable=g-import-not-at-top
 
   global_batch_size = _check_int(global_batch_size, "global_batch_size", minimum=1)
   sharding = _data_sharding(mesh, axis)
   if global_batch_size % mesh.shape[axis]:
     raise ValueError(
-        f"global_batch_size: {global_batch_size} must be divisible by mesh axis "
-        f"{axis!r} of size {mesh.shape[axis]}"
+      f"global_batch_size: {global_batch_size} must be divisible by mesh axis {axis!r} of size {mesh.shape[axis]}"
     )
   rows = set()
   for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
@@ -349,8 +337,8 @@ def process_slice(mesh, global_batch_size: int, *, axis: str = "data") -> tuple[
   local = hi - lo
   if len(rows) != local or global_batch_size % local or lo % local:
     raise ValueError(
-        f"process {jax.process_index()} holds rows {sorted(rows)} of the batch, "
-        "not one aligned contiguous block; reorder the mesh devices"
+      f"process {jax.process_index()} holds rows {sorted(rows)} of the batch, "
+      "not one aligned contiguous block; reorder the mesh devices"
     )
   return lo // local, global_batch_size // local
 
@@ -364,21 +352,17 @@ def to_global_array(batch: Mapping[str, Any], mesh, *, axis: str = "data") -> di
   ``process_slice(mesh, B)`` for the pipeline's process arguments so that the
   rows land where the global batch has them.
   """
-  import jax  # pylint: disable=g-import-not-at-top
 
   sharding = _data_sharding(mesh, axis)
   # Distinct rows of the data axis this process holds (one per data shard).
-  shards = {
-      index[0].start
-      for index in sharding.addressable_devices_indices_map((mesh.shape[axis],)).values()
-  }
+  shards = {index[0].start for index in sharding.addressable_devices_indices_map((mesh.shape[axis],)).values()}
 
   def put(x):
     x = np.asarray(x)
     if x.ndim == 0 or x.shape[0] % len(shards):
       raise ValueError(
-          f"batch leaves must have a leading size divisible by this process's "
-          f"{len(shards)} shards of mesh axis {axis!r}, got shape {x.shape}"
+        f"batch leaves must have a leading size divisible by this process's "
+        f"{len(shards)} shards of mesh axis {axis!r}, got shape {x.shape}"
       )
     return jax.make_array_from_process_local_data(sharding, x)
 

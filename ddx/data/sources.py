@@ -9,12 +9,12 @@ DATASETS = ("digits",) + tuple(tfds_sources.TFDS_DATASETS)
 
 
 def make_source(
-    name: str,
-    *,
-    split: str = "train",
-    data_dir: str | None = None,
-    image_size: int | None = None,
-    center_crop: int | None = None,
+  name: str,
+  *,
+  split: str = "train",
+  data_dir: str | None = None,
+  image_size: int | None = None,
+  center_crop: int | None = None,
 ):
   """Random-access source of ``{"image": float32 [H,W,C] in [-1,1], "label": int32}``.
 
@@ -41,9 +41,9 @@ def make_source(
       raise ValueError(f"center_crop: must be None for digits, got {center_crop!r}")
     return digits_lib.DigitsSource(image_size=image_size, split=split)
   return tfds_sources.TfdsImageSource(
-      name,
-      split=split,
-      data_dir=data_dir,
-      image_size=image_size,
-      center_crop=center_crop,
+    name,
+    split=split,
+    data_dir=data_dir,
+    image_size=image_size,
+    center_crop=center_crop,
   )

@@ -42,6 +42,7 @@ split string gives the same ``num_examples`` examples.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Any
 
@@ -62,12 +63,12 @@ class TfdsSpec:
 
 
 TFDS_DATASETS: dict[str, TfdsSpec] = {
-    "mnist": TfdsSpec("mnist", (28, 28, 1), "label", 10),
-    "fashion_mnist": TfdsSpec("fashion_mnist", (28, 28, 1), "label", 10),
-    "cifar10": TfdsSpec("cifar10", (32, 32, 3), "label", 10),
-    "celeb_a": TfdsSpec("celeb_a", (218, 178, 3), None, 1, center_crop=140),
-    "imagenet32": TfdsSpec("downsampled_imagenet/32x32", (32, 32, 3), None, 1),
-    "imagenet64": TfdsSpec("downsampled_imagenet/64x64", (64, 64, 3), None, 1),
+  "mnist": TfdsSpec("mnist", (28, 28, 1), "label", 10),
+  "fashion_mnist": TfdsSpec("fashion_mnist", (28, 28, 1), "label", 10),
+  "cifar10": TfdsSpec("cifar10", (32, 32, 3), "label", 10),
+  "celeb_a": TfdsSpec("celeb_a", (218, 178, 3), None, 1, center_crop=140),
+  "imagenet32": TfdsSpec("downsampled_imagenet/32x32", (32, 32, 3), None, 1),
+  "imagenet64": TfdsSpec("downsampled_imagenet/64x64", (64, 64, 3), None, 1),
 }
 
 
@@ -95,13 +96,13 @@ class TfdsImageSource:
   """
 
   def __init__(
-      self,
-      name: str,
-      *,
-      split: str = "train",
-      data_dir: str | None = None,
-      image_size: int | None = None,
-      center_crop: int | None = None,
+    self,
+    name: str,
+    *,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    center_crop: int | None = None,
   ):
     self.spec = spec = get_spec(name)
     if not isinstance(split, str) or not split:
@@ -112,9 +113,7 @@ class TfdsImageSource:
       crop = spec.center_crop
     native_h, native_w, channels = spec.native_shape
     if crop is not None and crop > min(native_h, native_w):
-      raise ValueError(
-          f"center_crop: must be <= {min(native_h, native_w)} for {name}, got {crop}"
-      )
+      raise ValueError(f"center_crop: must be <= {min(native_h, native_w)} for {name}, got {crop}")
     side = crop if crop is not None else native_h
     if crop is None and native_h != native_w:
       side = min(native_h, native_w)
@@ -128,21 +127,21 @@ class TfdsImageSource:
     self._len = len(self._ds)
 
   def _open(self):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # noqa: PLC0415 -- seconds to import; only runs on a tfds dataset need it
 
     try:
       return tfds.data_source(
-          self.spec.tfds_name,
-          split=self.split,
-          data_dir=self.data_dir,
-          download=False,
+        self.spec.tfds_name,
+        split=self.split,
+        data_dir=self.data_dir,
+        download=False,
       )
     except (NotImplementedError, FileNotFoundError) as e:
       raise FileNotFoundError(
-          f"no ArrayRecord data for {self.spec.tfds_name!r} in data_dir="
-          f"{self.data_dir!r}; prepare it once with `python -m "
-          f"ddx.data.tfds_sources {self.name} --data_dir DIR` "
-          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        f"no ArrayRecord data for {self.spec.tfds_name!r} in data_dir="
+        f"{self.data_dir!r}; prepare it once with `python -m "
+        f"ddx.data.tfds_sources {self.name} --data_dir DIR` "
+        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
       ) from e
 
   # Pickling (grain worker processes): ship the arguments, reopen lazily.
@@ -186,27 +185,23 @@ class TfdsImageSource:
     return self.convert(self._ds[int(record_key)])
 
   def __repr__(self) -> str:
-    return (
-        f"TfdsImageSource({self.name!r}, split={self.split!r}, "
-        f"image_shape={self.image_shape})"
-    )
+    return f"TfdsImageSource({self.name!r}, split={self.split!r}, image_shape={self.image_shape})"
 
 
 def prepare(name: str, *, data_dir: str | None = None) -> None:
   """Downloads and writes ``name`` as ArrayRecord files (needs network + TF)."""
   spec = get_spec(name)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # noqa: PLC0415 -- seconds to import; only runs on a tfds dataset need it
 
   builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
   builder.download_and_prepare(file_format="array_record")
 
 
 def main(argv: list[str] | None = None) -> None:
-  import argparse  # pylint: disable=g-import-not-at-top
 
   parser = argparse.ArgumentParser(
-      prog="python -m ddx.data.tfds_sources",
-      description="One-time prepare of TFDS data sets as ArrayRecord files.",
+    prog="python -m ddx.data.tfds_sources",
+    description="One-time prepare of TFDS data sets as ArrayRecord files.",
   )
   parser.add_argument("names", nargs="+", choices=sorted(TFDS_DATASETS))
   parser.add_argument("--data_dir", default=None, help="TFDS data dir to write")

@@ -24,8 +24,18 @@ from ddx.eval.precision_recall import precision_recall
 
 _LAZY = ("inception", "digits_net", "quality")
 
-__all__ = ["frechet_distance", "frechet_distance_from_stats", "feature_stats", "kid", "precision_recall",
-           "FeatureNet", "Reference", "compute_features", "reference_stats", *_LAZY]
+__all__ = [
+  "frechet_distance",
+  "frechet_distance_from_stats",
+  "feature_stats",
+  "kid",
+  "precision_recall",
+  "FeatureNet",
+  "Reference",
+  "compute_features",
+  "reference_stats",
+  *_LAZY,
+]
 
 
 def __getattr__(name: str):

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ddx.data.digits import DigitsSource
 from ddx.eval.features import FeatureNet
 
 IMAGE_SIZE = 16
@@ -76,14 +77,15 @@ class _Features(nnx.Module):
 
   def __call__(self, x):
     if x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 1):
-      raise ValueError(f"images: the digits feature network takes [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 1] images in "
-                       f"[-1, 1], got shape {x.shape}")
+      raise ValueError(
+        f"images: the digits feature network takes [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 1] images in "
+        f"[-1, 1], got shape {x.shape}"
+      )
     return self.net.features(x)
 
 
 def split_data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """``((train images, labels), (held-out images, labels))``: 1437 / 360 of the 1797 digits."""
-  from ddx.data.digits import DigitsSource  # pylint: disable=import-outside-toplevel
 
   src = DigitsSource(image_size=IMAGE_SIZE)
   held = np.arange(len(src)) % HELDOUT_EVERY == 0
@@ -122,13 +124,14 @@ def train(key: jax.Array, images: np.ndarray, labels: np.ndarray, *, epochs: int
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   data_key, aug_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
   # A Python loop over one jitted step: on CPU a scanned backward pass of convolutions runs
-  # far slower (see ddx.train.make_train_fn).
+  # far slower (see ddx.training.step.make_train_fn).
   for epoch in range(epochs):
     perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), n)
     for i in range(steps_per_epoch):
-      idx = perm[i * BATCH:(i + 1) * BATCH]
-      params, opt_state = step(params, opt_state, images[idx], labels[idx],
-                               jax.random.fold_in(aug_key, epoch * steps_per_epoch + i))
+      idx = perm[i * BATCH : (i + 1) * BATCH]
+      params, opt_state = step(
+        params, opt_state, images[idx], labels[idx], jax.random.fold_in(aug_key, epoch * steps_per_epoch + i)
+      )
   return nnx.merge(graphdef, params)
 
 
@@ -189,8 +192,10 @@ def main(argv: list[str]) -> int:
   (xtr, ytr), (xte, yte) = split_data()
   model = train(jax.random.key(TRAIN_SEED), xtr, ytr)
   arrays = to_arrays(model)
-  print(f"train accuracy {accuracy(model, xtr, ytr):.4f}, held-out accuracy {accuracy(model, xte, yte):.4f} "
-        f"({len(yte)} images); weights {weights_hash(arrays)[:16]}")
+  print(
+    f"train accuracy {accuracy(model, xtr, ytr):.4f}, held-out accuracy {accuracy(model, xte, yte):.4f} "
+    f"({len(yte)} images); weights {weights_hash(arrays)[:16]}"
+  )
   np.savez(out, **arrays)
   print(f"wrote {out}")
   return 0

@@ -29,6 +29,7 @@ class FeatureNet:
   ``channels`` is what the network takes; 1-channel images are repeated to 3 channels for a
   3-channel network. The weights are arguments of the jitted function, not constants.
   """
+
   name: str
   dim: int
   channels: int
@@ -60,13 +61,16 @@ def compute_features(net: FeatureNet, images, batch_size: int = 50) -> np.ndarra
   """
   if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
     raise ValueError(f"batch_size: must be an int >= 1, got {batch_size!r}")
-  batches: Iterable = ([images[i:i + batch_size] for i in range(0, len(images), batch_size)]
-                       if isinstance(images, (np.ndarray, jax.Array)) else images)
+  batches: Iterable = (
+    [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    if isinstance(images, (np.ndarray, jax.Array))
+    else images
+  )
   out = []
   for b in batches:
     b = np.asarray(b, np.float32)
     for s in range(0, b.shape[0], batch_size):
-      chunk = b[s:s + batch_size]
+      chunk = b[s : s + batch_size]
       n = chunk.shape[0]
       if n < batch_size:
         chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
@@ -80,6 +84,7 @@ def compute_features(net: FeatureNet, images, batch_size: int = 50) -> np.ndarra
 class Reference:
   """Statistics of a feature network over a data split: mu [D], sigma [D, D] (float64),
   num (images), features (float32 [num, D], or None if not kept) and the cache file path."""
+
   mu: np.ndarray
   sigma: np.ndarray
   num: int
@@ -101,15 +106,15 @@ def reference_path(cache_dir: str, net_name: str, dataset: str, split: str, imag
 
 
 def reference_stats(
-    net: FeatureNet,
-    images_fn: Callable[[], Any],
-    *,
-    cache_dir: str,
-    dataset: str,
-    split: str,
-    image_size: int,
-    batch_size: int = 50,
-    keep_features: bool = True,
+  net: FeatureNet,
+  images_fn: Callable[[], Any],
+  *,
+  cache_dir: str,
+  dataset: str,
+  split: str,
+  image_size: int,
+  batch_size: int = 50,
+  keep_features: bool = True,
 ) -> Reference:
   """Statistics of ``net`` over a data split, computed once and cached as ``.npz``.
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from ddx.eval.features import FeatureNet
 
@@ -121,9 +123,14 @@ class BasicConv(nnx.Module):
     self.bn = _BatchNorm(cout)
 
   def __call__(self, x: Array) -> Array:
-    y = jax.lax.conv_general_dilated(x, self.conv.weight[...], (self.stride, self.stride), self.padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)
+    y = jax.lax.conv_general_dilated(
+      x,
+      self.conv.weight[...],
+      (self.stride, self.stride),
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST,
+    )
     bn = self.bn
     y = (y - bn.running_mean[...]) * jax.lax.rsqrt(bn.running_var[...] + _BN_EPS) * bn.weight[...] + bn.bias[...]
     return jax.nn.relu(y)
@@ -180,8 +187,13 @@ class InceptionC(nnx.Module):
   def __call__(self, x):
     b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
     d = x
-    for layer in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                  self.branch7x7dbl_5):
+    for layer in (
+      self.branch7x7dbl_1,
+      self.branch7x7dbl_2,
+      self.branch7x7dbl_3,
+      self.branch7x7dbl_4,
+      self.branch7x7dbl_5,
+    ):
       d = layer(d)
     bp = self.branch_pool(_avg_pool_exclude_pad(x))
     return jnp.concatenate([self.branch1x1(x), b7, d, bp], axis=-1)
@@ -262,8 +274,19 @@ class FIDInceptionV3(nnx.Module):
     x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
     x = _max_pool(x, 2, 0)
     x = _max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 2, 0)
-    for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
-                  self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c):
+    for block in (
+      self.Mixed_5b,
+      self.Mixed_5c,
+      self.Mixed_5d,
+      self.Mixed_6a,
+      self.Mixed_6b,
+      self.Mixed_6c,
+      self.Mixed_6d,
+      self.Mixed_6e,
+      self.Mixed_7a,
+      self.Mixed_7b,
+      self.Mixed_7c,
+    ):
       x = block(x)
     return jnp.mean(x, axis=(1, 2))
 
@@ -273,9 +296,10 @@ class FIDInceptionV3(nnx.Module):
 
 def missing_file_error(path: str) -> ValueError:
   return ValueError(
-      f"inception_weights: no file at {path!r}; ddx never downloads weights: get {OFFICIAL_FILE} (pytorch-fid's "
-      f"release, {OFFICIAL_URL}, or its copy in ~/.cache/torch/hub/checkpoints/ on a machine that ran pytorch-fid) "
-      "and pass its path")
+    f"inception_weights: no file at {path!r}; ddx never downloads weights: get {OFFICIAL_FILE} (pytorch-fid's "
+    f"release, {OFFICIAL_URL}, or its copy in ~/.cache/torch/hub/checkpoints/ on a machine that ran pytorch-fid) "
+    "and pass its path"
+  )
 
 
 def sha256_file(path: str) -> str:
@@ -288,8 +312,10 @@ def sha256_file(path: str) -> str:
 
 def _check_sha(path: str, sha: str, prefix: str | None) -> None:
   if prefix is not None and not sha.startswith(prefix.lower()):
-    raise ValueError(f"inception_weights: sha256 of {path!r} is {sha[:16]}..., expected it to start with "
-                     f"{prefix} ({OFFICIAL_FILE}); pass sha256_prefix=None to use other weights knowingly")
+    raise ValueError(
+      f"inception_weights: sha256 of {path!r} is {sha[:16]}..., expected it to start with "
+      f"{prefix} ({OFFICIAL_FILE}); pass sha256_prefix=None to use other weights knowingly"
+    )
 
 
 def read_torch_state_dict(path: str, *, sha256_prefix: str | None = OFFICIAL_SHA256_PREFIX) -> tuple[dict, str]:
@@ -302,24 +328,27 @@ def read_torch_state_dict(path: str, *, sha256_prefix: str | None = OFFICIAL_SHA
   sha = sha256_file(path)
   _check_sha(path, sha, sha256_prefix)
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch  # noqa: PLC0415 -- optional extra, for reading the .pth file only
   except ImportError:
-    raise ValueError(f"inception_weights: reading {path!r} needs torch (pip install 'ddx[torch]'); or convert it "
-                     "once where torch is installed: python -m ddx.eval.inception convert SRC.pth DST.safetensors"
-                     ) from None
+    raise ValueError(
+      f"inception_weights: reading {path!r} needs torch (pip install 'ddx[torch]'); or convert it "
+      "once where torch is installed: python -m ddx.eval.inception convert SRC.pth DST.safetensors"
+    ) from None
   sd = torch.load(path, map_location="cpu", weights_only=True)
   return {k: v.detach().cpu().numpy() for k, v in sd.items()}, sha
 
 
 def convert(pth_path: str, out_path: str, *, sha256_prefix: str | None = OFFICIAL_SHA256_PREFIX) -> str:
   """Write the ``.pth`` weights as ``.safetensors`` (with the source's sha256 in its metadata)."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
   arrays, sha = read_torch_state_dict(pth_path, sha256_prefix=sha256_prefix)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   tmp = out_path + ".tmp"
-  save_file({k: np.array(v, order="C") for k, v in arrays.items()}, tmp,
-            metadata={"source_file": os.path.basename(pth_path), "source_sha256": sha})
+  save_file(
+    {k: np.array(v, order="C") for k, v in arrays.items()},
+    tmp,
+    metadata={"source_file": os.path.basename(pth_path), "source_sha256": sha},
+  )
   os.replace(tmp, out_path)
   return out_path
 
@@ -335,15 +364,16 @@ def read_weights(path: str, *, sha256_prefix: str | None = OFFICIAL_SHA256_PREFI
     raise missing_file_error(path)
   if not path.endswith(".safetensors"):
     return read_torch_state_dict(path, sha256_prefix=sha256_prefix)
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
 
   with safe_open(path, "np") as f:
     meta = f.metadata() or {}
     arrays = {k: f.get_tensor(k) for k in f.keys()}
   sha = meta.get("source_sha256", "")
   if not sha:
-    raise ValueError(f"inception_weights: {path!r} has no source_sha256 metadata; write it with "
-                     "python -m ddx.eval.inception convert SRC.pth DST.safetensors")
+    raise ValueError(
+      f"inception_weights: {path!r} has no source_sha256 metadata; write it with "
+      "python -m ddx.eval.inception convert SRC.pth DST.safetensors"
+    )
   _check_sha(path, sha, sha256_prefix)
   return arrays, sha
 

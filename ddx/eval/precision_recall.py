@@ -26,16 +26,16 @@ def knn_radii(x: np.ndarray, k: int) -> np.ndarray:
   """Squared distance from each row of x [N, D] to its k-th nearest other row -> [N]."""
   out = np.empty(x.shape[0])
   for s in range(0, x.shape[0], _BLOCK):
-    d = _sq_dists(x[s:s + _BLOCK], x)
+    d = _sq_dists(x[s : s + _BLOCK], x)
     # Column k of the sorted row: column 0 is the point itself (distance 0).
-    out[s:s + _BLOCK] = np.partition(d, k, axis=1)[:, k]
+    out[s : s + _BLOCK] = np.partition(d, k, axis=1)[:, k]
   return out
 
 
 def _coverage(manifold: np.ndarray, radii: np.ndarray, queries: np.ndarray) -> float:
   inside = 0
   for s in range(0, queries.shape[0], _BLOCK):
-    d = _sq_dists(queries[s:s + _BLOCK], manifold)
+    d = _sq_dists(queries[s : s + _BLOCK], manifold)
     inside += int(np.sum(np.any(d <= radii[None, :], axis=1)))
   return inside / queries.shape[0]
 

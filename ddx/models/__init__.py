@@ -10,17 +10,26 @@
   to ``unet_cond_from_diffusers``) and ``CLIPTextEncoder`` (``clip_text_from_transformers``).
 """
 
-from ddx.models.convert import from_diffusers, unet_from_params
-from ddx.models.unet import UNet, unet_kwargs, unet_param_count
-
-# The latent-diffusion stack (see ddx/models/convert_latent.py for the importers).
+# The latent-diffusion stack (see ddx/models/io/latent.py for the importers).
 from ddx.models.autoencoder import AutoencoderKL, DiagonalGaussian  # noqa: E402
 from ddx.models.clip_text import CLIPTextEncoder  # noqa: E402
-from ddx.models.convert_latent import (autoencoder_from_diffusers,  # noqa: E402
-                                        clip_text_from_transformers, unet_cond_from_diffusers)
+from ddx.models.io.diffusers import from_diffusers, unet_from_params
+from ddx.models.io.latent import autoencoder_from_diffusers, clip_text_from_transformers, unet_cond_from_diffusers  # noqa: E402
+from ddx.models.unet import UNet, unet_kwargs, unet_param_count
 from ddx.models.unet_cond import UNetCond, unet_cond_param_count  # noqa: E402
 
-__all__ = ["UNet", "from_diffusers", "unet_from_params", "unet_kwargs", "unet_param_count",
-           "AutoencoderKL", "DiagonalGaussian", "autoencoder_from_diffusers", "UNetCond",
-           "unet_cond_param_count", "unet_cond_from_diffusers", "CLIPTextEncoder",
-           "clip_text_from_transformers"]
+__all__ = [
+  "UNet",
+  "from_diffusers",
+  "unet_from_params",
+  "unet_kwargs",
+  "unet_param_count",
+  "AutoencoderKL",
+  "DiagonalGaussian",
+  "autoencoder_from_diffusers",
+  "UNetCond",
+  "unet_cond_param_count",
+  "unet_cond_from_diffusers",
+  "CLIPTextEncoder",
+  "clip_text_from_transformers",
+]

@@ -42,8 +42,8 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the reference's clamp
 class DiagonalGaussian(NamedTuple):
   """The encoder's posterior ``N(mean, exp(logvar))`` in unscaled latent space, NHWC."""
 
-  mean: Array     # float32 [B, h, w, latent_channels]
-  logvar: Array   # float32, clamped to [LOGVAR_MIN, LOGVAR_MAX]
+  mean: Array  # float32 [B, h, w, latent_channels]
+  logvar: Array  # float32, clamped to [LOGVAR_MIN, LOGVAR_MAX]
 
   @property
   def std(self) -> Array:
@@ -58,8 +58,7 @@ class DiagonalGaussian(NamedTuple):
 
   def kl(self) -> Array:
     """KL(q || N(0, I)) summed over (h, w, c): float32 [B]."""
-    return 0.5 * jnp.sum(jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar,
-                         axis=(1, 2, 3))
+    return 0.5 * jnp.sum(jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
 class _Block(nnx.Module):
@@ -72,7 +71,6 @@ class _Block(nnx.Module):
 
 
 class _Mid(nnx.Module):
-
   def __init__(self, resnets, attentions):
     self.resnets = nnx.List(resnets)
     self.attentions = nnx.List(attentions)
@@ -87,12 +85,22 @@ class _Mid(nnx.Module):
 class Encoder(nnx.Module):
   """x [B, H, W, in_channels] -> [B, H / 2^(L-1), W / 2^(L-1), 2 * latent_channels]."""
 
-  def __init__(self, in_channels, latent_channels, block_out_channels, layers_per_block, groups,
-               mid_attention, *, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    in_channels,
+    latent_channels,
+    block_out_channels,
+    layers_per_block,
+    groups,
+    mid_attention,
+    *,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     boc = block_out_channels
-    res = lambda ci, co: ResnetBlock(ci, co, None, groups=groups, eps=1e-6, dropout=0.0,
-                                     rngs=rngs, **kw)
+    res = lambda ci, co: ResnetBlock(ci, co, None, groups=groups, eps=1e-6, dropout=0.0, rngs=rngs, **kw)
     self.conv_in = nnx.Conv(in_channels, boc[0], (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
     blocks, cur = [], boc[0]
     for lev, c in enumerate(boc):
@@ -108,8 +116,7 @@ class Encoder(nnx.Module):
     attn = [AttentionBlock(cur, 1, groups=groups, eps=1e-6, rngs=rngs, **kw)] if mid_attention else []
     self.mid_block = _Mid([res(cur, cur), res(cur, cur)], attn)
     self.conv_norm_out = GroupNorm(cur, groups, epsilon=1e-6, **kw)
-    self.conv_out = nnx.Conv(cur, 2 * latent_channels, (3, 3), padding=((1, 1), (1, 1)),
-                             rngs=rngs, **kw)
+    self.conv_out = nnx.Conv(cur, 2 * latent_channels, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
 
   def __call__(self, x):
     h = self.conv_in(x)
@@ -125,12 +132,22 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
   """z [B, h, w, latent_channels] -> [B, h * 2^(L-1), w * 2^(L-1), out_channels]."""
 
-  def __init__(self, latent_channels, out_channels, block_out_channels, layers_per_block, groups,
-               mid_attention, *, dtype, param_dtype, rngs):
+  def __init__(
+    self,
+    latent_channels,
+    out_channels,
+    block_out_channels,
+    layers_per_block,
+    groups,
+    mid_attention,
+    *,
+    dtype,
+    param_dtype,
+    rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     rev = list(reversed(block_out_channels))
-    res = lambda ci, co: ResnetBlock(ci, co, None, groups=groups, eps=1e-6, dropout=0.0,
-                                     rngs=rngs, **kw)
+    res = lambda ci, co: ResnetBlock(ci, co, None, groups=groups, eps=1e-6, dropout=0.0, rngs=rngs, **kw)
     cur = rev[0]
     self.conv_in = nnx.Conv(latent_channels, cur, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
     attn = [AttentionBlock(cur, 1, groups=groups, eps=1e-6, rngs=rngs, **kw)] if mid_attention else []
@@ -176,19 +193,39 @@ class AutoencoderKL(nnx.Module):
     rngs: ``nnx.Rngs`` for initialisation only.
   """
 
-  def __init__(self, *, in_channels: int = 3, out_channels: int = 3,
-               block_out_channels: Sequence[int] = (64,), layers_per_block: int = 1,
-               latent_channels: int = 4, norm_num_groups: int = 32,
-               scaling_factor: float = 0.18215, shift_factor: float | None = None,
-               use_quant_conv: bool = True, use_post_quant_conv: bool = True,
-               mid_block_add_attention: bool = True, dtype: Any = None,
-               param_dtype: Any = "float32", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    in_channels: int = 3,
+    out_channels: int = 3,
+    block_out_channels: Sequence[int] = (64,),
+    layers_per_block: int = 1,
+    latent_channels: int = 4,
+    norm_num_groups: int = 32,
+    scaling_factor: float = 0.18215,
+    shift_factor: float | None = None,
+    use_quant_conv: bool = True,
+    use_post_quant_conv: bool = True,
+    mid_block_add_attention: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = "float32",
+    rngs: nnx.Rngs,
+  ):
     k = validate_autoencoder_kwargs(
-        in_channels=in_channels, out_channels=out_channels, block_out_channels=block_out_channels,
-        layers_per_block=layers_per_block, latent_channels=latent_channels,
-        norm_num_groups=norm_num_groups, scaling_factor=scaling_factor, shift_factor=shift_factor,
-        use_quant_conv=use_quant_conv, use_post_quant_conv=use_post_quant_conv,
-        mid_block_add_attention=mid_block_add_attention, dtype=dtype, param_dtype=param_dtype)
+      in_channels=in_channels,
+      out_channels=out_channels,
+      block_out_channels=block_out_channels,
+      layers_per_block=layers_per_block,
+      latent_channels=latent_channels,
+      norm_num_groups=norm_num_groups,
+      scaling_factor=scaling_factor,
+      shift_factor=shift_factor,
+      use_quant_conv=use_quant_conv,
+      use_post_quant_conv=use_post_quant_conv,
+      mid_block_add_attention=mid_block_add_attention,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
     self._kwargs_json = json.dumps(k, sort_keys=True)
     cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype)
@@ -199,14 +236,11 @@ class AutoencoderKL(nnx.Module):
     self.shift_factor = k["shift_factor"]
     self.downscale = 2 ** (len(k["block_out_channels"]) - 1)
     lc = k["latent_channels"]
-    args = (k["block_out_channels"], k["layers_per_block"], k["norm_num_groups"],
-            k["mid_block_add_attention"])
+    args = (k["block_out_channels"], k["layers_per_block"], k["norm_num_groups"], k["mid_block_add_attention"])
     self.encoder = Encoder(k["in_channels"], lc, *args, rngs=rngs, **kw)
     self.decoder = Decoder(lc, k["out_channels"], *args, rngs=rngs, **kw)
-    self.quant_conv = (nnx.Conv(2 * lc, 2 * lc, (1, 1), rngs=rngs, **kw)
-                       if k["use_quant_conv"] else None)
-    self.post_quant_conv = (nnx.Conv(lc, lc, (1, 1), rngs=rngs, **kw)
-                            if k["use_post_quant_conv"] else None)
+    self.quant_conv = nnx.Conv(2 * lc, 2 * lc, (1, 1), rngs=rngs, **kw) if k["use_quant_conv"] else None
+    self.post_quant_conv = nnx.Conv(lc, lc, (1, 1), rngs=rngs, **kw) if k["use_post_quant_conv"] else None
 
   @property
   def kwargs(self) -> dict:
@@ -224,8 +258,7 @@ class AutoencoderKL(nnx.Module):
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(f"x: expected images [B, H, W, {self.in_channels}], got shape {x.shape}")
     if x.shape[1] % self.downscale or x.shape[2] % self.downscale:
-      raise ValueError(f"x: height and width must be divisible by {self.downscale}, "
-                       f"got {x.shape[1:3]}")
+      raise ValueError(f"x: height and width must be divisible by {self.downscale}, got {x.shape[1:3]}")
     h = self.encoder(self._cast(x))
     if self.quant_conv is not None:
       h = self.quant_conv(h)
@@ -276,11 +309,16 @@ def validate_autoencoder_kwargs(**k) -> dict:
       raise ValueError(f"{name}: must be a positive int, got {v!r}")
     return int(v)
 
-  out = {n: pos_int(n) for n in ("in_channels", "out_channels", "layers_per_block",
-                                 "latent_channels", "norm_num_groups")}
+  out = {
+    n: pos_int(n) for n in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+  }
   boc = k["block_out_channels"]
-  if isinstance(boc, (str, bytes)) or not isinstance(boc, Sequence) or not boc or not all(
-      isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1 for c in boc):
+  if (
+    isinstance(boc, (str, bytes))
+    or not isinstance(boc, Sequence)
+    or not boc
+    or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1 for c in boc)
+  ):
     raise ValueError(f"block_out_channels: must be a non-empty sequence of positive ints, got {boc!r}")
   out["block_out_channels"] = [int(c) for c in boc]
   for c in out["block_out_channels"]:
@@ -291,8 +329,7 @@ def validate_autoencoder_kwargs(**k) -> dict:
     raise ValueError(f"scaling_factor: must be a finite non-zero number, got {sf!r}")
   out["scaling_factor"] = float(sf)
   sh = k["shift_factor"]
-  if sh is not None and (isinstance(sh, bool) or not isinstance(sh, (int, float))
-                         or not np.isfinite(sh)):
+  if sh is not None and (isinstance(sh, bool) or not isinstance(sh, (int, float)) or not np.isfinite(sh)):
     raise ValueError(f"shift_factor: must be None or a finite number, got {sh!r}")
   out["shift_factor"] = None if sh is None else float(sh)
   for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):

@@ -40,7 +40,6 @@ def _act(name: str, x: Array) -> Array:
 
 
 class CLIPAttention(nnx.Module):
-
   def __init__(self, dim: int, heads: int, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.heads = heads
@@ -56,7 +55,7 @@ class CLIPAttention(nnx.Module):
     q = self.q_proj(x).reshape(b, n, h, d)
     k = self.k_proj(x).reshape(b, n, h, d)
     v = self.v_proj(x).reshape(b, n, h, d)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * d**-0.5
     causal = jnp.tril(jnp.ones((n, n), bool))
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     w = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -64,7 +63,6 @@ class CLIPAttention(nnx.Module):
 
 
 class CLIPMLP(nnx.Module):
-
   def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.act = act
@@ -76,7 +74,6 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-
   def __init__(self, dim, hidden, heads, act, eps, *, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.self_attn = CLIPAttention(dim, heads, **kw)
@@ -90,14 +87,12 @@ class CLIPEncoderLayer(nnx.Module):
 
 
 class _Embeddings(nnx.Module):
-
   def __init__(self, vocab, positions, dim, *, param_dtype, rngs):
     self.token_embedding = nnx.Embed(vocab, dim, param_dtype=param_dtype, rngs=rngs)
     self.position_embedding = nnx.Embed(positions, dim, param_dtype=param_dtype, rngs=rngs)
 
 
 class _Encoder(nnx.Module):
-
   def __init__(self, layers):
     self.layers = nnx.List(layers)
 
@@ -115,18 +110,35 @@ class CLIPTextEncoder(nnx.Module):
     rngs: ``nnx.Rngs`` for initialisation only.
   """
 
-  def __init__(self, *, vocab_size: int = 49408, hidden_size: int = 512,
-               intermediate_size: int = 2048, num_hidden_layers: int = 12,
-               num_attention_heads: int = 8, max_position_embeddings: int = 77,
-               hidden_act: str = "quick_gelu", layer_norm_eps: float = 1e-5,
-               eos_token_id: int = 2, dtype: Any = None, param_dtype: Any = "float32",
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    vocab_size: int = 49408,
+    hidden_size: int = 512,
+    intermediate_size: int = 2048,
+    num_hidden_layers: int = 12,
+    num_attention_heads: int = 8,
+    max_position_embeddings: int = 77,
+    hidden_act: str = "quick_gelu",
+    layer_norm_eps: float = 1e-5,
+    eos_token_id: int = 2,
+    dtype: Any = None,
+    param_dtype: Any = "float32",
+    rngs: nnx.Rngs,
+  ):
     k = validate_clip_kwargs(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        max_position_embeddings=max_position_embeddings, hidden_act=hidden_act,
-        layer_norm_eps=layer_norm_eps, eos_token_id=eos_token_id, dtype=dtype,
-        param_dtype=param_dtype)
+      vocab_size=vocab_size,
+      hidden_size=hidden_size,
+      intermediate_size=intermediate_size,
+      num_hidden_layers=num_hidden_layers,
+      num_attention_heads=num_attention_heads,
+      max_position_embeddings=max_position_embeddings,
+      hidden_act=hidden_act,
+      layer_norm_eps=layer_norm_eps,
+      eos_token_id=eos_token_id,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
     self._kwargs_json = json.dumps(k, sort_keys=True)
     cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype, rngs=rngs)
@@ -135,11 +147,15 @@ class CLIPTextEncoder(nnx.Module):
     self.max_length = k["max_position_embeddings"]
     self.eos_token_id = k["eos_token_id"]
     d = k["hidden_size"]
-    self.embeddings = _Embeddings(k["vocab_size"], k["max_position_embeddings"], d,
-                                  param_dtype=pdtype, rngs=rngs)
-    self.encoder = _Encoder([
-        CLIPEncoderLayer(d, k["intermediate_size"], k["num_attention_heads"], k["hidden_act"],
-                         k["layer_norm_eps"], **kw) for _ in range(k["num_hidden_layers"])])
+    self.embeddings = _Embeddings(k["vocab_size"], k["max_position_embeddings"], d, param_dtype=pdtype, rngs=rngs)
+    self.encoder = _Encoder(
+      [
+        CLIPEncoderLayer(
+          d, k["intermediate_size"], k["num_attention_heads"], k["hidden_act"], k["layer_norm_eps"], **kw
+        )
+        for _ in range(k["num_hidden_layers"])
+      ]
+    )
     self.final_layer_norm = nnx.LayerNorm(d, epsilon=k["layer_norm_eps"], **kw)
 
   @property
@@ -155,15 +171,15 @@ class CLIPTextEncoder(nnx.Module):
     if len(ids.shape) != 2:
       raise ValueError(f"ids: expected token ids [B, L], got shape {tuple(ids.shape)}")
     if ids.shape[1] > self.max_length:
-      raise ValueError(f"ids: {ids.shape[1]} tokens exceed the text encoder's context of "
-                       f"{self.max_length} (max_position_embeddings)")
+      raise ValueError(
+        f"ids: {ids.shape[1]} tokens exceed the text encoder's context of {self.max_length} (max_position_embeddings)"
+      )
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise ValueError(f"ids: token ids must be integers, got dtype {ids.dtype}")
     if not isinstance(ids, jax.core.Tracer):
       a = np.asarray(ids)
       if a.size and (a.min() < 0 or a.max() >= self.vocab_size):
-        raise ValueError(f"ids: token ids must be in [0, {self.vocab_size}), "
-                         f"got min {a.min()} max {a.max()}")
+        raise ValueError(f"ids: token ids must be in [0, {self.vocab_size}), got min {a.min()} max {a.max()}")
 
   def __call__(self, ids: Array) -> tuple[Array, Array]:
     """ids int [B, L] (L <= max_position_embeddings) -> (float32 [B, L, D], float32 [B, D])."""
@@ -188,15 +204,22 @@ class CLIPTextEncoder(nnx.Module):
 def validate_clip_kwargs(**k) -> dict:
   """Check CLIPTextEncoder kwargs; return them normalised. One-line ValueError."""
   out = {}
-  for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-               "num_attention_heads", "max_position_embeddings"):
+  for name in (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+  ):
     v = k[name]
     if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
       raise ValueError(f"{name}: must be a positive int, got {v!r}")
     out[name] = int(v)
   if out["hidden_size"] % out["num_attention_heads"]:
-    raise ValueError(f"num_attention_heads: {out['num_attention_heads']} does not divide "
-                     f"hidden_size {out['hidden_size']}")
+    raise ValueError(
+      f"num_attention_heads: {out['num_attention_heads']} does not divide hidden_size {out['hidden_size']}"
+    )
   if k["hidden_act"] not in ACTIVATIONS:
     raise ValueError(f"hidden_act: must be one of {ACTIVATIONS}, got {k['hidden_act']!r}")
   out["hidden_act"] = k["hidden_act"]

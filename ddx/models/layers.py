@@ -46,12 +46,12 @@ def batch_timesteps(t, batch: int) -> Array:
 
 
 def timestep_embedding(
-    t: Array,
-    dim: int,
-    *,
-    flip_sin_to_cos: bool = True,
-    freq_shift: float = 0.0,
-    max_period: float = 10000.0,
+  t: Array,
+  dim: int,
+  *,
+  flip_sin_to_cos: bool = True,
+  freq_shift: float = 0.0,
+  max_period: float = 10000.0,
 ) -> Array:
   """Sinusoidal timestep embedding (DDPM / diffusers ``get_timestep_embedding``).
 
@@ -85,13 +85,13 @@ class GroupNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_features: int,
-      num_groups: int,
-      *,
-      epsilon: float = 1e-6,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
+    self,
+    num_features: int,
+    num_groups: int,
+    *,
+    epsilon: float = 1e-6,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
   ):
     if num_features % num_groups:
       raise ValueError(f"norm_num_groups: {num_groups} does not divide {num_features} channels")
@@ -129,8 +129,7 @@ CONV_IMPLS = ("auto", "lax", "dots")
 DOTS_MIN_CHANNELS = 256
 
 
-def resolve_conv_impl(impl: str, dtype, in_channels: int, kernel_size: int = 3,
-                      backend: str | None = None) -> str:
+def resolve_conv_impl(impl: str, dtype, in_channels: int, kernel_size: int = 3, backend: str | None = None) -> str:
   """The implementation ``impl`` stands for ("lax" or "dots") for a ``kernel_size`` square
   convolution with ``in_channels`` inputs and compute ``dtype`` (None = float32) on
   ``backend`` (default: ``jax.default_backend()``, read at trace time, so one model object
@@ -189,19 +188,20 @@ def conv_as_dots(x: Array, kernel: Array, stride: int, padding) -> Array:
   b, hp, wp, _ = x.shape
   oh, ow = (hp - kh) // stride + 1, (wp - kw) // stride + 1
   if kh == kw == 1:
-    x = x[:, :(oh - 1) * stride + 1:stride, :(ow - 1) * stride + 1:stride, :]
+    x = x[:, : (oh - 1) * stride + 1 : stride, : (ow - 1) * stride + 1 : stride, :]
     return _matmul_f32(x.reshape(-1, c), kernel.reshape(c, o)).reshape(b, oh, ow, o)
   if stride == 1:
-    cols = jnp.concatenate([x[:, :, j:j + ow, :] for j in range(kw)], axis=-1)
+    cols = jnp.concatenate([x[:, :, j : j + ow, :] for j in range(kw)], axis=-1)
     k = jnp.transpose(kernel, (1, 2, 0, 3)).reshape(kw * c, kh * o)
     z = _matmul_f32(cols.reshape(-1, kw * c), k).reshape(b, hp, ow, kh, o)
     y = z[:, 0:oh, :, 0]
     for i in range(1, kh):
-      y = y + z[:, i:i + oh, :, i]
+      y = y + z[:, i : i + oh, :, i]
     return y
   span_h, span_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
-  cols = jnp.concatenate([x[:, i:i + span_h:stride, j:j + span_w:stride, :]
-                          for i in range(kh) for j in range(kw)], axis=-1)
+  cols = jnp.concatenate(
+    [x[:, i : i + span_h : stride, j : j + span_w : stride, :] for i in range(kh) for j in range(kw)], axis=-1
+  )
   return _matmul_f32(cols.reshape(-1, kh * kw * c), kernel.reshape(kh * kw * c, o)).reshape(b, oh, ow, o)
 
 
@@ -222,12 +222,21 @@ class Conv(nnx.Conv):
 
   def _dots_supported(self) -> bool:
     pad = self.padding
-    explicit = (isinstance(pad, (tuple, list)) and len(pad) == 2
-                and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pad))
+    explicit = (
+      isinstance(pad, (tuple, list))
+      and len(pad) == 2
+      and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pad)
+    )
     strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides,) * 2
-    return (explicit and len(self.kernel_size) == 2 and len(set(strides)) == 1
-            and self.feature_group_count == 1 and self.mask is None
-            and self.input_dilation in (1, (1, 1)) and self.kernel_dilation in (1, (1, 1)))
+    return (
+      explicit
+      and len(self.kernel_size) == 2
+      and len(set(strides)) == 1
+      and self.feature_group_count == 1
+      and self.mask is None
+      and self.input_dilation in (1, (1, 1))
+      and self.kernel_dilation in (1, (1, 1))
+    )
 
   def __call__(self, x: Array) -> Array:
     stride = self.strides if isinstance(self.strides, int) else self.strides[0]
@@ -237,8 +246,10 @@ class Conv(nnx.Conv):
     if impl == "lax" or x.ndim != 4 or (self.impl == "auto" and not self._dots_supported()):
       return super().__call__(x)
     if not self._dots_supported():
-      raise ValueError(f"conv_impl: 'dots' needs a 2-D convolution with explicit padding, equal "
-                       f"strides and no dilation, groups or mask, got {self.kernel_size} {self.padding}")
+      raise ValueError(
+        f"conv_impl: 'dots' needs a 2-D convolution with explicit padding, equal "
+        f"strides and no dilation, groups or mask, got {self.kernel_size} {self.padding}"
+      )
     dtype = self.dtype or x.dtype
     kernel = self.kernel[...].astype(dtype)
     y = conv_as_dots(x.astype(dtype), kernel, stride, self.padding)
@@ -251,8 +262,16 @@ def _conv(cin, cout, k, *, stride=1, padding=None, dtype, param_dtype, rngs, imp
   if padding is None:
     padding = ((k // 2, k // 2), (k // 2, k // 2))
   return Conv(
-      cin, cout, (k, k), strides=(stride, stride), padding=padding,
-      dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=impl)
+    cin,
+    cout,
+    (k, k),
+    strides=(stride, stride),
+    padding=padding,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    rngs=rngs,
+    impl=impl,
+  )
 
 
 def _linear(cin, cout, *, dtype, param_dtype, rngs):
@@ -262,8 +281,17 @@ def _linear(cin, cout, *, dtype, param_dtype, rngs):
 class TimestepEmbedding(nnx.Module):
   """sinusoidal(t) -> Linear -> SiLU -> Linear. ``t``: [B] -> [B, emb_dim]."""
 
-  def __init__(self, channels: int, emb_dim: int, *, flip_sin_to_cos: bool, freq_shift: float,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    emb_dim: int,
+    *,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.channels = channels
     self.flip_sin_to_cos = flip_sin_to_cos
     self.freq_shift = freq_shift
@@ -272,8 +300,7 @@ class TimestepEmbedding(nnx.Module):
     self.linear_2 = _linear(emb_dim, emb_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, t: Array) -> Array:
-    e = timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos,
-                           freq_shift=self.freq_shift)
+    e = timestep_embedding(t, self.channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
     if self.dtype is not None:
       e = e.astype(self.dtype)
     return self.linear_2(jax.nn.silu(self.linear_1(e)))
@@ -291,15 +318,25 @@ class ResnetBlock(nnx.Module):
   call it with ``temb=None``).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, temb_dim: int | None, *, groups: int,
-               eps: float, dropout: float, dtype=None, param_dtype=jnp.float32,
-               conv_impl: str = "auto", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    temb_dim: int | None,
+    *,
+    groups: int,
+    eps: float,
+    dropout: float,
+    dtype=None,
+    param_dtype=jnp.float32,
+    conv_impl: str = "auto",
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.dropout_rate = float(dropout)
     self.norm1 = GroupNorm(in_channels, groups, epsilon=eps, **kw)
     self.conv1 = _conv(in_channels, out_channels, 3, rngs=rngs, impl=conv_impl, **kw)
-    self.time_emb_proj = (None if temb_dim is None else
-                          _linear(temb_dim, out_channels, rngs=rngs, **kw))
+    self.time_emb_proj = None if temb_dim is None else _linear(temb_dim, out_channels, rngs=rngs, **kw)
     self.norm2 = GroupNorm(out_channels, groups, epsilon=eps, **kw)
     self.conv2 = _conv(out_channels, out_channels, 3, rngs=rngs, impl=conv_impl, **kw)
     if in_channels != out_channels:
@@ -327,8 +364,9 @@ class AttentionBlock(nnx.Module):
   ``x``: [B, H, W, C] -> [B, H, W, C].
   """
 
-  def __init__(self, channels: int, num_heads: int, *, groups: int, eps: float, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self, channels: int, num_heads: int, *, groups: int, eps: float, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     if channels % num_heads:
       raise ValueError(f"num_heads: {num_heads} does not divide {channels} channels")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -348,7 +386,7 @@ class AttentionBlock(nnx.Module):
     k = self.to_k(n).reshape(b, -1, nh, d)
     v = self.to_v(n).reshape(b, -1, nh, d)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(logits * (d ** -0.5), axis=-1).astype(v.dtype)
+    w = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
     o = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, hh * ww, c)
     return x + self.to_out(o).reshape(b, hh, ww, c)
 
@@ -361,13 +399,23 @@ class Downsample(nnx.Module):
   and the google/ddpm-* checkpoints). [B, H, W, C] -> [B, H/2, W/2, C].
   """
 
-  def __init__(self, channels: int, *, with_conv: bool, padding: int = 1, dtype=None,
-               param_dtype=jnp.float32, conv_impl: str = "auto", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    with_conv: bool,
+    padding: int = 1,
+    dtype=None,
+    param_dtype=jnp.float32,
+    conv_impl: str = "auto",
+    rngs: nnx.Rngs,
+  ):
     self.with_conv = with_conv
     if with_conv:
       pad = ((1, 1), (1, 1)) if padding == 1 else ((0, 1), (0, 1))
-      self.conv = _conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs, impl=conv_impl)
+      self.conv = _conv(
+        channels, channels, 3, stride=2, padding=pad, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=conv_impl
+      )
     else:
       self.conv = None
 
@@ -384,12 +432,19 @@ class Upsample(nnx.Module):
   [B, H, W, C] -> [B, 2H, 2W, C].
   """
 
-  def __init__(self, channels: int, *, with_conv: bool, dtype=None, param_dtype=jnp.float32,
-               conv_impl: str = "auto", rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    with_conv: bool,
+    dtype=None,
+    param_dtype=jnp.float32,
+    conv_impl: str = "auto",
+    rngs: nnx.Rngs,
+  ):
     self.with_conv = with_conv
     if with_conv:
-      self.conv = _conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                        impl=conv_impl)
+      self.conv = _conv(channels, channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs, impl=conv_impl)
     else:
       self.conv = None
 

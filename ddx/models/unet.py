@@ -22,6 +22,7 @@ The parameter names mirror diffusers so that :func:`ddx.models.from_diffusers` i
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Sequence
 
@@ -31,10 +32,20 @@ import numpy as np
 from flax import nnx
 
 from ddx.models import dtypes
-from ddx.models.layers import (CONV_IMPLS, AttentionBlock, Conv, Downsample, GroupNorm,
-                               ResnetBlock, TimestepEmbedding, Upsample, batch_timesteps)
+from ddx.models.layers import (
+  CONV_IMPLS,
+  AttentionBlock,
+  Conv,
+  Downsample,
+  GroupNorm,
+  ResnetBlock,
+  TimestepEmbedding,
+  Upsample,
+  batch_timesteps,
+)
 
 Array = jax.Array
+
 
 class _Level(nnx.Module):
   """One resolution level of the encoder or decoder (``resnets``, ``attentions``, resampler)."""
@@ -46,7 +57,6 @@ class _Level(nnx.Module):
 
 
 class _MidBlock(nnx.Module):
-
   def __init__(self, resnets, attentions):
     self.resnets = nnx.List(resnets)
     self.attentions = nnx.List(attentions)
@@ -93,41 +103,56 @@ class UNet(nnx.Module):
   """
 
   def __init__(
-      self,
-      *,
-      image_size: int,
-      in_channels: int = 3,
-      out_channels: int | None = None,
-      base_channels: int = 128,
-      channel_mult: Sequence[int] = (1, 2, 2, 2),
-      num_res_blocks: int = 2,
-      attention_resolutions: Sequence[int] = (16,),
-      num_heads: int = 1,
-      head_dim: int | None = None,
-      dropout: float = 0.0,
-      norm_num_groups: int = 32,
-      norm_eps: float = 1e-6,
-      flip_sin_to_cos: bool = False,
-      freq_shift: float = 1.0,
-      resample_with_conv: bool = True,
-      downsample_padding: int = 1,
-      num_classes: int | None = None,
-      learn_sigma: bool = False,
-      dtype: Any = None,
-      param_dtype: Any = "float32",
-      remat: bool = False,
-      conv_impl: str = "auto",
-      rngs: nnx.Rngs,
+    self,
+    *,
+    image_size: int,
+    in_channels: int = 3,
+    out_channels: int | None = None,
+    base_channels: int = 128,
+    channel_mult: Sequence[int] = (1, 2, 2, 2),
+    num_res_blocks: int = 2,
+    attention_resolutions: Sequence[int] = (16,),
+    num_heads: int = 1,
+    head_dim: int | None = None,
+    dropout: float = 0.0,
+    norm_num_groups: int = 32,
+    norm_eps: float = 1e-6,
+    flip_sin_to_cos: bool = False,
+    freq_shift: float = 1.0,
+    resample_with_conv: bool = True,
+    downsample_padding: int = 1,
+    num_classes: int | None = None,
+    learn_sigma: bool = False,
+    dtype: Any = None,
+    param_dtype: Any = "float32",
+    remat: bool = False,
+    conv_impl: str = "auto",
+    rngs: nnx.Rngs,
   ):
     kwargs = validate_kwargs(
-        image_size=image_size, in_channels=in_channels, out_channels=out_channels,
-        base_channels=base_channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
-        attention_resolutions=attention_resolutions, num_heads=num_heads, head_dim=head_dim,
-        dropout=dropout, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
-        flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
-        resample_with_conv=resample_with_conv, downsample_padding=downsample_padding,
-        num_classes=num_classes, learn_sigma=learn_sigma, dtype=dtype, param_dtype=param_dtype,
-        remat=remat, conv_impl=conv_impl)
+      image_size=image_size,
+      in_channels=in_channels,
+      out_channels=out_channels,
+      base_channels=base_channels,
+      channel_mult=channel_mult,
+      num_res_blocks=num_res_blocks,
+      attention_resolutions=attention_resolutions,
+      num_heads=num_heads,
+      head_dim=head_dim,
+      dropout=dropout,
+      norm_num_groups=norm_num_groups,
+      norm_eps=norm_eps,
+      flip_sin_to_cos=flip_sin_to_cos,
+      freq_shift=freq_shift,
+      resample_with_conv=resample_with_conv,
+      downsample_padding=downsample_padding,
+      num_classes=num_classes,
+      learn_sigma=learn_sigma,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=remat,
+      conv_impl=conv_impl,
+    )
     self._kwargs_json = json.dumps(kwargs, sort_keys=True)  # static, hashable
     k = kwargs
     cdtype, pdtype = dtypes.resolve(k)
@@ -158,12 +183,17 @@ class UNet(nnx.Module):
     def attn(c):
       return AttentionBlock(c, heads(c), rngs=rngs, **gn, **kw)
 
-    self.conv_in = Conv(k["in_channels"], ch, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
-                        impl=k["conv_impl"], **kw)
+    self.conv_in = Conv(k["in_channels"], ch, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, impl=k["conv_impl"], **kw)
     # The time-embedding MLP always computes in float32 (negligible cost; keeps t precise).
-    self.time_embedding = TimestepEmbedding(ch, temb, flip_sin_to_cos=k["flip_sin_to_cos"],
-                                            freq_shift=k["freq_shift"], rngs=rngs, dtype=None,
-                                            param_dtype=pdtype)
+    self.time_embedding = TimestepEmbedding(
+      ch,
+      temb,
+      flip_sin_to_cos=k["flip_sin_to_cos"],
+      freq_shift=k["freq_shift"],
+      rngs=rngs,
+      dtype=None,
+      param_dtype=pdtype,
+    )
     if self.num_classes:
       self.class_embedding = nnx.Embed(self.num_classes + 1, temb, rngs=rngs, **kw)
     else:
@@ -185,8 +215,7 @@ class UNet(nnx.Module):
         skip_ch.append(cur)
       resample = None
       if lev != nlev - 1:
-        resample = Downsample(cur, with_conv=k["resample_with_conv"],
-                              padding=k["downsample_padding"], rngs=rngs, **ckw)
+        resample = Downsample(cur, with_conv=k["resample_with_conv"], padding=k["downsample_padding"], rngs=rngs, **ckw)
         skip_ch.append(cur)
       down.append(_Level(resnets, attns, resample))
     self.down_blocks = nnx.List(down)
@@ -212,8 +241,7 @@ class UNet(nnx.Module):
 
     self.conv_norm_out = GroupNorm(cur, k["norm_num_groups"], epsilon=k["norm_eps"], **kw)
     nout = k["out_channels"] * (2 if k["learn_sigma"] else 1)
-    self.conv_out = Conv(cur, nout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs,
-                         impl=k["conv_impl"], **kw)
+    self.conv_out = Conv(cur, nout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, impl=k["conv_impl"], **kw)
 
   # ------------------------------------------------------------------ helpers
 
@@ -238,8 +266,9 @@ class UNet(nnx.Module):
       raise ValueError(f"y: labels must be integers, got dtype {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() > self.num_classes):
       raise ValueError(
-          f"y: labels must be in [0, {self.num_classes}] ({self.num_classes} = null label), "
-          f"got min {arr.min()} max {arr.max()}")
+        f"y: labels must be in [0, {self.num_classes}] ({self.num_classes} = null label), "
+        f"got min {arr.min()} max {arr.max()}"
+      )
 
   def _block(self, block, *args):
     if self.remat:
@@ -248,8 +277,7 @@ class UNet(nnx.Module):
 
   # ------------------------------------------------------------------ forward
 
-  def __call__(self, x: Array, t: Array, y: Array | None = None, *,
-               dropout_key: Array | None = None) -> Array:
+  def __call__(self, x: Array, t: Array, y: Array | None = None, *, dropout_key: Array | None = None) -> Array:
     """Apply the U-Net.
 
     Args:
@@ -346,30 +374,31 @@ def validate_kwargs(**k) -> dict:
     return int(v)
 
   out = {}
-  for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads",
-               "norm_num_groups"):
+  for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "norm_num_groups"):
     out[name] = pos_int(name)
   out["out_channels"] = out["in_channels"] if k["out_channels"] is None else pos_int("out_channels")
   out["head_dim"] = None if k["head_dim"] is None else pos_int("head_dim")
 
   mult = k["channel_mult"]
-  if isinstance(mult, (str, bytes)) or not isinstance(mult, Sequence) or not mult or not all(
-      is_int(m) and m >= 1 for m in mult):
+  if (
+    isinstance(mult, (str, bytes))
+    or not isinstance(mult, Sequence)
+    or not mult
+    or not all(is_int(m) and m >= 1 for m in mult)
+  ):
     raise ValueError(f"channel_mult: must be a non-empty sequence of positive ints, got {mult!r}")
   out["channel_mult"] = [int(m) for m in mult]
   nlev = len(mult)
 
   div = 2 ** (nlev - 1)
   if out["image_size"] % div:
-    raise ValueError(f"image_size: {out['image_size']} is not divisible by 2**(levels-1) = {div} "
-                     f"for {nlev} levels")
+    raise ValueError(f"image_size: {out['image_size']} is not divisible by 2**(levels-1) = {div} for {nlev} levels")
   resolutions = [out["image_size"] // 2**i for i in range(nlev)]
 
   ares = k["attention_resolutions"]
   if ares is None:
     ares = ()
-  if isinstance(ares, (str, bytes)) or not isinstance(ares, Sequence) or not all(
-      is_int(r) for r in ares):
+  if isinstance(ares, (str, bytes)) or not isinstance(ares, Sequence) or not all(is_int(r) for r in ares):
     raise ValueError(f"attention_resolutions: must be a sequence of ints, got {ares!r}")
   for r in ares:
     if r not in resolutions:
@@ -431,7 +460,6 @@ def unet_kwargs(**kwargs) -> dict:
 
   Raises ValueError for an unknown kwarg name or an invalid value.
   """
-  import inspect  # pylint: disable=import-outside-toplevel
 
   kwargs.pop("rngs", None)
   params = inspect.signature(UNet.__init__).parameters
@@ -464,8 +492,27 @@ def abstract_unet(**kwargs) -> UNet:
 
 
 # Keyword names of the constructor, for config validation by other modules.
-UNET_KWARGS = ("image_size", "in_channels", "out_channels", "base_channels", "channel_mult",
-               "num_res_blocks", "attention_resolutions", "num_heads", "head_dim", "dropout",
-               "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift",
-               "resample_with_conv", "downsample_padding", "num_classes", "learn_sigma", "dtype",
-               "param_dtype", "remat", "conv_impl")
+UNET_KWARGS = (
+  "image_size",
+  "in_channels",
+  "out_channels",
+  "base_channels",
+  "channel_mult",
+  "num_res_blocks",
+  "attention_resolutions",
+  "num_heads",
+  "head_dim",
+  "dropout",
+  "norm_num_groups",
+  "norm_eps",
+  "flip_sin_to_cos",
+  "freq_shift",
+  "resample_with_conv",
+  "downsample_padding",
+  "num_classes",
+  "learn_sigma",
+  "dtype",
+  "param_dtype",
+  "remat",
+  "conv_impl",
+)

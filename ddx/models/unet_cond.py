@@ -38,8 +38,7 @@ import numpy as np
 from flax import nnx
 
 from ddx.models import dtypes
-from ddx.models.layers import (Downsample, GroupNorm, ResnetBlock, TimestepEmbedding, Upsample,
-                               batch_timesteps)
+from ddx.models.layers import Downsample, GroupNorm, ResnetBlock, TimestepEmbedding, Upsample, batch_timesteps
 
 Array = jax.Array
 
@@ -50,8 +49,17 @@ class CrossAttention(nnx.Module):
   ``to_q``/``to_k``/``to_v`` have no bias; ``to_out[0]`` does. Scale ``dim_head ** -0.5``.
   """
 
-  def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int, *,
-               dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    query_dim: int,
+    context_dim: int | None,
+    heads: int,
+    dim_head: int,
+    *,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
     self.heads, self.dim_head = heads, dim_head
@@ -68,7 +76,7 @@ class CrossAttention(nnx.Module):
     k = self.to_k(ctx).reshape(b, ctx.shape[1], h, d)
     v = self.to_v(ctx).reshape(b, ctx.shape[1], h, d)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(logits * (d ** -0.5), axis=-1).astype(v.dtype)
+    w = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
     o = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, h * d)
     return self.to_out[0](o)
 
@@ -76,8 +84,7 @@ class CrossAttention(nnx.Module):
 class FeedForward(nnx.Module):
   """GEGLU feed-forward: ``out(a * gelu(g))`` with ``[a, g] = proj(x)`` (exact erf GELU)."""
 
-  def __init__(self, dim: int, mult: int = 4, *, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, dim: int, mult: int = 4, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.proj = nnx.Linear(dim, 2 * mult * dim, **kw)
     self.out = nnx.Linear(mult * dim, dim, **kw)
@@ -90,8 +97,17 @@ class FeedForward(nnx.Module):
 class BasicTransformerBlock(nnx.Module):
   """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
 
-  def __init__(self, dim: int, heads: int, context_dim: int, *, eps: float = 1e-5, dtype=None,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    heads: int,
+    context_dim: int,
+    *,
+    eps: float = 1e-5,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if dim % heads:
       raise ValueError(f"num_heads: {heads} heads do not divide {dim} channels")
@@ -111,9 +127,19 @@ class BasicTransformerBlock(nnx.Module):
 class Transformer2D(nnx.Module):
   """Spatial transformer: [B, H, W, C] x context [B, L, D] -> [B, H, W, C] (residual)."""
 
-  def __init__(self, channels: int, heads: int, context_dim: int, num_layers: int, *,
-               groups: int, linear_projection: bool, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    heads: int,
+    context_dim: int,
+    num_layers: int,
+    *,
+    groups: int,
+    linear_projection: bool,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = GroupNorm(channels, groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype)
     # A 1x1 conv and a linear layer compute the same map; they differ only in the stored
@@ -125,7 +151,8 @@ class Transformer2D(nnx.Module):
       self.proj_in = nnx.Conv(channels, channels, (1, 1), **kw)
       self.proj_out = nnx.Conv(channels, channels, (1, 1), **kw)
     self.transformer_blocks = nnx.List(
-        [BasicTransformerBlock(channels, heads, context_dim, **kw) for _ in range(num_layers)])
+      [BasicTransformerBlock(channels, heads, context_dim, **kw) for _ in range(num_layers)]
+    )
 
   def __call__(self, x: Array, context: Array) -> Array:
     b, hh, ww, c = x.shape
@@ -136,7 +163,6 @@ class Transformer2D(nnx.Module):
 
 
 class _Level(nnx.Module):
-
   def __init__(self, resnets, attentions, downsamplers=None, upsamplers=None):
     self.resnets = nnx.List(resnets)
     self.attentions = nnx.List(attentions) if attentions else None
@@ -168,27 +194,53 @@ class UNetCond(nnx.Module):
     rngs: ``nnx.Rngs`` for initialisation only.
   """
 
-  def __init__(self, *, in_channels: int = 4, out_channels: int = 4,
-               block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
-               down_cross: Sequence[bool] = (True, True, True, False),
-               up_cross: Sequence[bool] = (False, True, True, True),
-               layers_per_block: int | Sequence[int] = 2,
-               transformer_layers: int | Sequence[int] = 1,
-               num_heads: int | Sequence[int] = 8, cross_attention_dim: int = 768,
-               use_linear_projection: bool = False, norm_num_groups: int = 32,
-               norm_eps: float = 1e-5, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
-               downsample_padding: int = 1, class_embed_type: str | None = None,
-               num_class_embeds: int | None = None, dtype: Any = None,
-               param_dtype: Any = "float32", remat: bool = False, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    *,
+    in_channels: int = 4,
+    out_channels: int = 4,
+    block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
+    down_cross: Sequence[bool] = (True, True, True, False),
+    up_cross: Sequence[bool] = (False, True, True, True),
+    layers_per_block: int | Sequence[int] = 2,
+    transformer_layers: int | Sequence[int] = 1,
+    num_heads: int | Sequence[int] = 8,
+    cross_attention_dim: int = 768,
+    use_linear_projection: bool = False,
+    norm_num_groups: int = 32,
+    norm_eps: float = 1e-5,
+    flip_sin_to_cos: bool = True,
+    freq_shift: float = 0.0,
+    downsample_padding: int = 1,
+    class_embed_type: str | None = None,
+    num_class_embeds: int | None = None,
+    dtype: Any = None,
+    param_dtype: Any = "float32",
+    remat: bool = False,
+    rngs: nnx.Rngs,
+  ):
     k = validate_unet_cond_kwargs(
-        in_channels=in_channels, out_channels=out_channels, block_out_channels=block_out_channels,
-        down_cross=down_cross, up_cross=up_cross, layers_per_block=layers_per_block,
-        transformer_layers=transformer_layers, num_heads=num_heads,
-        cross_attention_dim=cross_attention_dim, use_linear_projection=use_linear_projection,
-        norm_num_groups=norm_num_groups, norm_eps=norm_eps, flip_sin_to_cos=flip_sin_to_cos,
-        freq_shift=freq_shift, downsample_padding=downsample_padding,
-        class_embed_type=class_embed_type, num_class_embeds=num_class_embeds, dtype=dtype,
-        param_dtype=param_dtype, remat=remat)
+      in_channels=in_channels,
+      out_channels=out_channels,
+      block_out_channels=block_out_channels,
+      down_cross=down_cross,
+      up_cross=up_cross,
+      layers_per_block=layers_per_block,
+      transformer_layers=transformer_layers,
+      num_heads=num_heads,
+      cross_attention_dim=cross_attention_dim,
+      use_linear_projection=use_linear_projection,
+      norm_num_groups=norm_num_groups,
+      norm_eps=norm_eps,
+      flip_sin_to_cos=flip_sin_to_cos,
+      freq_shift=freq_shift,
+      downsample_padding=downsample_padding,
+      class_embed_type=class_embed_type,
+      num_class_embeds=num_class_embeds,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      remat=remat,
+    )
     self._kwargs_json = json.dumps(k, sort_keys=True)
     cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype)
@@ -205,27 +257,43 @@ class UNetCond(nnx.Module):
     self.num_class_embeds = k["num_class_embeds"]
 
     def res(cin, cout):
-      return ResnetBlock(cin, cout, temb, groups=k["norm_num_groups"], eps=k["norm_eps"],
-                         dropout=0.0, rngs=rngs, **kw)
+      return ResnetBlock(cin, cout, temb, groups=k["norm_num_groups"], eps=k["norm_eps"], dropout=0.0, rngs=rngs, **kw)
 
     def xf(c, lev):
-      return Transformer2D(c, k["num_heads"][lev], ctx, k["transformer_layers"][lev],
-                           groups=k["norm_num_groups"],
-                           linear_projection=k["use_linear_projection"], rngs=rngs, **kw)
+      return Transformer2D(
+        c,
+        k["num_heads"][lev],
+        ctx,
+        k["transformer_layers"][lev],
+        groups=k["norm_num_groups"],
+        linear_projection=k["use_linear_projection"],
+        rngs=rngs,
+        **kw,
+      )
 
-    self.conv_in = nnx.Conv(k["in_channels"], boc[0], (3, 3), padding=((1, 1), (1, 1)),
-                            rngs=rngs, **kw)
+    self.conv_in = nnx.Conv(k["in_channels"], boc[0], (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
     # float32 time MLP, as in ddx.models.UNet (cheap; keeps t precise)
-    self.time_embedding = TimestepEmbedding(boc[0], temb, flip_sin_to_cos=k["flip_sin_to_cos"],
-                                            freq_shift=k["freq_shift"], dtype=None,
-                                            param_dtype=pdtype, rngs=rngs)
+    self.time_embedding = TimestepEmbedding(
+      boc[0],
+      temb,
+      flip_sin_to_cos=k["flip_sin_to_cos"],
+      freq_shift=k["freq_shift"],
+      dtype=None,
+      param_dtype=pdtype,
+      rngs=rngs,
+    )
     if k["class_embed_type"] == "timestep":
       self.class_embedding = TimestepEmbedding(
-          boc[0], temb, flip_sin_to_cos=k["flip_sin_to_cos"], freq_shift=k["freq_shift"],
-          dtype=None, param_dtype=pdtype, rngs=rngs)
+        boc[0],
+        temb,
+        flip_sin_to_cos=k["flip_sin_to_cos"],
+        freq_shift=k["freq_shift"],
+        dtype=None,
+        param_dtype=pdtype,
+        rngs=rngs,
+      )
     elif k["num_class_embeds"]:
-      self.class_embedding = nnx.Embed(k["num_class_embeds"], temb, param_dtype=pdtype,
-                                       rngs=rngs)
+      self.class_embedding = nnx.Embed(k["num_class_embeds"], temb, param_dtype=pdtype, rngs=rngs)
     else:
       self.class_embedding = None
 
@@ -261,8 +329,7 @@ class UNetCond(nnx.Module):
     self.up_blocks = nnx.List(up)
     assert not skip
     self.conv_norm_out = GroupNorm(cur, k["norm_num_groups"], epsilon=k["norm_eps"], **kw)
-    self.conv_out = nnx.Conv(cur, k["out_channels"], (3, 3), padding=((1, 1), (1, 1)),
-                             rngs=rngs, **kw)
+    self.conv_out = nnx.Conv(cur, k["out_channels"], (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
 
   @property
   def kwargs(self) -> dict:
@@ -282,8 +349,7 @@ class UNetCond(nnx.Module):
     if x_shape[1] % div or x_shape[2] % div:
       raise ValueError(f"x: height and width must be divisible by {div}, got {tuple(x_shape[1:3])}")
     if len(context_shape) != 3 or context_shape[-1] != self.cross_attention_dim:
-      raise ValueError(f"context: expected [B, L, {self.cross_attention_dim}], got shape "
-                       f"{tuple(context_shape)}")
+      raise ValueError(f"context: expected [B, L, {self.cross_attention_dim}], got shape {tuple(context_shape)}")
     if context_shape[0] != x_shape[0]:
       raise ValueError(f"context: batch {context_shape[0]} differs from x's batch {x_shape[0]}")
 
@@ -361,11 +427,14 @@ def validate_unet_cond_kwargs(**k) -> dict:
       raise ValueError(f"{name}: must be a positive int, got {v!r}")
     return int(v)
 
-  out = {n: pos_int(n) for n in ("in_channels", "out_channels", "cross_attention_dim",
-                                 "norm_num_groups")}
+  out = {n: pos_int(n) for n in ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups")}
   boc = k["block_out_channels"]
-  if isinstance(boc, (str, bytes)) or not isinstance(boc, Sequence) or not boc or not all(
-      is_int(c) and c >= 1 for c in boc):
+  if (
+    isinstance(boc, (str, bytes))
+    or not isinstance(boc, Sequence)
+    or not boc
+    or not all(is_int(c) and c >= 1 for c in boc)
+  ):
     raise ValueError(f"block_out_channels: must be a non-empty sequence of positive ints, got {boc!r}")
   out["block_out_channels"] = [int(c) for c in boc]
   nlev = len(boc)

@@ -10,45 +10,59 @@ from __future__ import annotations
 
 import inspect
 
-from ddx.samplers import base, ddim, ddpm, dpm_solver, grids, plms
+from ddx.samplers import base, ddim, ddpm, dpm_solver, grids, plms  # noqa: F401 -- ddx.samplers.<module>
 from ddx.samplers.base import Sampler, X0Processing
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
 from ddx.samplers.dpm_solver import DPMSolverPP
 from ddx.samplers.plms import PLMS
 
-_MAKERS = {
-    "ddpm": ddpm.make,
-    "ddim": ddim.make,
-    "plms": plms.make,
-    "dpm_solver++": dpm_solver.make,
+# name -> (maker, sampler class)
+_SAMPLERS = {
+  "ddpm": (ddpm.make, DDPM),
+  "ddim": (ddim.make, DDIM),
+  "plms": (plms.make, PLMS),
+  "dpm_solver++": (dpm_solver.make, DPMSolverPP),
 }
 _ALIASES = {"dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++", "pndm": "plms"}
-NAMES = tuple(_MAKERS)
+NAMES = tuple(_SAMPLERS)
+# the samplers a run may start mid-grid with or revisit calls of (the editors' choices)
+SINGLE_STEP_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if cls.single_step)
 
 
 def canonical(name: str) -> str:
   """The canonical sampler name for ``name`` or an alias (ValueError if unknown)."""
   key = _ALIASES.get(name, name)
-  if key not in _MAKERS:
+  if key not in _SAMPLERS:
     raise ValueError(f"name: unknown sampler {name!r}; expected one of {NAMES}")
   return key
 
 
 def make(name: str, sched, num_steps: int | None = None, **kwargs):
   """Build sampler ``name`` for schedule ``sched`` with ``num_steps`` steps (S)."""
-  key = _ALIASES.get(name, name)
-  if key not in _MAKERS:
-    raise ValueError(f"name: unknown sampler {name!r}; expected one of {NAMES}")
-  maker = _MAKERS[key]
+  key = canonical(name)
+  maker = _SAMPLERS[key][0]
   params = inspect.signature(maker).parameters
   unknown = [k for k in kwargs if k not in params]
   if unknown:
-    raise ValueError(f"{unknown[0]}: not an argument of the {key!r} sampler "
-                     f"(accepted: {', '.join(p for p in params if p not in ('sched', 'num_steps'))})")
+    raise ValueError(
+      f"{unknown[0]}: not an argument of the {key!r} sampler "
+      f"(accepted: {', '.join(p for p in params if p not in ('sched', 'num_steps'))})"
+    )
   if num_steps is None and key != "ddpm" and kwargs.get("timesteps") is None:
     raise ValueError(f"num_steps: required for the {key!r} sampler")
   return maker(sched, num_steps, **kwargs)
 
 
-__all__ = ["make", "canonical", "NAMES", "Sampler", "X0Processing", "DDPM", "DDIM", "PLMS", "DPMSolverPP"]
+__all__ = [
+  "make",
+  "canonical",
+  "NAMES",
+  "SINGLE_STEP_NAMES",
+  "Sampler",
+  "X0Processing",
+  "DDPM",
+  "DDIM",
+  "PLMS",
+  "DPMSolverPP",
+]

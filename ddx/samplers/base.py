@@ -25,6 +25,9 @@ class Sampler(Protocol):
 
   * ``timesteps``: int32 [N], the t given to the model at each of its N model calls;
   * ``stochastic``: whether ``step`` consumes noise (False: the driver draws none);
+  * ``single_step``: whether a step needs nothing but the current sample (no multistep
+    history), so that a run may start at any call or revisit calls (SDEdit, inpainting,
+    RePaint); such a sampler also tells its ``noise_levels()``, what the editors need;
   * ``init(x_T) -> state`` and ``step(state, model_output, i, noise) -> state``, pure; ``i`` is
     the model-call index, ``noise`` a standard normal array of x's shape or None;
   * the state has ``x`` (the current sample) and ``x0`` (the latest x0 prediction).
@@ -32,6 +35,7 @@ class Sampler(Protocol):
 
   timesteps: jax.Array
   stochastic: bool
+  single_step: bool
 
   def init(self, x_T: jax.Array) -> Any: ...
 
@@ -39,13 +43,21 @@ class Sampler(Protocol):
 
 
 class State(NamedTuple):
-  """The state of the single-step samplers (DDPM, DDIM, DPM-Solver++)."""
-  x: jax.Array   # the current sample
+  """The state of DDPM, DDIM and DPM-Solver++ (whose multistep history is the previous ``x0``)."""
+
+  x: jax.Array  # the current sample
   x0: jax.Array  # the latest x0 prediction
 
 
 class Common:
   """Methods shared by the sampler dataclasses (no fields of its own)."""
+
+  single_step = False  # the multistep samplers' default; DDPM and DDIM override it
+
+  def noise_levels(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(sqrt(a), sqrt(1 - a))`` float64 [N + 1]: the level of each model call, then the
+    final level (after the last call). Single-step samplers only."""
+    raise ValueError(f"sampler: expected a single-step sampler (DDPM or DDIM), got {type(self).__name__}")
 
   @property
   def num_calls(self) -> int:
@@ -63,8 +75,10 @@ def split_output(output: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array 
   if output.shape[:-1] == x.shape[:-1] and output.shape[-1] == 2 * x.shape[-1]:
     c = x.shape[-1]
     return output[..., :c].astype(jnp.float32), output[..., c:].astype(jnp.float32)
-  raise ValueError(f"model_output: shape {output.shape} does not match the sample shape {x.shape} "
-                   "(or twice its channels for a learned variance)")
+  raise ValueError(
+    f"model_output: shape {output.shape} does not match the sample shape {x.shape} "
+    "(or twice its channels for a learned variance)"
+  )
 
 
 def dynamic_threshold(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:
@@ -97,6 +111,7 @@ class X0Processing:
   whether x0 can change, i.e. whether a sampler that combines x0 with eps must re-derive eps
   to stay consistent (docs/samplers.md §2.6).
   """
+
   clip_sample: bool = struct.field(pytree_node=False, default=False)
   clip_range: float = struct.field(pytree_node=False, default=1.0)
   thresholding: bool = struct.field(pytree_node=False, default=False)
@@ -115,12 +130,29 @@ class X0Processing:
     return x0
 
 
-def x0_processing(*, clip_sample: bool = False, clip_range: float = 1.0, thresholding: bool = False,
-                  threshold_ratio: float = 0.995, threshold_max: float = 1.0) -> X0Processing:
+def x0_processing(
+  *,
+  clip_sample: bool = False,
+  clip_range: float = 1.0,
+  thresholding: bool = False,
+  threshold_ratio: float = 0.995,
+  threshold_max: float = 1.0,
+) -> X0Processing:
   """Validated `X0Processing` (ValueError naming the argument)."""
   check_threshold_args(clip_range, threshold_ratio, threshold_max)
-  return X0Processing(clip_sample=bool(clip_sample), clip_range=float(clip_range), thresholding=bool(thresholding),
-                      threshold_ratio=float(threshold_ratio), threshold_max=float(threshold_max))
+  return X0Processing(
+    clip_sample=bool(clip_sample),
+    clip_range=float(clip_range),
+    thresholding=bool(thresholding),
+    threshold_ratio=float(threshold_ratio),
+    threshold_max=float(threshold_max),
+  )
+
+
+def require_single_step(sampler, what: str) -> None:
+  """ValueError naming ``what`` unless ``sampler`` is single-step (see `Sampler`)."""
+  if not getattr(sampler, "single_step", False):
+    raise ValueError(f"sampler: {what} needs a single-step sampler (DDPM or DDIM), got {type(sampler).__name__}")
 
 
 def check_prediction(prediction: str, allowed=diffusion.PREDICTIONS) -> str:
@@ -132,8 +164,10 @@ def check_prediction(prediction: str, allowed=diffusion.PREDICTIONS) -> str:
 def check_zero_snr(prediction: str, alphas: np.ndarray, what: str) -> None:
   """eps-prediction cannot be inverted where ab = 0 (zero terminal SNR)."""
   if prediction == "eps" and np.any(np.asarray(alphas) <= 0.0):
-    raise ValueError(f"prediction: 'eps' is undefined where alphas_cumprod = 0 ({what} reaches the zero-SNR "
-                     "timestep); use prediction='v' or 'x0', or a grid that avoids T-1")
+    raise ValueError(
+      f"prediction: 'eps' is undefined where alphas_cumprod = 0 ({what} reaches the zero-SNR "
+      "timestep); use prediction='v' or 'x0', or a grid that avoids T-1"
+    )
 
 
 # diffusers' DPMSolverMultistepScheduler replaces ab[T-1] = 0 of a zero-terminal-SNR schedule by

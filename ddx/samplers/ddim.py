@@ -29,16 +29,32 @@ from ddx.schedules import Schedule
 
 @struct.dataclass
 class DDIM(base.Common):
-  timesteps: jax.Array      # int32 [N]
-  sqrt_alpha: jax.Array     # sqrt(ab[t])      float32 [N]
+  timesteps: jax.Array  # int32 [N]
+  sqrt_alpha: jax.Array  # sqrt(ab[t])      float32 [N]
   sqrt_one_minus_alpha: jax.Array  # sqrt(1 - ab[t])
   sqrt_alpha_prev: jax.Array  # sqrt(a')       float32 [N]
-  dir_coef: jax.Array       # sqrt(1 - a' - sigma^2)
+  dir_coef: jax.Array  # sqrt(1 - a' - sigma^2)
   sigma: jax.Array
   prediction: str = struct.field(pytree_node=False, default="eps")
   x0_processing: base.X0Processing = struct.field(pytree_node=False, default=base.X0Processing())
   use_clipped_model_output: bool = struct.field(pytree_node=False, default=False)
   stochastic: bool = struct.field(pytree_node=False, default=False)
+
+  single_step = True
+
+  def noise_levels(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(sqrt(a), sqrt(1 - a))`` float64 [N + 1] per model call, then the final level a'.
+
+    Read back from the float32 tables, which were cast from float64 (relative accuracy ~6e-8
+    for both, including ``1 - a`` near t = 0, where ``1 - a`` computed from a float32 ``a``
+    would lose four digits).
+    """
+    sa = np.asarray(self.sqrt_alpha, np.float64)
+    s1a = np.asarray(self.sqrt_one_minus_alpha, np.float64)
+    fa = float(np.asarray(self.sqrt_alpha_prev, np.float64)[-1])
+    # 1 - a' = dir_coef^2 + sigma^2 (both from float64): exact to float32 even when a' ~ 1
+    f1a = 0.0 if fa == 1.0 else float(np.hypot(np.float64(self.dir_coef[-1]), np.float64(self.sigma[-1])))
+    return np.r_[sa, fa], np.r_[s1a, f1a]
 
   def step(self, state: base.State, model_output: jax.Array, i, noise: jax.Array | None) -> base.State:
     x = state.x
@@ -55,21 +71,21 @@ class DDIM(base.Common):
 
 
 def make(
-    sched: Schedule,
-    num_steps: int,
-    *,
-    eta: float = 0.0,
-    spacing: str = "leading",
-    steps_offset: int = 0,
-    timesteps=None,
-    set_alpha_to_one: bool | None = None,
-    prediction: str = "eps",
-    clip_sample: bool = True,
-    clip_range: float = 1.0,
-    thresholding: bool = False,
-    threshold_ratio: float = 0.995,
-    threshold_max: float = 1.0,
-    use_clipped_model_output: bool | None = None,
+  sched: Schedule,
+  num_steps: int,
+  *,
+  eta: float = 0.0,
+  spacing: str = "leading",
+  steps_offset: int = 0,
+  timesteps=None,
+  set_alpha_to_one: bool | None = None,
+  prediction: str = "eps",
+  clip_sample: bool = True,
+  clip_range: float = 1.0,
+  thresholding: bool = False,
+  threshold_ratio: float = 0.995,
+  threshold_max: float = 1.0,
+  use_clipped_model_output: bool | None = None,
 ) -> DDIM:
   """Build a DDIM sampler.
 
@@ -90,8 +106,13 @@ def make(
       S = 500 (README, "Deliberate differences").
   """
   base.check_prediction(prediction)
-  x0_proc = base.x0_processing(clip_sample=clip_sample, clip_range=clip_range, thresholding=thresholding,
-                               threshold_ratio=threshold_ratio, threshold_max=threshold_max)
+  x0_proc = base.x0_processing(
+    clip_sample=clip_sample,
+    clip_range=clip_range,
+    thresholding=thresholding,
+    threshold_ratio=threshold_ratio,
+    threshold_max=threshold_max,
+  )
   if not (isinstance(eta, (int, float, np.floating)) and np.isfinite(eta) and eta >= 0):
     raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
   T = sched.num_timesteps
@@ -111,14 +132,14 @@ def make(
   # 1 - a' - sigma^2 >= 0 analytically; clamp float64 round-off so sqrt never sees < 0.
   dir_coef = np.sqrt(np.maximum(1.0 - a_prev - sigma**2, 0.0))
   return DDIM(
-      timesteps=jnp.asarray(ts, jnp.int32),
-      sqrt_alpha=base.f32(np.sqrt(a)),
-      sqrt_one_minus_alpha=base.f32(np.sqrt(1.0 - a)),
-      sqrt_alpha_prev=base.f32(np.sqrt(a_prev)),
-      dir_coef=base.f32(dir_coef),
-      sigma=base.f32(sigma),
-      prediction=prediction,
-      x0_processing=x0_proc,
-      use_clipped_model_output=x0_proc.active if use_clipped_model_output is None else bool(use_clipped_model_output),
-      stochastic=bool(eta > 0),
+    timesteps=jnp.asarray(ts, jnp.int32),
+    sqrt_alpha=base.f32(np.sqrt(a)),
+    sqrt_one_minus_alpha=base.f32(np.sqrt(1.0 - a)),
+    sqrt_alpha_prev=base.f32(np.sqrt(a_prev)),
+    dir_coef=base.f32(dir_coef),
+    sigma=base.f32(sigma),
+    prediction=prediction,
+    x0_processing=x0_proc,
+    use_clipped_model_output=x0_proc.active if use_clipped_model_output is None else bool(use_clipped_model_output),
+    stochastic=bool(eta > 0),
   )

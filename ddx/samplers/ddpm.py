@@ -26,15 +26,16 @@ from ddx import diffusion
 from ddx.samplers import base, grids
 from ddx.schedules import Schedule
 
+
 @struct.dataclass
 class DDPM(base.Common):
-  timesteps: jax.Array   # int32 [N]
+  timesteps: jax.Array  # int32 [N]
   sqrt_alpha: jax.Array  # sqrt(ab[t])
   sqrt_one_minus_alpha: jax.Array
-  coef_x0: jax.Array     # sqrt(a') beta' / (1 - a)
-  coef_x: jax.Array      # sqrt(alpha') (1 - a') / (1 - a)
-  std: jax.Array         # fixed std (fixed_small / fixed_large), 0 where t == 0
-  log_beta: jax.Array    # learned_range: log beta'
+  coef_x0: jax.Array  # sqrt(a') beta' / (1 - a)
+  coef_x: jax.Array  # sqrt(alpha') (1 - a') / (1 - a)
+  std: jax.Array  # fixed std (fixed_small / fixed_large), 0 where t == 0
+  log_beta: jax.Array  # learned_range: log beta'
   log_var_min: jax.Array  # learned_range: log max(beta_tilde', 1e-20)
   noise_mask: jax.Array  # 1.0 where t > 0
   prediction: str = struct.field(pytree_node=False, default="eps")
@@ -42,12 +43,23 @@ class DDPM(base.Common):
   x0_processing: base.X0Processing = struct.field(pytree_node=False, default=base.X0Processing())
   stochastic: bool = struct.field(pytree_node=False, default=True)
 
+  single_step = True
+
+  def noise_levels(self) -> tuple[np.ndarray, np.ndarray]:
+    """``(sqrt(a), sqrt(1 - a))`` float64 [N + 1] per model call, then the final level (DDPM
+    always ends at a' = 1); read back from the float32 tables cast from float64."""
+    sa = np.asarray(self.sqrt_alpha, np.float64)
+    s1a = np.asarray(self.sqrt_one_minus_alpha, np.float64)
+    return np.r_[sa, 1.0], np.r_[s1a, 0.0]
+
   def step(self, state: base.State, model_output: jax.Array, i, noise: jax.Array) -> base.State:
     x = state.x
     out, var_out = base.split_output(model_output, x)
     if self.variance == "learned_range" and var_out is None:
-      raise ValueError("model_output: variance='learned_range' needs twice the sample's channels "
-                       f"(got shape {model_output.shape} for sample {x.shape})")
+      raise ValueError(
+        "model_output: variance='learned_range' needs twice the sample's channels "
+        f"(got shape {model_output.shape} for sample {x.shape})"
+      )
     x0, _ = diffusion.to_x0_eps_sqrt(out, x, self.sqrt_alpha[i], self.sqrt_one_minus_alpha[i], self.prediction)
     # The posterior mean below is built from x0 alone, so clipping keeps the update consistent.
     x0 = self.x0_processing(x0)
@@ -61,19 +73,19 @@ class DDPM(base.Common):
 
 
 def make(
-    sched: Schedule,
-    num_steps: int | None = None,
-    *,
-    variance: str = "fixed_small",
-    spacing: str = "leading",
-    steps_offset: int = 0,
-    timesteps=None,
-    prediction: str = "eps",
-    clip_sample: bool = True,
-    clip_range: float = 1.0,
-    thresholding: bool = False,
-    threshold_ratio: float = 0.995,
-    threshold_max: float = 1.0,
+  sched: Schedule,
+  num_steps: int | None = None,
+  *,
+  variance: str = "fixed_small",
+  spacing: str = "leading",
+  steps_offset: int = 0,
+  timesteps=None,
+  prediction: str = "eps",
+  clip_sample: bool = True,
+  clip_range: float = 1.0,
+  thresholding: bool = False,
+  threshold_ratio: float = 0.995,
+  threshold_max: float = 1.0,
 ) -> DDPM:
   """Build a DDPM ancestral sampler. ``num_steps=None`` means the full chain (S = T).
 
@@ -81,8 +93,13 @@ def make(
   The original DDPM CIFAR-10 sampler is ``variance="fixed_large"``, S = T.
   """
   base.check_prediction(prediction)
-  x0_proc = base.x0_processing(clip_sample=clip_sample, clip_range=clip_range, thresholding=thresholding,
-                               threshold_ratio=threshold_ratio, threshold_max=threshold_max)
+  x0_proc = base.x0_processing(
+    clip_sample=clip_sample,
+    clip_range=clip_range,
+    thresholding=thresholding,
+    threshold_ratio=threshold_ratio,
+    threshold_max=threshold_max,
+  )
   if variance not in diffusion.VARIANCES:
     raise ValueError(f"variance: unknown variance type {variance!r}; expected one of {diffusion.VARIANCES}")
   T = sched.num_timesteps
@@ -100,16 +117,16 @@ def make(
   mask = (ts > 0).astype(np.float64)
   std = np.sqrt(var_small if variance == "fixed_small" else beta_t) * mask
   return DDPM(
-      timesteps=jnp.asarray(ts, jnp.int32),
-      sqrt_alpha=base.f32(np.sqrt(a)),
-      sqrt_one_minus_alpha=base.f32(np.sqrt(1.0 - a)),
-      coef_x0=base.f32(np.sqrt(a_prev) * beta_t / (1.0 - a)),
-      coef_x=base.f32(np.sqrt(alpha_t) * (1.0 - a_prev) / (1.0 - a)),
-      std=base.f32(std),
-      log_beta=base.f32(np.log(np.maximum(beta_t, 1e-300))),
-      log_var_min=base.f32(np.log(var_small)),
-      noise_mask=base.f32(mask),
-      prediction=prediction,
-      variance=variance,
-      x0_processing=x0_proc,
+    timesteps=jnp.asarray(ts, jnp.int32),
+    sqrt_alpha=base.f32(np.sqrt(a)),
+    sqrt_one_minus_alpha=base.f32(np.sqrt(1.0 - a)),
+    coef_x0=base.f32(np.sqrt(a_prev) * beta_t / (1.0 - a)),
+    coef_x=base.f32(np.sqrt(alpha_t) * (1.0 - a_prev) / (1.0 - a)),
+    std=base.f32(std),
+    log_beta=base.f32(np.log(np.maximum(beta_t, 1e-300))),
+    log_var_min=base.f32(np.log(var_small)),
+    noise_mask=base.f32(mask),
+    prediction=prediction,
+    variance=variance,
+    x0_processing=x0_proc,
   )

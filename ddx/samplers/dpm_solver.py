@@ -37,9 +37,9 @@ class DPMSolverPP(base.Common):
   timesteps: jax.Array  # int32 [N]
   sqrt_alpha: jax.Array  # alpha_k = sqrt(ab[tau_k]) for the output conversion
   sqrt_one_minus_alpha: jax.Array  # sigma_k
-  coef_x: jax.Array     # A_k
-  coef_m: jax.Array     # B_k
-  coef_d: jax.Array     # C_k (0 for first-order steps)
+  coef_x: jax.Array  # A_k
+  coef_m: jax.Array  # B_k
+  coef_d: jax.Array  # C_k (0 for first-order steps)
   prediction: str = struct.field(pytree_node=False, default="eps")
   x0_processing: base.X0Processing = struct.field(pytree_node=False, default=base.X0Processing())
   stochastic: bool = struct.field(pytree_node=False, default=False)
@@ -56,22 +56,22 @@ class DPMSolverPP(base.Common):
 
 
 def make(
-    sched: Schedule,
-    num_steps: int,
-    *,
-    solver_order: int = 2,
-    solver_type: str = "midpoint",
-    spacing: str = "linspace",
-    steps_offset: int = 0,
-    timesteps=None,
-    lower_order_final: bool = True,
-    euler_at_final: bool = False,
-    final_sigma: str = "zero",
-    prediction: str = "eps",
-    thresholding: bool = False,
-    threshold_ratio: float = 0.995,
-    threshold_max: float = 1.0,
-    eta: float = 0.0,
+  sched: Schedule,
+  num_steps: int,
+  *,
+  solver_order: int = 2,
+  solver_type: str = "midpoint",
+  spacing: str = "linspace",
+  steps_offset: int = 0,
+  timesteps=None,
+  lower_order_final: bool = True,
+  euler_at_final: bool = False,
+  final_sigma: str = "zero",
+  prediction: str = "eps",
+  thresholding: bool = False,
+  threshold_ratio: float = 0.995,
+  threshold_max: float = 1.0,
+  eta: float = 0.0,
 ) -> DPMSolverPP:
   """Build a DPM-Solver++ (1S / 2M) sampler with S model calls.
 
@@ -87,8 +87,7 @@ def make(
   if final_sigma not in FINAL_SIGMAS:
     raise ValueError(f"final_sigma: unknown {final_sigma!r}; expected one of {FINAL_SIGMAS}")
   base.check_prediction(prediction)
-  x0_proc = base.x0_processing(thresholding=thresholding, threshold_ratio=threshold_ratio,
-                               threshold_max=threshold_max)
+  x0_proc = base.x0_processing(thresholding=thresholding, threshold_ratio=threshold_ratio, threshold_max=threshold_max)
   T = sched.num_timesteps
   ts = grids.validate(timesteps, T) if timesteps is not None else grids.dpm_solver(spacing, T, num_steps, steps_offset)
   base.check_zero_snr(prediction, sched.f64.alphas_cumprod[ts], "the DPM-Solver grid")
@@ -126,12 +125,12 @@ def make(
       else:
         coef_d[k] = alpha_next[k] * (em1 / h + 1.0) / r
   return DPMSolverPP(
-      timesteps=jnp.asarray(ts, jnp.int32),
-      sqrt_alpha=base.f32(alpha),
-      sqrt_one_minus_alpha=base.f32(sigma),
-      coef_x=base.f32(coef_x),
-      coef_m=base.f32(coef_m),
-      coef_d=base.f32(coef_d),
-      prediction=prediction,
-      x0_processing=x0_proc,
+    timesteps=jnp.asarray(ts, jnp.int32),
+    sqrt_alpha=base.f32(alpha),
+    sqrt_one_minus_alpha=base.f32(sigma),
+    coef_x=base.f32(coef_x),
+    coef_m=base.f32(coef_m),
+    coef_d=base.f32(coef_d),
+    prediction=prediction,
+    x0_processing=x0_proc,
   )

@@ -79,8 +79,9 @@ def compvis_uniform(num_train: int, num_steps: int) -> np.ndarray:
   ts = np.arange(0, num_train, c, dtype=np.int64) + 1
   if ts[-1] >= num_train:
     raise ValueError(
-        f"num_steps: CompVis uniform spacing with S={num_steps} would index timestep {ts[-1]} = T "
-        "(out of range in the reference too); pick another num_steps or spacing='leading'")
+      f"num_steps: CompVis uniform spacing with S={num_steps} would index timestep {ts[-1]} = T "
+      "(out of range in the reference too); pick another num_steps or spacing='leading'"
+    )
   return validate(ts[::-1], num_train, "timesteps (compvis_uniform)")
 
 
@@ -102,8 +103,9 @@ def make(spacing: str, num_train: int, num_steps: int, steps_offset: int = 0) ->
     raise ValueError(f"steps_offset: only applies to spacing='leading', got spacing={spacing!r}")
   if spacing == "leading":
     return leading(num_train, num_steps, steps_offset)
-  return {"trailing": trailing, "linspace": linspace,
-          "compvis_uniform": compvis_uniform, "compvis_quad": compvis_quad}[spacing](num_train, num_steps)
+  return {"trailing": trailing, "linspace": linspace, "compvis_uniform": compvis_uniform, "compvis_quad": compvis_quad}[
+    spacing
+  ](num_train, num_steps)
 
 
 def dpm_solver(spacing: str, num_train: int, num_steps: int, steps_offset: int = 0) -> np.ndarray:

@@ -43,21 +43,21 @@ _PREDICT, _CORRECT, _MULTISTEP = 0, 1, 2
 
 
 class PLMSState(NamedTuple):
-  x: jax.Array         # the sample the model is evaluated on next
-  x0: jax.Array        # latest x0 prediction (at the evaluation point)
-  saved: jax.Array     # sample saved by the Euler predictor for the Heun corrector
-  ring: jax.Array      # [3, *x.shape]: stored eps, ring[2] newest
-  count: jax.Array     # int32: number of stored outputs (before this call's append)
+  x: jax.Array  # the sample the model is evaluated on next
+  x0: jax.Array  # latest x0 prediction (at the evaluation point)
+  saved: jax.Array  # sample saved by the Euler predictor for the Heun corrector
+  ring: jax.Array  # [3, *x.shape]: stored eps, ring[2] newest
+  count: jax.Array  # int32: number of stored outputs (before this call's append)
 
 
 @struct.dataclass
 class PLMS(base.Common):
-  timesteps: jax.Array   # int32 [N] model timestep per call
-  mode: jax.Array        # int32 [N]
+  timesteps: jax.Array  # int32 [N] model timestep per call
+  mode: jax.Array  # int32 [N]
   sqrt_alpha_eval: jax.Array  # sqrt(ab) at the evaluation point (output -> eps and x0)
   sqrt_one_minus_alpha_eval: jax.Array
-  coef_x: jax.Array      # sqrt(a'/a)
-  coef_e: jax.Array      # (a' - a) / (a sqrt(1-a') + sqrt(a (1-a) a'))
+  coef_x: jax.Array  # sqrt(a'/a)
+  coef_e: jax.Array  # (a' - a) / (a sqrt(1-a') + sqrt(a (1-a) a'))
   prediction: str = struct.field(pytree_node=False, default="eps")
   stochastic: bool = struct.field(pytree_node=False, default=False)
 
@@ -69,8 +69,9 @@ class PLMS(base.Common):
   def step(self, state: PLMSState, model_output: jax.Array, i, noise=None) -> PLMSState:
     del noise
     out, _ = base.split_output(model_output, state.x)
-    x0_eval, out = diffusion.to_x0_eps_sqrt(out, state.x, self.sqrt_alpha_eval[i],
-                                            self.sqrt_one_minus_alpha_eval[i], self.prediction)
+    x0_eval, out = diffusion.to_x0_eps_sqrt(
+      out, state.x, self.sqrt_alpha_eval[i], self.sqrt_one_minus_alpha_eval[i], self.prediction
+    )
     mode = self.mode[i]
     ring, count = state.ring, state.count
 
@@ -84,11 +85,14 @@ class PLMS(base.Common):
       # ring after appending `out`; n = number stored including it (2, 3 or >= 4)
       r = jnp.concatenate([ring[1:], out[None]], axis=0)
       n = jnp.minimum(count + 1, 4)
-      e = jax.lax.switch(n - 2, [
+      e = jax.lax.switch(
+        n - 2,
+        [
           lambda: (3 * r[2] - r[1]) / 2,
           lambda: (23 * r[2] - 16 * r[1] + 5 * r[0]) / 12,
           lambda: (1 / 24) * (55 * r[2] - 59 * r[1] + 37 * r[0] - 9 * ring[0]),
-      ])
+        ],
+      )
       return e, state.x, state.saved
 
     e, src, saved = jax.lax.switch(mode, [predict, correct, multistep], None)
@@ -106,15 +110,15 @@ def _transfer_coefs(a: np.ndarray, a_prev: np.ndarray):
 
 
 def make(
-    sched: Schedule,
-    num_steps: int,
-    *,
-    spacing: str = "leading",
-    steps_offset: int = 0,
-    timesteps=None,
-    set_alpha_to_one: bool = False,
-    prediction: str = "eps",
-    eta: float = 0.0,
+  sched: Schedule,
+  num_steps: int,
+  *,
+  spacing: str = "leading",
+  steps_offset: int = 0,
+  timesteps=None,
+  set_alpha_to_one: bool = False,
+  prediction: str = "eps",
+  eta: float = 0.0,
 ) -> PLMS:
   """Build a PLMS sampler (S + 1 model calls for S >= 2, one call for S = 1).
 
@@ -145,11 +149,11 @@ def make(
     ev = ab[t_call]
   coef_x, coef_e = _transfer_coefs(src, dst)
   return PLMS(
-      timesteps=jnp.asarray(t_call, jnp.int32),
-      mode=jnp.asarray(modes, jnp.int32),
-      sqrt_alpha_eval=base.f32(np.sqrt(ev)),
-      sqrt_one_minus_alpha_eval=base.f32(np.sqrt(1.0 - ev)),
-      coef_x=base.f32(coef_x),
-      coef_e=base.f32(coef_e),
-      prediction=prediction,
+    timesteps=jnp.asarray(t_call, jnp.int32),
+    mode=jnp.asarray(modes, jnp.int32),
+    sqrt_alpha_eval=base.f32(np.sqrt(ev)),
+    sqrt_one_minus_alpha_eval=base.f32(np.sqrt(1.0 - ev)),
+    coef_x=base.f32(coef_x),
+    coef_e=base.f32(coef_e),
+    prediction=prediction,
   )

@@ -1,0 +1,368 @@
+"""Config validation and translation.
+
+The commands hand their ml_collections config (or a workdir's config.json) to this module
+and to nothing else. `validate` checks every key against the schema in
+`ddx.config_defaults` (unknown keys, types, ranges, cross-field consistency) and raises a
+one-line ``ValueError("<section.key>: ...")`` before anything is built or compiled. The
+``*_spec`` / ``*_kwargs`` helpers translate sections into the explicit arguments that library
+code takes; each choice set is imported from the module that owns the concept.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+from ddx import diffusion, losses, schedules
+from ddx.cli import defaults as config_defaults
+from ddx.cli import limits
+from ddx.data.sources import DATASETS
+from ddx.eval import inception, quality
+from ddx.models.autoencoder import validate_autoencoder_kwargs
+from ddx.models.unet import unet_kwargs
+from ddx.samplers import NAMES as SAMPLER_NAMES
+from ddx.training import autoencoder as autoencoder_train
+from ddx.training import checkpoint
+from ddx.training import step as train_lib
+
+
+def _default_schema() -> dict:
+  return to_dict(config_defaults.get_config())
+
+
+def to_dict(cfg) -> dict:
+  """ConfigDict (or mapping) -> plain nested dict with tuples as lists."""
+  if hasattr(cfg, "to_dict"):
+    cfg = cfg.to_dict()
+  out = {}
+  for k, v in dict(cfg).items():
+    if isinstance(v, Mapping):
+      out[k] = to_dict(v)
+    elif isinstance(v, tuple):
+      out[k] = list(v)
+    else:
+      out[k] = v
+  return out
+
+
+def _check_keys(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
+  for k, v in cfg.items():
+    name = f"{prefix}{k}"
+    if k not in schema:
+      raise ValueError(f"{name}: unknown config key")
+    if isinstance(schema[k], Mapping):
+      if not isinstance(v, Mapping):
+        raise ValueError(f"{name}: must be a section, got {v!r}")
+      _check_keys(v, schema[k], name + ".")
+  for k in schema:
+    if k not in cfg:
+      raise ValueError(f"{prefix}{k}: missing from the config")
+
+
+_FROM_CFG = object()
+
+
+def _num(cfg, key, lo=None, hi=None, *, integer=False, lo_open=False, hi_open=False, optional=False, value=_FROM_CFG):
+  """The number at ``key`` ("section.field"), checked for type and range; ``optional``: None
+  passes; ``value``: check this value (e.g. a list entry) under the name ``key``."""
+  if value is _FROM_CFG:
+    section, field = key.split(".") if "." in key else (None, key)
+    v = cfg[section][field] if section else cfg[field]
+  else:
+    v = value
+  if optional and v is None:
+    return None
+  ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+  if isinstance(v, bool) or not ok_type:
+    raise ValueError(f"{key}: must be {'an integer' if integer else 'a number'}, got {v!r}")
+  if not math.isfinite(v):
+    raise ValueError(f"{key}: must be a finite number, got {v}")
+  if lo is not None and (v <= lo if lo_open else v < lo):
+    raise ValueError(f"{key}: must be {'>' if lo_open else '>='} {lo}, got {v}")
+  if hi is not None and (v >= hi if hi_open else v > hi):
+    raise ValueError(f"{key}: must be {'<' if hi_open else '<='} {hi}, got {v}")
+  return v
+
+
+def _check_model(cfg: dict) -> None:
+  """Ranges of the model section (the U-Net checks the consistency of the rest)."""
+  _num(cfg, "model.image_size", 1, limits.MAX_IMAGE_SIZE, integer=True)
+  _num(cfg, "model.in_channels", 1, limits.MAX_CHANNELS, integer=True)
+  _num(cfg, "model.out_channels", 1, limits.MAX_CHANNELS, integer=True, optional=True)
+  _num(cfg, "model.base_channels", 1, limits.MAX_CHANNELS, integer=True)
+  mult = cfg["model"]["channel_mult"]
+  if isinstance(mult, (list, tuple)):  # anything else: the U-Net's own one-line error
+    for i, m in enumerate(mult):
+      _num(cfg, f"model.channel_mult[{i}]", 1, limits.MAX_CHANNEL_MULT, integer=True, value=m)
+  _num(cfg, "model.num_res_blocks", 1, limits.MAX_RES_BLOCKS, integer=True)
+  ares = cfg["model"]["attention_resolutions"]
+  if isinstance(ares, (list, tuple)):
+    for i, r in enumerate(ares):
+      _num(cfg, f"model.attention_resolutions[{i}]", 1, limits.MAX_IMAGE_SIZE, integer=True, value=r)
+  _num(cfg, "model.num_heads", 1, limits.MAX_HEADS, integer=True)
+  _num(cfg, "model.head_dim", 1, limits.MAX_CHANNELS, integer=True, optional=True)
+  _num(cfg, "model.dropout", 0, 1, hi_open=True)
+  _num(cfg, "model.norm_num_groups", 1, limits.MAX_CHANNELS, integer=True)
+  _num(cfg, "model.norm_eps", 0, lo_open=True)
+  _num(cfg, "model.freq_shift")
+  # None is unconditional; 0 is not a second spelling of it
+  _num(cfg, "model.num_classes", 1, limits.MAX_CLASSES, integer=True, optional=True)
+
+
+def _choice(cfg, key, choices):
+  section, field = key.split(".")
+  v = cfg[section][field]
+  if v not in choices:
+    raise ValueError(f"{key}: must be one of {tuple(choices)}, got {v!r}")
+  return v
+
+
+def validate(config) -> dict:
+  """Validate a config; return it as a plain dict. Raises ValueError naming the key."""
+  cfg = to_dict(config)
+  _check_keys(cfg, _default_schema())
+  if cfg["kind"] not in checkpoint.KINDS:
+    raise ValueError(f"kind: must be one of {checkpoint.KINDS}, got {cfg['kind']!r}")
+  _num(cfg, "seed", 0, limits.MAX_SEED, integer=True)
+  _choice(cfg, "data.name", DATASETS)
+  _num(cfg, "data.image_size", 0, limits.MAX_IMAGE_SIZE, integer=True)
+  _num(cfg, "data.num_threads", 0, limits.MAX_THREADS, integer=True)
+  _choice(cfg, "diffusion.beta_schedule", schedules.SCHEDULE_NAMES)
+  _num(cfg, "diffusion.num_timesteps", 1, limits.MAX_TIMESTEPS, integer=True)
+  _num(cfg, "diffusion.beta_start", 0, 1, lo_open=True)
+  _num(cfg, "diffusion.beta_end", 0, 1, lo_open=True)
+  _choice(cfg, "diffusion.prediction", diffusion.PREDICTIONS)
+  _choice(cfg, "diffusion.variance", diffusion.VARIANCES)
+  _choice(cfg, "diffusion.loss_weighting", losses.WEIGHTINGS)
+  _num(cfg, "diffusion.min_snr_gamma", 0, lo_open=True)
+  _num(cfg, "diffusion.vlb_weight", 0)
+  if cfg["diffusion"]["rescale_zero_snr"] and cfg["diffusion"]["prediction"] == "eps":
+    raise ValueError("diffusion.prediction: 'eps' cannot be used with rescale_zero_snr (use 'v')")
+  if (cfg["diffusion"]["variance"] == "learned_range") != bool(cfg["model"]["learn_sigma"]):
+    raise ValueError("diffusion.variance: 'learned_range' goes with model.learn_sigma=True (and only with it)")
+  t = cfg["train"]
+  _num(cfg, "train.global_batch_size", 1, limits.MAX_BATCH, integer=True)
+  _num(cfg, "train.total_steps", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.steps_per_call", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.ema_decay", 0, 1)
+  _num(cfg, "train.label_dropout", 0, 1)
+  _num(cfg, "train.log_every_seconds", 0, lo_open=True)
+  _num(cfg, "train.checkpoint_every", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.keep_checkpoints", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.keep_period", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.sample_every", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.eval_every", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.max_nonfinite", 1, limits.MAX_STEP, integer=True)
+  k = t["steps_per_call"]
+  for key in ("total_steps", "checkpoint_every", "sample_every", "eval_every", "keep_period"):
+    if t[key] % k:
+      raise ValueError(f"train.{key}: {t[key]} must be a multiple of train.steps_per_call={k}")
+  if t["label_dropout"] > 0 and not cfg["model"]["num_classes"]:
+    raise ValueError("train.label_dropout: needs a class-conditional model (model.num_classes)")
+  _choice(cfg, "optim.name", train_lib.OPTIMIZERS)
+  _choice(cfg, "optim.decay", train_lib.LR_DECAYS)
+  _num(cfg, "optim.learning_rate", 0, lo_open=True)
+  _num(cfg, "optim.warmup_steps", 0, limits.MAX_STEP, integer=True)
+  _num(cfg, "optim.final_lr_fraction", 0, 1)
+  _num(cfg, "optim.b1", 0, 1)
+  _num(cfg, "optim.b2", 0, 1)
+  _num(cfg, "optim.eps", 0, lo_open=True)
+  _num(cfg, "optim.weight_decay", 0)
+  _num(cfg, "optim.grad_clip", 0)
+  _choice(cfg, "sample.sampler", SAMPLER_NAMES)
+  _num(cfg, "sample.steps", 1, cfg["diffusion"]["num_timesteps"], integer=True)
+  _num(cfg, "sample.eta", 0, limits.MAX_ETA)
+  _num(cfg, "sample.num", 1, limits.MAX_SAMPLES, integer=True)
+  _num(cfg, "sample.guidance", limits.MIN_GUIDANCE, limits.MAX_GUIDANCE)
+  _check_model(cfg)
+  _check_eval(cfg)
+  if cfg["kind"] == "autoencoder":
+    _check_autoencoder(cfg)
+    return cfg  # the model section describes a denoiser: not used
+  latent = _check_latent(cfg)
+  # data / model consistency
+  size = cfg["data"]["image_size"]
+  if size and size != cfg["model"]["image_size"] and not latent:
+    raise ValueError(f"model.image_size: {cfg['model']['image_size']} differs from data.image_size={size}")
+  try:
+    unet_kwargs(**cfg["model"])
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
+  except TypeError as e:
+    raise ValueError(f"model: {e}") from None
+  return cfg
+
+
+def _check_autoencoder(cfg: dict) -> None:
+  _choice(cfg, "autoencoder.reconstruction", autoencoder_train.RECONSTRUCTIONS)
+  _num(cfg, "autoencoder.kl_weight", 0)
+  _num(cfg, "autoencoder.holdout", 0, limits.MAX_SAMPLES, integer=True)
+  kw = autoencoder_kwargs(cfg, in_channels=1)  # the data's channel count is checked by the train command
+  f = 2 ** (len(kw["block_out_channels"]) - 1)
+  size = cfg["data"]["image_size"]
+  if size and size % f:
+    raise ValueError(f"data.image_size: {size} must be divisible by the autoencoder's downscale {f}")
+  for key in ("sample_every", "eval_every"):
+    if cfg["train"][key]:
+      raise ValueError(
+        f"train.{key}: must be 0 for kind='autoencoder' (the train command reports held-out "
+        f"reconstructions instead), got {cfg['train'][key]}"
+      )
+  if cfg["latent"]["autoencoder_workdir"] is not None:
+    raise ValueError("latent.autoencoder_workdir: must be None for kind='autoencoder'")
+
+
+def _check_latent(cfg: dict) -> dict | None:
+  """The latent section of a diffusion config; the autoencoder's config.json if it names one."""
+  lat = cfg["latent"]
+  if lat["scaling_factor"] is not None:
+    _num(cfg, "latent.scaling_factor", 0, lo_open=True)
+  if lat["autoencoder_step"] is not None:
+    _num(cfg, "latent.autoencoder_step", 0, limits.MAX_STEP, integer=True)
+  if lat["autoencoder_workdir"] is None:
+    for key in ("scaling_factor", "autoencoder_step"):
+      if lat[key] is not None:
+        raise ValueError(f"latent.{key}: needs latent.autoencoder_workdir")
+    return None
+  ae = checkpoint.read_trained_config(lat["autoencoder_workdir"], "autoencoder", name="latent.autoencoder_workdir")
+  where = f"the autoencoder in {lat['autoencoder_workdir']}"
+  if lat["autoencoder_step"] is not None and lat["autoencoder_step"] not in checkpoint.all_steps(
+    lat["autoencoder_workdir"]
+  ):
+    raise ValueError(
+      f"latent.autoencoder_step: {where} has no checkpoint {lat['autoencoder_step']} "
+      f"(it has {checkpoint.all_steps(lat['autoencoder_workdir'])})"
+    )
+  ae_data = ae.get("data") or {}
+  for key in ("name", "image_size"):
+    if key in ae_data and ae_data[key] != cfg["data"][key]:
+      raise ValueError(f"data.{key}: {cfg['data'][key]!r} differs from {ae_data[key]!r}, the data of {where}")
+  m, am = cfg["model"], ae["model"]
+  if m["in_channels"] != am["latent_channels"]:
+    raise ValueError(
+      f"model.in_channels: must be {am['latent_channels']}, the latent channels of {where}, got {m['in_channels']}"
+    )
+  f = 2 ** (len(am["block_out_channels"]) - 1)
+  if cfg["data"]["image_size"] and m["image_size"] * f != cfg["data"]["image_size"]:
+    raise ValueError(
+      f"model.image_size: must be {cfg['data']['image_size'] // f} (data.image_size "
+      f"{cfg['data']['image_size']} / the downscale {f} of {where}), got {m['image_size']}"
+    )
+  if cfg["sample"]["clip_sample"]:
+    raise ValueError("sample.clip_sample: must be False for a latent model (latents are not in [-1, 1])")
+  if cfg["train"]["eval_every"]:
+    raise ValueError(
+      "train.eval_every: must be 0 for a latent model (evaluation of decoded samples during "
+      f"training is not supported), got {cfg['train']['eval_every']}"
+    )
+  return ae
+
+
+def autoencoder_kwargs(cfg: Mapping, in_channels: int) -> dict:
+  """`ddx.models.AutoencoderKL` keyword arguments of a config's ``autoencoder`` section (images of
+  ``in_channels`` channels; scaling factor 1: a latent model estimates its own)."""
+  a = cfg["autoencoder"]
+  try:
+    return validate_autoencoder_kwargs(
+      in_channels=in_channels,
+      out_channels=in_channels,
+      block_out_channels=a["block_out_channels"],
+      layers_per_block=a["layers_per_block"],
+      latent_channels=a["latent_channels"],
+      norm_num_groups=a["norm_num_groups"],
+      scaling_factor=1.0,
+      shift_factor=None,
+      use_quant_conv=True,
+      use_post_quant_conv=True,
+      mid_block_add_attention=a["mid_block_add_attention"],
+      dtype=None,
+      param_dtype="float32",
+    )
+  except ValueError as e:
+    raise ValueError(f"autoencoder.{e}") from None
+
+
+def autoencoder_loss_spec(cfg: Mapping):
+  a = cfg["autoencoder"]
+  return autoencoder_train.AutoencoderLossSpec(reconstruction=a["reconstruction"], kl_weight=a["kl_weight"])
+
+
+def _check_eval(cfg: dict) -> None:
+  _choice(cfg, "eval.features", quality.FEATURES)
+  _choice(cfg, "eval.sampler", SAMPLER_NAMES)
+  _num(cfg, "eval.num", 2, limits.MAX_SAMPLES, integer=True)
+  _num(cfg, "eval.batch", 1, limits.MAX_BATCH, integer=True)
+  _num(cfg, "eval.steps", 1, cfg["diffusion"]["num_timesteps"], integer=True)
+  _num(cfg, "eval.eta", 0, limits.MAX_ETA)
+  e = cfg["eval"]
+  for key in ("inception_weights", "cache_dir"):
+    if e[key] is not None and not isinstance(e[key], str):
+      raise ValueError(f"eval.{key}: must be a path, got {e[key]!r}")
+  if not cfg["train"]["eval_every"]:
+    return  # the rest only matters when training evaluates
+  m = cfg["model"]
+  quality.check_features(e["features"], (m["image_size"], m["image_size"], m["in_channels"]), name="eval.features")
+  if e["features"] == "inception":
+    if not e["inception_weights"]:
+      raise ValueError(
+        "eval.inception_weights: required with eval.features='inception' (ddx never downloads "
+        f"weights: pass the path of {inception.OFFICIAL_FILE} or its .safetensors copy)"
+      )
+    if not os.path.isfile(e["inception_weights"]):
+      raise ValueError(f"eval.{inception.missing_file_error(e['inception_weights'])}")
+
+
+def schedule_kwargs(diffusion_section: Mapping) -> dict:
+  """`ddx.schedules.make` arguments for a ``diffusion`` section (a validated config's, or a
+  workdir's config.json, where converted models may omit keys: the schema defaults apply)."""
+  d = {**_default_schema()["diffusion"], **{k: v for k, v in diffusion_section.items() if v is not None}}
+  name = schedules.canonical_name(d["beta_schedule"])
+  kw = dict(name=name, num_timesteps=d["num_timesteps"], rescale_zero_snr=bool(d["rescale_zero_snr"]))
+  if name != "cosine":
+    kw.update(beta_start=d["beta_start"], beta_end=d["beta_end"])
+  return kw
+
+
+def optimizer_spec(cfg: Mapping) -> train_lib.OptimizerSpec:
+  o = cfg["optim"]
+  return train_lib.OptimizerSpec(
+    name=o["name"],
+    learning_rate=o["learning_rate"],
+    warmup_steps=o["warmup_steps"],
+    decay=o["decay"],
+    total_steps=cfg["train"]["total_steps"],
+    final_lr_fraction=o["final_lr_fraction"],
+    b1=o["b1"],
+    b2=o["b2"],
+    eps=o["eps"],
+    weight_decay=o["weight_decay"],
+    grad_clip=o["grad_clip"],
+  )
+
+
+def loss_spec(cfg: Mapping) -> train_lib.LossSpec:
+  d = cfg["diffusion"]
+  return train_lib.LossSpec(
+    prediction=d["prediction"],
+    weighting=d["loss_weighting"],
+    min_snr_gamma=d["min_snr_gamma"],
+    learned_variance=bool(cfg["model"]["learn_sigma"]),
+    vlb_weight=d["vlb_weight"],
+  )
+
+
+def sampler_kwargs(diffusion: Mapping, *, sampler: str, eta: float, clip_sample: bool) -> dict:
+  """Keyword arguments of `ddx.samplers.make` for a trained model's diffusion section."""
+  kw: dict[str, Any] = {"prediction": diffusion["prediction"]}
+  if sampler == "ddpm":
+    kw["variance"] = diffusion.get("variance", "fixed_large")
+  if sampler in ("ddpm", "ddim"):
+    kw["clip_sample"] = clip_sample
+  if sampler == "ddim":
+    kw["eta"] = eta
+  elif sampler in ("plms", "dpm_solver++") and eta:
+    kw["eta"] = eta  # rejected by the sampler with a clear message
+  if sampler in ("ddim", "plms", "ddpm") and diffusion.get("rescale_zero_snr"):
+    kw["spacing"] = "trailing"
+  return kw

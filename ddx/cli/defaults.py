@@ -1,0 +1,128 @@
+"""The config schema and defaults: every key that exists, with the DDPM paper's values where they apply.
+
+Sections: kind, data, model (exactly the ddx.models.UNet keyword arguments), diffusion, train,
+optim, sample, autoencoder, latent, eval. Dataset configs start from this one and override
+what they change; an unknown key anywhere is an error (ddx.cli.config.validate). ``configs/default.py`` re-exports
+this so that experiment files can start from it.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.kind = "diffusion"  # diffusion | autoencoder (ddx.training.checkpoint.KINDS): what `ddx train` trains
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # digits | mnist | fashion_mnist | cifar10 | celeb_a | imagenet32 | imagenet64
+  c.data.split = "train"
+  c.data.data_dir = config_dict.placeholder(str)  # tfds data_dir (None: tfds default)
+  c.data.image_size = 16  # resize to this square size (0: keep the source size)
+  c.data.random_flip = False
+  c.data.num_threads = 0  # grain read threads (0: in the main thread)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.image_size = 16
+  c.model.in_channels = 1
+  c.model.out_channels = config_dict.placeholder(int)
+  c.model.base_channels = 32
+  c.model.channel_mult = (1, 2, 2)
+  c.model.num_res_blocks = 2
+  c.model.attention_resolutions = (8,)
+  c.model.num_heads = 1
+  c.model.head_dim = config_dict.placeholder(int)
+  c.model.dropout = 0.1
+  c.model.norm_num_groups = 8
+  c.model.norm_eps = 1e-6
+  c.model.flip_sin_to_cos = False
+  c.model.freq_shift = 1.0
+  c.model.resample_with_conv = True
+  c.model.downsample_padding = 1
+  c.model.num_classes = config_dict.placeholder(int)  # None: unconditional
+  c.model.learn_sigma = False
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+  c.model.param_dtype = "float32"
+  c.model.remat = False
+  c.model.conv_impl = "auto"  # auto (per backend) | lax | dots: same parameters
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.num_timesteps = 1000
+  c.diffusion.beta_schedule = "linear"  # linear | scaled_linear | cosine | sigmoid
+  c.diffusion.beta_start = 1e-4
+  c.diffusion.beta_end = 0.02
+  c.diffusion.rescale_zero_snr = False
+  c.diffusion.prediction = "eps"  # eps | x0 | v
+  c.diffusion.variance = "fixed_large"  # DDPM sampling variance: fixed_small | fixed_large | learned_range
+  c.diffusion.loss_weighting = "uniform"  # uniform | min_snr
+  c.diffusion.min_snr_gamma = 5.0
+  c.diffusion.vlb_weight = 1e-3  # hybrid loss weight (learn_sigma models)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 128
+  c.train.total_steps = 800_000
+  c.train.steps_per_call = 1  # train steps per jitted call (lax.scan)
+  c.train.ema_decay = 0.9999
+  c.train.ema_warmup = False  # decay min(ema_decay, (1+n)/(10+n))
+  c.train.label_dropout = 0.0  # classifier-free guidance: P(label -> null)
+  c.train.log_every_seconds = 5.0
+  c.train.checkpoint_every = 5000
+  c.train.keep_checkpoints = 3  # keep the newest N ...
+  c.train.keep_period = 0  # ... plus every checkpoint whose step is a multiple (0: none)
+  c.train.sample_every = 10_000  # write a sample grid every M steps (0: never)
+  c.train.eval_every = 0  # measure sample quality (the eval section) every M steps (0: never)
+  c.train.max_nonfinite = 10  # stop after this many consecutive non-finite steps
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"  # adam | adamw
+  c.optim.learning_rate = 2e-4
+  c.optim.warmup_steps = 5000
+  c.optim.decay = "constant"  # constant | cosine
+  c.optim.final_lr_fraction = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "ddim"  # ddpm | ddim | plms | dpm_solver++
+  c.sample.steps = 50
+  c.sample.eta = 0.0
+  c.sample.num = 64
+  c.sample.guidance = 1.0  # classifier-free guidance scale (class-conditional models)
+  c.sample.clip_sample = True
+
+  # kind="autoencoder": a KL autoencoder (ddx.models.AutoencoderKL) trained on the data with
+  # reconstruction + kl_weight * KL (ddx.training.autoencoder); the model section is not used.
+  c.autoencoder = ml_collections.ConfigDict()
+  c.autoencoder.block_out_channels = (32, 64)  # the latent is 2^(len-1) times smaller per side
+  c.autoencoder.layers_per_block = 1
+  c.autoencoder.latent_channels = 4
+  c.autoencoder.norm_num_groups = 8
+  c.autoencoder.mid_block_add_attention = True
+  c.autoencoder.reconstruction = "l1"  # l1 | l2
+  c.autoencoder.kl_weight = 1e-6  # on the summed KL, against the summed reconstruction term
+  c.autoencoder.holdout = 0  # the data's last N records: not trained on, reconstruction error reported
+
+  # A latent diffusion model (kind="diffusion"): the model section describes the denoiser of the
+  # autoencoder's latents (model.image_size / in_channels = the latent's side and channels).
+  c.latent = ml_collections.ConfigDict()
+  c.latent.autoencoder_workdir = config_dict.placeholder(str)  # None: a pixel-space model
+  c.latent.autoencoder_step = config_dict.placeholder(int)  # None: its latest checkpoint
+  c.latent.scaling_factor = config_dict.placeholder(float)  # None: 1 / std of the training latents
+
+  # Sample quality during training (train.eval_every > 0): FD / KID / precision / recall of
+  # eval.num samples (EMA weights) against the training data, into metrics.jsonl and
+  # TensorBoard; the per-step x0 handling is sample.clip_sample's.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num = 1000
+  c.eval.batch = 250  # sampling and feature batch size
+  c.eval.features = "digits"  # digits (16x16x1 models) | inception
+  c.eval.inception_weights = config_dict.placeholder(str)  # pytorch-fid's .pth or its .safetensors copy
+  c.eval.cache_dir = config_dict.placeholder(str)  # reference statistics (None: <workdir>/eval_cache)
+  c.eval.sampler = "ddim"  # ddpm | ddim | plms | dpm_solver++
+  c.eval.steps = 50
+  c.eval.eta = 0.0
+  return c

@@ -1,0 +1,195 @@
+"""A trained model back from its workdir: what ``sample``, ``eval``, the editing commands and
+``train`` (for latent models, the frozen autoencoder) share.
+
+Everything is rebuilt from the workdir alone: ``config.json`` (translated by `ddx.cli.config`)
+names the architecture, the schedule and, for a latent model, the autoencoder that decodes
+its samples; the checkpoint holds the weights (checked against their checksums).
+
+    s = restore.for_sampling(workdir, "ddim", 50)        # EMA weights of the latest step
+    images = s.images(jax.random.key(0), 64)          # host float32 [64, H, W, C] in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ddx import guidance, parallel, samplers, schedules
+from ddx.cli import config as config_lib
+from ddx.latent import generation
+from ddx.models import unet as unet_lib
+from ddx.models.autoencoder import AutoencoderKL, validate_autoencoder_kwargs
+from ddx.models.io.diffusers import unet_from_params
+from ddx.sampling import make_sample_fn
+from ddx.training import checkpoint
+
+PARAM_ITEMS = checkpoint.PARAM_ITEMS
+
+
+def _check_which(which: str) -> None:
+  if which not in PARAM_ITEMS:
+    raise ValueError(f"which: must be one of {PARAM_ITEMS}, got {which!r}")
+
+
+def load_model(
+  workdir: str | os.PathLike, which: str = "ema_params", step: int | None = None, **model_overrides
+) -> tuple[nnx.Module, dict, int]:
+  """Rebuild the workdir's model from ``config.json`` and load the weights ``which``.
+
+  Args:
+    workdir: the run directory.
+    which: the checkpoint item holding the weights: "ema_params" (default) or "params".
+    step: the checkpoint step (default: the latest).
+    **model_overrides: constructor arguments that do not change the parameters, e.g.
+      ``dtype="bfloat16"`` or ``remat=True``.
+
+  Returns:
+    ``(model, config, step)``: the model, the parsed config.json and the step restored.
+  """
+  _check_which(which)
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = checkpoint.read_config(workdir)
+  if config.get("kind", "diffusion") != "diffusion":
+    raise ValueError(f"{workdir}: holds an {config['kind']} (config.json kind), not a diffusion model")
+  try:
+    kwargs = unet_lib.unet_kwargs(**{**config["model"], **model_overrides})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{os.path.join(workdir, checkpoint.CONFIG_NAME)}: model section: {e}") from None
+  abstract = nnx.to_pure_dict(nnx.state(unet_lib.abstract_unet(**kwargs), nnx.Param))
+  step, items = checkpoint.restore(workdir, step, {which: abstract})
+  return unet_from_params(kwargs, items[which]), config, step
+
+
+def load_autoencoder(
+  workdir: str | os.PathLike, which: str = "ema_params", step: int | None = None, **overrides
+) -> tuple[AutoencoderKL, dict, int]:
+  """An autoencoder workdir's `AutoencoderKL` with the weights ``which``: ``(vae, config, step)``.
+
+  ``overrides`` are constructor arguments that leave the parameters alone, e.g. the
+  ``scaling_factor`` a latent model estimated for these latents.
+  """
+  _check_which(which)
+  workdir = os.path.abspath(os.fspath(workdir))
+  config = checkpoint.read_trained_config(workdir, "autoencoder")
+  try:
+    kwargs = validate_autoencoder_kwargs(**{**config["model"], **overrides})
+  except (TypeError, KeyError, ValueError) as e:
+    raise ValueError(f"{os.path.join(workdir, checkpoint.CONFIG_NAME)}: model section: {e}") from None
+  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  step, items = checkpoint.restore(workdir, step, {which: nnx.to_pure_dict(params)})
+  nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, items[which]))
+  return nnx.merge(graphdef, params, rest), config, step
+
+
+def load_latent_decoder(config: dict) -> AutoencoderKL | None:
+  """The autoencoder that decodes a latent diffusion model's samples (its config's ``latent``
+  section: workdir, step and scaling factor; EMA weights), or None for a pixel-space model."""
+  latent = config.get("latent") or {}
+  if not latent.get("autoencoder_workdir"):
+    return None
+  vae, _, _ = load_autoencoder(
+    latent["autoencoder_workdir"], step=latent.get("autoencoder_step"), scaling_factor=latent["scaling_factor"]
+  )
+  return vae
+
+
+def decode_latents(vae: AutoencoderKL, latents) -> np.ndarray:
+  """Scaled latents [N, h, w, c] -> images float32 [N, H, W, C] on the host, clipped to [-1, 1]
+  (the range every image writer of ddx takes)."""
+  return np.clip(np.asarray(jax.device_get(generation.decode(vae, jnp.asarray(latents)))), -1.0, 1.0)
+
+
+def make_sampler(config: dict, name: str, steps: int, *, eta: float = 0.0, clip_sample: bool = True):
+  """The schedule and a sampler for a trained model's ``config`` (its diffusion section)."""
+  diffusion = config["diffusion"]
+  sched = schedules.make(**config_lib.schedule_kwargs(diffusion))
+  kwargs = config_lib.sampler_kwargs(diffusion, sampler=name, eta=eta, clip_sample=clip_sample)
+  return sched, samplers.make(name, sched, steps, **kwargs)
+
+
+@dataclasses.dataclass
+class Sampling:
+  """A workdir's model ready to sample, its batch sharded over every device.
+
+  ``fn(params, key, shape, labels)`` samples the model's own space (latents for a latent
+  model; `ddx.sampling.make_sample_fn`); `images` also decodes them. ``sample_shape`` is one
+  sample of ``fn``, ``image_shape`` one decoded image.
+  """
+
+  fn: Callable
+  params: Any
+  config: dict
+  step: int
+  which: str
+  num_classes: int | None
+  sample_shape: tuple
+  image_shape: tuple
+  decoder: AutoencoderKL | None = None
+
+  def images(self, key: jax.Array, num: int, labels=None) -> np.ndarray:
+    """``num`` samples as host float32 images [num, H, W, C] (decoded for a latent model)."""
+    x = parallel.to_host(self.fn(self.params, key, (num,) + self.sample_shape, labels))
+    if self.decoder is None or not np.all(np.isfinite(x)):
+      return x  # the caller refuses non-finite samples
+    return decode_latents(self.decoder, x)
+
+  def image_fn(self) -> Callable:
+    """``fn(params, key, shape, labels) -> images`` for `ddx.eval.quality.measure` (``shape``
+    is the batch of images)."""
+    return lambda params, key, shape, labels=None: Sampling.images(
+      dataclasses.replace(self, params=params), key, shape[0], labels
+    )
+
+
+def for_sampling(
+  workdir: str,
+  sampler_name: str,
+  steps: int,
+  *,
+  eta: float = 0.0,
+  which: str = "ema_params",
+  step: int | None = None,
+  guidance_scale: float = 1.0,
+  config: dict | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> Sampling:
+  """Restore the workdir's weights ``which`` at ``step`` (default: the latest), build its
+  sampler (x0 clipping from the config's ``sample.clip_sample``) and a sharded sample function
+  over ``mesh`` (default: every device); decode with the autoencoder the config names."""
+  config = checkpoint.read_config(workdir) if config is None else config
+  clip = (config.get("sample") or {}).get("clip_sample", True)
+  _, sampler = make_sampler(config, sampler_name, steps, eta=eta, clip_sample=clip)
+  model, _, step = load_model(workdir, which=which, step=step)
+  graphdef, params = nnx.split(model, nnx.Param)
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  params = parallel.replicate(params, mesh)  # restored onto one device; the batch spans them all
+  num_classes = config["model"].get("num_classes")
+  fn = make_sample_fn(graphdef, sampler, num_classes, mesh, guidance_scale)
+  size, ch = config["model"]["image_size"], config["model"]["in_channels"]
+  decoder = load_latent_decoder(config)
+  image_shape = (size, size, ch)
+  if decoder is not None:
+    f = 2 ** (len(decoder.kwargs["block_out_channels"]) - 1)
+    image_shape = (size * f, size * f, decoder.kwargs["out_channels"])
+  return Sampling(
+    fn=fn,
+    params=params,
+    config=config,
+    step=step,
+    which=which,
+    num_classes=num_classes,
+    sample_shape=(size, size, ch),
+    image_shape=image_shape,
+    decoder=decoder,
+  )
+
+
+def labels_for(config: dict, num: int, label: int | None = None) -> np.ndarray | None:
+  """`ddx.guidance.default_labels` for a workdir config's model."""
+  return guidance.default_labels(num, config["model"].get("num_classes"), label)

@@ -1,0 +1,284 @@
+"""Training: the train state, optimizer, EMA and the pure, jitted, data-parallel train step.
+
+The step is a pure function ``(state, batches) -> (state, metrics)`` jitted over a 1-D
+``"data"`` mesh: the batch is sharded along its batch axis, everything else is replicated,
+and XLA inserts the gradient all-reduce. Keys come from ``fold_in(base_key, step)``, and all
+random draws (t, eps, dropout, label dropout) are made for the *global* batch, so the same
+seed and global batch give the same trajectory on any number of devices or hosts (up to
+reduction order).
+
+A non-finite loss or gradient norm leaves params, EMA and optimizer state unchanged for
+that step (the step counter still advances, so the data order is unaffected) and increments
+``state.nonfinite`` (consecutive) and ``state.skipped`` (total); the loop stops once too many
+happen in a row. Checkpoints therefore never contain NaN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddx import losses, parallel
+from ddx.parallel import DATA
+from ddx.schedules import Schedule
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []: number of steps taken
+  params: Any  # nnx.State of the model's nnx.Param
+  ema_params: Any
+  opt_state: Any
+  key: jax.Array  # uint32 [2]: base key data; step keys are fold_in(key, step)
+  nonfinite: jax.Array  # int32 []: consecutive skipped (non-finite) steps
+  skipped: jax.Array  # int32 []: total skipped steps
+
+
+OPTIMIZERS = ("adam", "adamw")
+LR_DECAYS = ("constant", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """Explicit optimizer settings (translated from the config's ``optim`` section)."""
+
+  name: str = "adam"  # one of OPTIMIZERS
+  learning_rate: float = 2e-4
+  warmup_steps: int = 5000
+  decay: str = "constant"  # one of LR_DECAYS
+  total_steps: int = 800_000  # for cosine decay
+  final_lr_fraction: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0  # global-norm clip; 0 disables
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+  prediction: str = "eps"
+  weighting: str = "uniform"
+  min_snr_gamma: float = 5.0
+  learned_variance: bool = False
+  vlb_weight: float = 1e-3
+
+
+def learning_rate_fn(spec: OptimizerSpec) -> optax.Schedule:
+  warm = optax.linear_schedule(0.0, spec.learning_rate, max(spec.warmup_steps, 1))
+  if spec.decay == "constant":
+    after = optax.constant_schedule(spec.learning_rate)
+  elif spec.decay == "cosine":
+    after = optax.cosine_decay_schedule(
+      spec.learning_rate, max(spec.total_steps - spec.warmup_steps, 1), alpha=spec.final_lr_fraction
+    )
+  else:
+    raise ValueError(f"decay: unknown {spec.decay!r}; expected one of {LR_DECAYS}")
+  if spec.warmup_steps <= 0:
+    return after
+  return optax.join_schedules([warm, after], [spec.warmup_steps])
+
+
+def make_optimizer(spec: OptimizerSpec) -> optax.GradientTransformation:
+  lr = learning_rate_fn(spec)
+  if spec.name == "adam":
+    opt = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps)
+  elif spec.name == "adamw":
+    opt = optax.adamw(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps, weight_decay=spec.weight_decay)
+  else:
+    raise ValueError(f"name: unknown optimizer {spec.name!r}; expected one of {OPTIMIZERS}")
+  parts = [optax.clip_by_global_norm(spec.grad_clip)] if spec.grad_clip > 0 else []
+  return optax.chain(*parts, opt)
+
+
+def ema_decay_at(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+  """EMA decay for the update after ``step`` steps; with warmup ``min(decay, (1+n)/(10+n))``."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  n = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Array) -> tuple[Any, TrainState]:
+  """Split ``model`` into (graphdef, TrainState at step 0). ``key`` is the run's base key."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree_util.tree_leaves(rest):
+    raise ValueError("model: only nnx.Param state is supported (found other variables)")
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  zero = jnp.zeros((), jnp.int32)
+  state = TrainState(
+    step=zero,
+    params=params,
+    ema_params=jax.tree_util.tree_map(jnp.copy, params),
+    opt_state=tx.init(params),
+    key=jnp.asarray(key, jnp.uint32),
+    nonfinite=zero,
+    skipped=zero,
+  )
+  return graphdef, state
+
+
+def _select(pred, new, old):
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
+
+
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  graphdef,
+  sched: Schedule,
+  tx: optax.GradientTransformation,
+  lr_fn: Callable,
+  loss: LossSpec,
+  ema_decay: float,
+  ema_warmup: bool,
+  num_classes: int | None,
+  label_dropout: float,
+  use_dropout: bool,
+) -> tuple[TrainState, dict]:
+  """One optimisation step on a global batch ``{"image": [B,H,W,C], "label": [B]}`` (pure)."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+  x0 = batch["image"]
+  y = None
+  if num_classes:
+    y = batch["label"].astype(jnp.int32)
+    if label_dropout > 0:
+      drop = jax.random.bernoulli(jax.random.fold_in(key, 2), label_dropout, y.shape)
+      y = jnp.where(drop, num_classes, y)
+  dropout_key = jax.random.fold_in(key, 3) if use_dropout else None
+
+  def loss_fn(params):
+    model = nnx.merge(graphdef, params)
+    model_fn = lambda x, t: model(x, t, y, dropout_key=dropout_key)
+    per_example = losses.training_loss(
+      model_fn,
+      sched,
+      x0,
+      jax.random.fold_in(key, 1),
+      prediction=loss.prediction,
+      weighting=loss.weighting,
+      min_snr_gamma=loss.min_snr_gamma,
+      learned_variance=loss.learned_variance,
+      vlb_weight=loss.vlb_weight,
+    )
+    return jnp.mean(per_example)
+
+  value, grads = jax.value_and_grad(loss_fn)(state.params)
+  return apply_gradients(state, value, grads, tx=tx, lr_fn=lr_fn, ema_decay=ema_decay, ema_warmup=ema_warmup)
+
+
+def apply_gradients(
+  state: TrainState,
+  value: jax.Array,
+  grads: Any,
+  *,
+  tx: optax.GradientTransformation,
+  lr_fn: Callable,
+  ema_decay: float,
+  ema_warmup: bool,
+) -> tuple[TrainState, dict]:
+  """The update every objective shares: optimizer step, EMA, and the non-finite skip (a
+  non-finite ``value`` or gradient norm leaves params, EMA and optimizer state unchanged)."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  d = ema_decay_at(state.step, ema_decay, ema_warmup)
+  ema = jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+  new = state.replace(
+    step=state.step + 1,
+    params=_select(finite, params, state.params),
+    ema_params=_select(finite, ema, state.ema_params),
+    opt_state=_select(finite, opt_state, state.opt_state),
+    nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+    skipped=state.skipped + jnp.where(finite, 0, 1),
+  )
+  metrics = {"loss": value, "grad_norm": grad_norm, "lr": lr_fn(state.step), "finite": finite}
+  return new, metrics
+
+
+def make_train_fn(
+  mesh: Mesh, steps_per_call: int, *, unroll: bool | None = None, step_fn: Callable = train_step, **step_kwargs
+):
+  """Jit ``steps_per_call`` train steps over ``mesh``; the state buffer is donated.
+
+  ``step_fn(state, batch, **step_kwargs) -> (state, metrics)`` is the objective's step: the
+  diffusion `train_step` by default (`ddx.training.autoencoder.train_step` for autoencoders).
+
+  Input batches carry a leading step axis: ``{"image": [K, B, H, W, C], "label": [K, B]}``
+  sharded ``P(None, "data")``. Returns ``fn(state, batches) -> (state, metrics [K])``.
+
+  The K steps are a ``lax.scan`` on accelerators. On CPU they are unrolled in Python
+  (``unroll=None`` picks by backend): XLA:CPU leaves the convolutions of a backward pass
+  inside a while loop in their non-canonical layouts and runs them ~35x slower (measured:
+  0.47 s vs 16.7 s for one U-Net gradient), so unrolling trades compile time for speed.
+  """
+  step = functools.partial(step_fn, **step_kwargs)
+  if unroll is None:
+    unroll = jax.default_backend() == "cpu"
+
+  def many(state, batches):
+    if not unroll:
+      return jax.lax.scan(step, state, batches, length=steps_per_call)
+    metrics = []
+    for k in range(steps_per_call):
+      state, m = step(state, jax.tree_util.tree_map(lambda b: b[k], batches))
+      metrics.append(m)
+    return state, jax.tree_util.tree_map(lambda *ms: jnp.stack(ms), *metrics)
+
+  repl = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P(None, DATA))
+  return jax.jit(many, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def replicate(state: TrainState, mesh: Mesh) -> TrainState:
+  """Place a host-complete state on every device of ``mesh`` (works across processes)."""
+  return parallel.replicate(state, mesh)
+
+
+def checkpoint_items(state: TrainState) -> dict:
+  """The checkpoint items of a TrainState (see `ddx.checkpoint`): params, EMA, optimizer state
+  and a JSON ``train`` record (step, base key data, non-finite counters)."""
+  train = {
+    "step": int(jax.device_get(state.step)),
+    "key": parallel.host_key_data(state.key).tolist(),
+    "nonfinite": int(jax.device_get(state.nonfinite)),
+    "skipped": int(jax.device_get(state.skipped)),
+  }
+  return {"params": state.params, "ema_params": state.ema_params, "opt_state": state.opt_state, "train": train}
+
+
+def checkpoint_targets(template: TrainState) -> dict:
+  """Restore targets shaped (and sharded) like ``template``, for `ddx.training.checkpoint.Checkpointer.restore`."""
+  return {"params": template.params, "ema_params": template.ema_params, "opt_state": template.opt_state, "train": None}
+
+
+def state_from_checkpoint(template: TrainState, items: dict, step: int) -> TrainState:
+  """Rebuild a TrainState from restored items (ValueError if the record disagrees with ``step``)."""
+  tr = items["train"]
+  if int(tr["step"]) != int(step):
+    raise ValueError(f"corrupt checkpoint at step {step}: its train record says step {tr['step']}")
+  params = template.params
+  params.replace_by_pure_dict(items["params"])
+  ema = template.ema_params
+  ema.replace_by_pure_dict(items["ema_params"])
+  return template.replace(
+    step=jnp.asarray(tr["step"], jnp.int32),
+    params=params,
+    ema_params=ema,
+    opt_state=items["opt_state"],
+    key=jnp.asarray(np.asarray(tr["key"], np.uint32)),
+    nonfinite=jnp.asarray(tr["nonfinite"], jnp.int32),
+    skipped=jnp.asarray(tr["skipped"], jnp.int32),
+  )
