@@ -97,31 +97,52 @@ def main(argv: list[str]) -> int:
   return int(module.main(positional) or 0)
 
 
-def _one_line_warnings(prog: str) -> None:
+class _OneLineWarnings(py_logging.Handler):
   """ddx's own warnings (logger ``ddx``, e.g. a checkpoint without checksums) as
-  ``<prog>: warning: <message>`` on stderr."""
-  handler = py_logging.StreamHandler(sys.stderr)
-  handler.setFormatter(py_logging.Formatter(f"{prog}: warning: %(message)s"))
+  ``<prog>: warning: <message>`` on the current ``sys.stderr``; ``prog`` is the command
+  being run."""
+
+  prog = "ddx"
+
+  def emit(self, record):
+    sys.stderr.write(f"{self.prog}: warning: {record.getMessage()}\n")
+
+
+_WARNINGS = _OneLineWarnings()
+
+
+def _one_line_warnings(prog: str) -> None:
+  """Route logger ``ddx`` to stderr as one line per warning (installed once per process; the
+  prefix follows the command being run)."""
+  _WARNINGS.prog = prog
   logger = py_logging.getLogger("ddx")
-  logger.addHandler(handler)
+  if _WARNINGS not in logger.handlers:
+    logger.addHandler(_WARNINGS)
   logger.propagate = False
+
+
+def execute(argv: list[str]) -> int:
+  """Run ``argv = ["ddx", command, *flags]`` and return the exit status, every error as one
+  line on stderr (``<prog>: error: ...``): 2 for a command line that cannot be run, 1 for bad
+  input or a failure the command reports. What `run` does after process setup, and what the
+  tests call in-process."""
+  prog = f"ddx {argv[1]}" if len(argv) > 1 and argv[1] in COMMANDS else "ddx"
+  _one_line_warnings(prog)
+  try:
+    return main(argv)
+  except UsageError as e:
+    sys.stderr.write(f"{prog}: error: {e}\n")
+    return 2
+  except (ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f"{prog}: error: {e}\n")
+    return 1
+  except ImportError as e:  # an optional extra (torch, transformers) that this command needs
+    sys.stderr.write(f"{prog}: error: {e} (pip install 'ddx[torch]' installs the optional extras)\n")
+    return 1
 
 
 def run() -> None:
   """Console entry point (``ddx`` script / ``python -m ddx``): one line per error."""
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.setup()  # XLA:CPU flags and the compilation cache, before any JAX backend starts
-  prog = f"ddx {sys.argv[1]}" if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else "ddx"
-  _one_line_warnings(prog)
-  try:
-    code = main(sys.argv)
-  except UsageError as e:
-    sys.stderr.write(f"{prog}: error: {e}\n")
-    sys.exit(2)
-  except (ValueError, FileNotFoundError) as e:
-    sys.stderr.write(f"{prog}: error: {e}\n")
-    sys.exit(1)
-  except ImportError as e:  # an optional extra (torch, transformers) that this command needs
-    sys.stderr.write(f"{prog}: error: {e} (pip install 'ddx[torch]' installs the optional extras)\n")
-    sys.exit(1)
-  sys.exit(code)
+  sys.exit(execute(sys.argv))

@@ -86,11 +86,14 @@ def cache_dir(environ: MutableMapping[str, str] = os.environ) -> str | None:
   return os.path.join(base, "ddx", "jax")
 
 
-def enable_compilation_cache(path: str) -> None:
-  """Store and reuse compiled XLA programs in ``path`` (created if missing)."""
+def enable_compilation_cache(path: str, environ: MutableMapping[str, str] = os.environ) -> None:
+  """Store and reuse compiled XLA programs in ``path`` (created if missing): those that took
+  at least `MIN_COMPILE_SECONDS` to compile, or ``$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS``
+  when set (JAX's own setting wins)."""
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 

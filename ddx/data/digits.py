@@ -14,7 +14,6 @@ worker process (the source pickles as two numpy arrays).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 from ddx.data import image_ops
 from ddx.data.arrays import ArraySource
@@ -42,6 +41,9 @@ class DigitsSource(ArraySource):
     image_size = image_ops.check_image_size(image_size)
     if split not in SPLITS:
       raise ValueError(f"split: must be one of {SPLITS} for digits, got {split!r}")
+
+    # sklearn.datasets takes about a second to import: only a run on the digits pays it
+    from sklearn.datasets import load_digits  # noqa: PLC0415
 
     bunch = load_digits()
     images = np.asarray(bunch.images, np.float32) * np.float32(2.0 / _MAX_VALUE) - 1.0

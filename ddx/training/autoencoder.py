@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Callable
 
 import jax
@@ -26,9 +28,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ddx import images as images_lib
 from ddx.training import step as train_lib
 
 RECONSTRUCTIONS = ("l1", "l2")
+RECONSTRUCTION_FILE = "reconstruction.json"  # in the workdir, written by `report_reconstruction`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +111,36 @@ def reconstruction_metrics(images: np.ndarray, x_hat: np.ndarray) -> dict:
     "psnr_db": float(10.0 * np.log10(4.0 / mse)) if mse > 0 else float("inf"),
     "num": int(len(images)),
   }
+
+
+def report_reconstruction(vae, held_out: np.ndarray, workdir: str, step: int) -> dict:
+  """Held-out reconstruction error of ``vae`` (the workdir's EMA weights at ``step``; decode of
+  the posterior mean) on images [N, H, W, C] in [-1, 1]. Writes ``<workdir>/reconstruction.json``
+  and a grid ``<workdir>/samples/reconstructions_<step>.png`` (pairs of rows: originals, then
+  their reconstructions), prints one line and returns the record."""
+  x = held_out
+  x_hat, mean, std = reconstruct(vae, x)
+  rec = reconstruction_metrics(x, x_hat)
+  rec.update(
+    step=step,
+    held_out=f"the last {len(x)} records of the data",
+    latent_std=float(np.std(mean)),
+    posterior_std_mean=float(np.mean(std)),
+  )
+  path = os.path.join(workdir, RECONSTRUCTION_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(rec, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+  n = min(len(x), 32)
+  rows = []
+  for i in range(0, n, 16):
+    rows += [x[i : i + 16], x_hat[i : i + 16]]
+  grid = images_lib.make_grid(images_lib.to_uint8(np.concatenate(rows)), ncols=min(n, 16))
+  png = images_lib.save_png(os.path.join(workdir, "samples", f"reconstructions_{step:08d}.png"), grid, scale=4)
+  print(
+    f"held-out reconstruction ({rec['num']} images, step {step}, EMA weights, posterior mean): "
+    f"MSE {rec['mse']:.5f}  PSNR {rec['psnr_db']:.2f} dB  MAE {rec['mae']:.4f}  -> {path}, {png}",
+    flush=True,
+  )
+  return rec

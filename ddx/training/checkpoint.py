@@ -523,12 +523,14 @@ def _read_error(e: Exception, step: int) -> str:
 
 def all_finite(tree) -> bool:
   """True if every floating leaf of ``tree`` is finite (checked before a save)."""
-  leaves = [
-    jnp.all(jnp.isfinite(l))
-    for l in jax.tree_util.tree_leaves(_pure(tree))
-    if jnp.issubdtype(jnp.asarray(l).dtype, jnp.inexact)
-  ]
-  return bool(jax.device_get(jnp.all(jnp.stack(leaves)))) if leaves else True
+  leaves = [l for l in jax.tree_util.tree_leaves(_pure(tree)) if jnp.issubdtype(jnp.asarray(l).dtype, jnp.inexact)]
+  return bool(jax.device_get(_all_finite(leaves))) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  # one program for the whole tree rather than one small one per leaf shape
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(l)) for l in leaves]))
 
 
 class Checkpointer:

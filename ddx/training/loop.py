@@ -137,9 +137,8 @@ def run(
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
   base = jax.random.key(loop.seed)
-  model = model_factory(nnx.Rngs(params=jax.random.fold_in(base, 0)))
   tx = train_lib.make_optimizer(optim)
-  graphdef, state = train_lib.init_state(model, tx, jax.random.fold_in(base, 1))
+  graphdef, state = train_lib.create_state(model_factory, tx, jax.random.fold_in(base, 0), jax.random.fold_in(base, 1))
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
   start, state = _resume(ckpt, state, workdir)

@@ -8,7 +8,6 @@ import os
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
@@ -19,6 +18,9 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
+        # tensorboardX imports torch when it is installed (over a second): only a writer pays it
+        from tensorboardX import SummaryWriter  # noqa: PLC0415
+
         self._tb = SummaryWriter(logdir=workdir, flush_secs=10)
 
   def truncate_after(self, step: int) -> None:

@@ -128,6 +128,26 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Arr
   return graphdef, state
 
 
+def create_state(
+  model_factory: Callable[[nnx.Rngs], nnx.Module],
+  tx: optax.GradientTransformation,
+  params_key: jax.Array,
+  key: jax.Array,
+) -> tuple[Any, TrainState]:
+  """`init_state` of ``model_factory(nnx.Rngs(params=params_key))``, built in one jitted program
+  on this process's default device.
+
+  The same values as building the model eagerly, but one compilation instead of one per
+  initializer and per optimizer-state leaf (about a hundred small programs for a small U-Net).
+  """
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_factory(nnx.Rngs(params=params_key))))
+
+  def build():
+    return init_state(model_factory(nnx.Rngs(params=params_key)), tx, key)[1]
+
+  return graphdef, jax.jit(build)()
+
+
 def _select(pred, new, old):
   return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
 
