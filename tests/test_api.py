@@ -1,11 +1,15 @@
-"""The public surface: every name the README and __all__ lists resolves, the package has no
-import cycle, each choice set has one definition, and commands own their flags."""
+"""The public surface: every name the README, the docs pages and __all__ list resolves, every
+file and link they give exists, the package has no import cycle, each choice set has one
+definition, and commands own their flags."""
 
 import ast
+import glob
+import importlib
 import os
 import re
 import subprocess
 import sys
+import unicodedata
 
 import pytest
 
@@ -17,10 +21,24 @@ PKG = os.path.join(ROOT, "ddx")
 
 
 def _resolve(dotted: str):
+  """``ddx.a.b.c`` as an attribute chain; a submodule that its package does not import
+  eagerly (``ddx.training.classifier``) is imported, as ``import ddx.training.classifier``
+  would."""
+  parts = dotted.split(".")
   obj = ddx
-  for part in dotted.split(".")[1:]:
-    obj = getattr(obj, part)
+  for i, part in enumerate(parts[1:], start=2):
+    try:
+      obj = getattr(obj, part)
+    except AttributeError:
+      name = ".".join(parts[:i])
+      if _module_path(name) is None:
+        raise
+      obj = importlib.import_module(name)
   return obj
+
+
+# The pages that document ddx: the README and every page under docs/.
+PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 
 
 def test_top_level_and_module_all_resolve():
@@ -33,17 +51,66 @@ def test_top_level_and_module_all_resolve():
       assert getattr(m, name) is not None, f"ddx.{mod}.{name}"
 
 
-def test_every_ddx_name_in_the_readme_resolves():
-  text = open(os.path.join(ROOT, "README.md")).read()
-  names = sorted(set(re.findall(r"\bddx(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text)))
-  assert "ddx.models.UNet" in names and "ddx.sample" in names
-  for dotted in names:
-    if dotted.startswith("ddx.data.tfds_sources") or dotted.endswith((".py", ".sh")):
-      continue  # module paths run with python -m, checked by their own tests
-    try:
-      _resolve(dotted)
-    except AttributeError as e:
-      pytest.fail(f"README names {dotted}, which does not resolve: {e}")
+def test_every_ddx_name_in_the_docs_resolves():
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  assert "ddx.sample" in readme and "ddx.samplers.Sampler" in readme
+  assert len(PAGES) > 5, PAGES
+  for page in PAGES:
+    text = open(os.path.join(ROOT, page)).read()
+    names = sorted(set(re.findall(r"\bddx(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text)))
+    for dotted in names:
+      if dotted.startswith("ddx.data.tfds_sources") or dotted.endswith((".py", ".sh")):
+        continue  # module paths run with python -m, checked by their own tests
+      try:
+        _resolve(dotted)
+      except AttributeError as e:
+        pytest.fail(f"{page} names {dotted}, which does not resolve: {e}")
+
+
+def test_the_resolver_imports_submodules_and_rejects_unknown_names():
+  assert _resolve("ddx.training.classifier.train").__name__ == "train"
+  assert _resolve("ddx.latent.pipeline.load").__name__ == "load"
+  for bad in ("ddx.classifier.train", "ddx.latent.nonexistent", "ddx.sampling.nope"):
+    with pytest.raises(AttributeError):
+      _resolve(bad)
+
+
+# Repository paths a page may give in backticks or as a link: a file of the repository.
+_PATH = re.compile(r"(?<![\w/.~<-])((?:ddx|benchmarks|configs|launch|tests|docs|\.ci)/[\w./-]*[\w/])")
+
+
+def test_every_repository_path_in_the_docs_exists():
+  for page in PAGES:
+    text = open(os.path.join(ROOT, page)).read()
+    for path in sorted(set(_PATH.findall(text))):
+      assert os.path.exists(os.path.join(ROOT, path)), f"{page} names {path}, which does not exist"
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a heading: lower case, punctuation and symbols dropped, spaces to -."""
+  text = heading.strip().lower()
+  kept = "".join(c for c in text if c in " -_" or unicodedata.category(c)[0] in "LNM")
+  return kept.replace(" ", "-")
+
+
+def _anchors(path: str) -> set[str]:
+  text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)
+  return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def test_every_link_in_the_docs_leads_somewhere():
+  """Relative links name an existing file and, after #, one of its headings."""
+  for page in PAGES:
+    text = re.sub(r"```.*?```", "", open(os.path.join(ROOT, page)).read(), flags=re.S)
+    here = os.path.dirname(os.path.join(ROOT, page))
+    for target in re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(r'src="([^"]+)"', text):
+      if re.match(r"[a-z]+:", target):
+        continue  # an external address
+      path, _, anchor = target.partition("#")
+      full = os.path.normpath(os.path.join(here, path)) if path else os.path.join(ROOT, page)
+      assert os.path.exists(full), f"{page} links to {target}: no file {full}"
+      if anchor:
+        assert anchor in _anchors(full), f"{page} links to {target}: no such heading in {path or page}"
 
 
 def _imports(path: str, modname: str) -> set[str]:
