@@ -394,7 +394,7 @@ def report(args, dtype: str, pairs: list[tuple[dict, dict]]) -> list[dict]:
   # scaled by 1 + 1e-6, differs by 2e-4 at S = 10, 4e-3 at S = 20 and 0.35 at S = 50
   # (measured once, float32). The sample difference therefore grows with S whatever the
   # agreement of one step; the step equations are held to diffusers in tests/.
-  print("  (DDIM sample differences grow with S on random weights: the chain amplifies rounding; see the README)")
+  print("  (DDIM sample differences grow with S on random weights: the chain amplifies rounding; docs/benchmarks.md)")
   return rows
 
 

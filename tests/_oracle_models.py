@@ -9,7 +9,7 @@ conformance table (benchmarks/conformance_table.py).
 * Runners that drive a diffusers scheduler manually (``set_timesteps``; ``step`` per listed
   timestep) and the same configuration through ``ddx.sample`` (a jitted ``lax.scan``), with
   the stochastic samplers fed *the same noise*: ddx draws call i's noise as
-  ``normal(fold_in(key, i), x.shape, float32)`` (ddx/driver.py); the identical arrays are
+  ``normal(fold_in(key, i), x.shape, float32)`` (ddx/sampling.py); the identical arrays are
   passed to DDIMScheduler.step as ``variance_noise`` and returned by a patched
   ``scheduling_ddpm.randn_tensor`` for DDPMScheduler (which has no noise argument).
 * Case tables (one dict per knob combination) so the tests and the table script measure
@@ -125,7 +125,7 @@ def x_T(seed: int = 0) -> jax.Array:
 
 
 def ddx_noise(key, i: int) -> np.ndarray:
-  """Exactly the noise ddx.sample draws for model call i (see ddx/driver.py)."""
+  """Exactly the noise ddx.sample draws for model call i (see ddx/sampling.py)."""
   return np.asarray(jax.random.normal(jax.random.fold_in(key, i), SHAPE, jnp.float32))
 
 

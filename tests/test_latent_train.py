@@ -1,6 +1,6 @@
 """Latent diffusion on the embedded digits through the real commands: a KL autoencoder
 (`ddx train` with kind="autoencoder"), a class-conditional latent model on its latents, and
-`ddx sample` decoding the samples. Tiny sizes and few steps; the real recipe is in the README."""
+`ddx sample` decoding the samples. Tiny sizes and few steps; the real recipe is in docs/latent.md."""
 
 import json
 import os

@@ -2,7 +2,7 @@
 
 The commands hand their ml_collections config (or a workdir's config.json) to this module
 and to nothing else. `validate` checks every key against the schema in
-`ddx.config_defaults` (unknown keys, types, ranges, cross-field consistency) and raises a
+`ddx.cli.defaults` (unknown keys, types, ranges, cross-field consistency) and raises a
 one-line ``ValueError("<section.key>: ...")`` before anything is built or compiled. The
 ``*_spec`` / ``*_kwargs`` helpers translate sections into the explicit arguments that library
 code takes; each choice set is imported from the module that owns the concept.

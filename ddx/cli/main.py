@@ -40,7 +40,7 @@ class UsageError(ValueError):
 def usage() -> str:
   lines = ["usage: python -m ddx <command> [--flags]   (python -m ddx <command> --help: its flags)", "commands:"]
   for name, path in COMMANDS.items():
-    lines.append(f"  {name:10s} {importlib.import_module(path).HELP}")
+    lines.append(f"  {name:12s} {importlib.import_module(path).HELP}")
   return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import jax
 CACHE_ENV = "DDX_COMPILATION_CACHE"
 _OFF = ("", "0", "off", "false", "no", "none")
 
-# Measured on the CIFAR-10 U-Net (benchmarks/vs_pytorch.py); see the README, "Speed on CPU".
+# Measured on the CIFAR-10 U-Net (benchmarks/vs_pytorch.py); see docs/benchmarks.md, "Speed on CPU".
 CPU_XLA_FLAGS = ""
 
 # Programs that compile faster than this are not worth a disk entry.

@@ -10,7 +10,7 @@ Conventions used throughout:
   ``None`` for deterministic evaluation), see :func:`dropout`.
 
 Parameter names mirror diffusers' ``UNet2DModel`` (``norm1``, ``conv1``, ``time_emb_proj``,
-``to_q`` ...) so that weight conversion (:mod:`ddx.models.convert`) is a mechanical rename.
+``to_q`` ...) so that weight conversion (`ddx.models.io.diffusers`) is a mechanical rename.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class GroupNorm(nnx.Module):
 
 CONV_IMPLS = ("auto", "lax", "dots")
 
-# What "auto" means on each backend (see the README, "Speed on CPU"): XLA's own convolution
+# What "auto" means on each backend (see docs/benchmarks.md, "Speed on CPU"): XLA's own convolution
 # everywhere, except on the CPU for
 # * 1x1 convolutions, in every dtype: XLA:CPU runs them at 50-150 GFLOP/s forward and 45-90
 #   backward on a 2-core Zen 4, its dots at 80-190 and 85-150 (median 2x faster forward and

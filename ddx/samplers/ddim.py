@@ -103,7 +103,7 @@ def make(
       consistent (x0, eps) pair. Default (None): True whenever x0 is clipped or thresholded.
       False reproduces diffusers' default, which pairs the clipped x0 with the unclipped eps; that
       bias accumulates with the number of steps and collapses samples of a trained model at
-      S = 500 (README, "Deliberate differences").
+      S = 500 (docs/samplers.md §7.1).
   """
   base.check_prediction(prediction)
   x0_proc = base.x0_processing(

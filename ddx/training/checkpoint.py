@@ -27,7 +27,7 @@ Layout of a workdir::
 ``save`` and `Checkpointer.save` write the checksums; ``restore`` and `Checkpointer.restore`
 check every leaf they read against them and raise `CorruptCheckpointError` (one line naming
 the step and the first bad leaf). Steps written before checksums existed still load, with a
-one-line warning (logger ``ddx.checkpoint``). `verify` checks a whole step. Errors about a
+one-line warning (logger ``ddx.training.checkpoint``). `verify` checks a whole step. Errors about a
 missing or broken workdir / checkpoint are one line naming the path: FileNotFoundError for
 missing paths, ValueError for invalid or corrupt content.
 """

@@ -268,7 +268,7 @@ def replicate(state: TrainState, mesh: Mesh) -> TrainState:
 
 
 def checkpoint_items(state: TrainState) -> dict:
-  """The checkpoint items of a TrainState (see `ddx.checkpoint`): params, EMA, optimizer state
+  """The checkpoint items of a TrainState (see `ddx.training.checkpoint`): params, EMA, optimizer state
   and a JSON ``train`` record (step, base key data, non-finite counters)."""
   train = {
     "step": int(jax.device_get(state.step)),

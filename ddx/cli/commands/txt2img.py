@@ -1,6 +1,6 @@
 """``python -m ddx txt2img --pipeline=PATH --prompt=... [--sampler=plms --steps=50 --guidance=7.5]``.
 
-Text-to-image with a local diffusers-format Stable Diffusion pipeline folder (`ddx.pipeline`:
+Text-to-image with a local diffusers-format Stable Diffusion pipeline folder (`ddx.latent.pipeline`:
 unet/, vae/, text_encoder/, tokenizer/ and optionally scheduler/; the weights are the user's,
 nothing is downloaded). Writes ``<out>.png`` (a grid) and ``<out>.npz`` (float images in
 [-1, 1] and the prompts). ``--prompt`` may be repeated; each prompt gets ``--num`` images.
