@@ -1,5 +1,6 @@
 """The shipped digits feature network (ddx/eval/digits_cnn.npz): held-out accuracy, retraining
-reproduces it, digits FD separates held-out digits from noise; the reference-statistics cache."""
+is deterministic and reaches it, digits FD separates held-out digits from noise; the
+reference-statistics cache."""
 
 import jax
 import jax.numpy as jnp
@@ -33,16 +34,40 @@ def test_heldout_accuracy(splits):
   assert digits_net.accuracy(digits_net.load_model(), xte, yte) >= 0.97
 
 
-def test_retraining_reproduces_shipped_weights(splits):
-  (xtr, ytr), (xte, _) = splits
+def _linear_cka(a: np.ndarray, b: np.ndarray) -> float:
+  """Linear centered kernel alignment of two feature matrices [N, D]: 1 for feature spaces
+  equal up to rotation and scale, near 0 for unrelated ones."""
+  a, b = a - a.mean(0), b - b.mean(0)
+  return float(np.linalg.norm(a.T @ b) ** 2 / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
+
+
+def test_retraining_is_deterministic_on_one_machine(splits):
+  """Two trainings with one key give identical weights here (bitwise). Across processors
+  they need not: float arithmetic differs between instruction sets (AVX2 and AVX-512 gave
+  1.9e-2 relative on one bias), which is why the weights ship with ddx."""
+  (xtr, ytr), _ = splits
+  a = digits_net.to_arrays(digits_net.train(jax.random.key(digits_net.TRAIN_SEED), xtr, ytr, epochs=3))
+  b = digits_net.to_arrays(digits_net.train(jax.random.key(digits_net.TRAIN_SEED), xtr, ytr, epochs=3))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_retraining_reaches_the_shipped_network(splits):
+  """The recipe reproduces what the shipped network is for, on any machine: held-out accuracy
+  within 2 points of it and a feature space aligned with it. Bounds from retraining with
+  other keys (2026-12-03, AMD EPYC Zen 4): accuracy 0.969-0.986 (shipped 0.983), linear CKA
+  with the shipped features 0.91-0.93 (the shipped key: 1.0), FD(train, held-out) / trace
+  0.015-0.018; a retraining with the shipped key on another processor is closer still."""
+  (xtr, ytr), (xte, yte) = splits
   model = digits_net.train(jax.random.key(digits_net.TRAIN_SEED), xtr, ytr)
-  ours, shipped = digits_net.to_arrays(model), digits_net.to_arrays(digits_net.load_model())
-  for k in shipped:
-    err = np.abs(ours[k] - shipped[k]).max() / np.abs(shipped[k]).max()
-    assert err <= 1e-3, (k, err)
-  f_ours = np.asarray(model.features(jnp.asarray(xte)))
-  f_ship = np.asarray(digits_net.load_model().features(jnp.asarray(xte)))
-  assert np.abs(f_ours - f_ship).max() <= 1e-3 * np.abs(f_ship).max()
+  shipped = digits_net.load_model()
+  acc, acc_shipped = digits_net.accuracy(model, xte, yte), digits_net.accuracy(shipped, xte, yte)
+  assert acc >= acc_shipped - 0.02 and acc >= 0.96, (acc, acc_shipped)
+  f_te = np.asarray(model.features(jnp.asarray(xte)))
+  assert _linear_cka(f_te, np.asarray(shipped.features(jnp.asarray(xte)))) >= 0.85
+  f_tr = np.asarray(model.features(jnp.asarray(xtr)))
+  assert ev.frechet_distance(f_tr, f_te) < 0.05 * np.trace(np.cov(f_tr, rowvar=False))
 
 
 def test_digits_fd_small_for_heldout_large_for_noise(splits, net):

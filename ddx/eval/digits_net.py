@@ -15,8 +15,10 @@ scikit-learn's digits whose penultimate layer (64-d, after ReLU) is the feature 
 
   so no run ever trains the network, and the feature space is the same on every machine. The
   network's identity (`load` ``.name``) is ``digits_cnn-`` plus a hash of the weights, the
-  key of cached reference statistics. Retraining on another machine reproduces the weights
-  only approximately (CPU float arithmetic differs); tests check the features agree.
+  key of cached reference statistics. Retraining is deterministic on one machine, but on
+  another processor it reproduces the weights only approximately (float arithmetic differs
+  between instruction sets); tests check that a retrained network reaches the shipped one's
+  accuracy and feature space within stated bounds, never bitwise weights.
 """
 
 from __future__ import annotations
