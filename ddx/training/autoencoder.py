@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 from typing import Callable
 
 import jax
@@ -26,9 +28,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ddx import images as image_io
 from ddx.training import step as train_lib
 
 RECONSTRUCTIONS = ("l1", "l2")
+RECONSTRUCTION_FILE = "reconstruction.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +111,35 @@ def reconstruction_metrics(images: np.ndarray, x_hat: np.ndarray) -> dict:
     "psnr_db": float(10.0 * np.log10(4.0 / mse)) if mse > 0 else float("inf"),
     "num": int(len(images)),
   }
+
+
+def report_reconstruction(vae, images: np.ndarray, workdir: str, step: int) -> dict:
+  """Reconstruction error of held-out ``images`` [N, H, W, C] in [-1, 1] under ``vae`` (decode of
+  the posterior mean; the train command passes its last checkpoint's EMA weights, ``step``):
+  writes ``<workdir>/reconstruction.json`` and the grid ``<workdir>/samples/reconstructions_<step>.png``
+  (pairs of rows: originals, their reconstructions) and returns the record."""
+  x_hat, mean, std = reconstruct(vae, images)
+  rec = reconstruction_metrics(images, x_hat)
+  rec.update(
+    step=int(step),
+    held_out=f"the last {len(images)} records of the data",
+    latent_std=float(np.std(mean)),
+    posterior_std_mean=float(np.mean(std)),
+  )
+  path = os.path.join(workdir, RECONSTRUCTION_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(rec, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+  n = min(len(images), 32)
+  rows = []
+  for i in range(0, n, 16):
+    rows += [images[i : min(i + 16, n)], x_hat[i : min(i + 16, n)]]
+  grid = image_io.make_grid(image_io.to_uint8(np.concatenate(rows)), ncols=min(n, 16))
+  png = image_io.save_png(os.path.join(workdir, "samples", f"reconstructions_{step:08d}.png"), grid, scale=4)
+  print(
+    f"held-out reconstruction ({rec['num']} images, step {step}, EMA weights, posterior mean): "
+    f"MSE {rec['mse']:.5f}  PSNR {rec['psnr_db']:.2f} dB  MAE {rec['mae']:.4f}  -> {path}, {png}",
+    flush=True,
+  )
+  return rec
