@@ -15,7 +15,7 @@ from flax import nnx
 
 from ddx.cli import main as cli
 from ddx.cli import restore
-from ddx.models import UNet, from_diffusers, unet_kwargs
+from ddx.models import UNet, UNetConfig, from_diffusers
 from ddx.models.io import diffusers as convert
 from ddx.training import checkpoint
 
@@ -139,7 +139,7 @@ def test_cifar10_config_matches_diffusers(tmp_path):
   n_torch = sum(p.numel() for p in tmodel.parameters())
   n_ddx = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
   assert n_torch == n_ddx == 35_746_307
-  assert model.kwargs == unet_kwargs(
+  assert model.config == UNetConfig(
     image_size=32,
     base_channels=128,
     channel_mult=(1, 2, 2, 2),
@@ -193,7 +193,7 @@ def test_convert_cli_checkpoint_roundtrip(small_ddpm, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
-  assert config["model"] == convert.diffusers_to_unet_kwargs(SMALL_DDPM)
+  assert config["model"] == convert.diffusers_to_unet_config(SMALL_DDPM).to_json()
   assert config["diffusion"] == {
     "num_timesteps": 1000,
     "beta_schedule": "linear",
@@ -235,7 +235,7 @@ def test_convert_function_without_scheduler_uses_defaults(tmp_path):
   assert config["diffusion"]["variance"] == "fixed_large"
   assert config["diffusion"]["prediction"] == "eps"
   model, _, _ = restore.load_model(str(tmp_path / "w"), dtype="bfloat16")
-  assert model.kwargs["dtype"] == "bfloat16"
+  assert model.config.dtype == "bfloat16"
 
 
 def _run_cli(argv, **flag_values):
@@ -370,7 +370,7 @@ def test_save_restore_all_items(tiny_model, tmp_path):
   opt = optax.adam(1e-3)
   opt_state = opt.init(nnx.to_pure_dict(params))
   key_data = jax.random.key_data(jax.random.key(7))
-  config = {"model": tiny_model.kwargs, "diffusion": DIFFUSION, "train": {"lr": 1e-3}}
+  config = {"model": tiny_model.config.to_json(), "diffusion": DIFFUSION, "train": {"lr": 1e-3}}
   workdir = str(tmp_path)
   checkpoint.save(
     workdir,
@@ -387,7 +387,7 @@ def test_save_restore_all_items(tiny_model, tmp_path):
   assert checkpoint.all_steps(workdir) == [5, 9] and checkpoint.latest_step(workdir) == 9
 
   model, cfg, _ = restore.load_model(workdir, step=5)
-  assert cfg["train"] == {"lr": 1e-3} and cfg["model"] == tiny_model.kwargs
+  assert cfg["train"] == {"lr": 1e-3} and cfg["model"] == tiny_model.config.to_json()
   chex.assert_trees_all_equal(nnx.to_pure_dict(nnx.state(model, nnx.Param)), nnx.to_pure_dict(ema))
   model, _, _ = restore.load_model(workdir, which="params")  # latest = 9
   chex.assert_trees_all_equal(nnx.state(model, nnx.Param), params)
@@ -401,7 +401,7 @@ def test_save_restore_all_items(tiny_model, tmp_path):
 
 def test_config_model_section_is_checked(tiny_model, tmp_path):
   with pytest.raises(ValueError, match="'diffusion' section"):
-    checkpoint.save(str(tmp_path), 0, {"params": tiny_model}, {"model": tiny_model.kwargs})
+    checkpoint.save(str(tmp_path), 0, {"params": tiny_model}, {"model": tiny_model.config.to_json()})
   # checkpoint.py stores the model section as given; whoever builds the model validates it
   bad = str(tmp_path / "bad")
   checkpoint.save(bad, 0, {"params": tiny_model}, {"model": {**TINY, "norm_num_groups": 3}, "diffusion": DIFFUSION})
@@ -429,7 +429,7 @@ def test_restore_errors(tiny_model, tmp_path):
     restore.load_model(str(empty))
 
   workdir = str(tmp_path / "w")
-  checkpoint.save(workdir, 1, {"params": tiny_model}, {"model": tiny_model.kwargs, "diffusion": DIFFUSION})
+  checkpoint.save(workdir, 1, {"params": tiny_model}, {"model": tiny_model.config.to_json(), "diffusion": DIFFUSION})
   with pytest.raises(FileNotFoundError, match="no checkpoint for step 2"):
     restore.load_model(workdir, which="params", step=2)
   with pytest.raises(ValueError, match="has no item 'ema_params'"):
@@ -443,7 +443,10 @@ def test_restore_errors(tiny_model, tmp_path):
 def test_corrupt_checkpoint(tiny_model, tmp_path):
   workdir = str(tmp_path)
   checkpoint.save(
-    workdir, 0, {"params": tiny_model, "ema_params": tiny_model}, {"model": tiny_model.kwargs, "diffusion": DIFFUSION}
+    workdir,
+    0,
+    {"params": tiny_model, "ema_params": tiny_model},
+    {"model": tiny_model.config.to_json(), "diffusion": DIFFUSION},
   )
   item = os.path.join(workdir, "checkpoints", "0", "ema_params")
   for root, _, files in os.walk(item):  # truncate every data file of the item

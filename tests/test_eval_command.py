@@ -13,7 +13,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from ddx.cli import config as config_lib
 from ddx.cli import main as cli
@@ -36,14 +35,14 @@ def _tiny_config():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  from ddx.models import unet as unet_lib
+  from ddx.models import UNetConfig, abstract, param_shapes
 
   cfg = _tiny_config()
   w = str(tmp_path_factory.mktemp("run"))
   # Seeded random weights of the right shapes, without running (or compiling) the U-Net's init.
-  abstract = nnx.to_pure_dict(nnx.state(unet_lib.abstract_unet(**unet_lib.unet_kwargs(**cfg["model"])), nnx.Param))
+  shapes = param_shapes(abstract(UNetConfig.from_json(cfg["model"])))
   rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
+  params = jax.tree_util.tree_map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), shapes)
   checkpoint.save(w, 3, {"params": params, "ema_params": params}, config=cfg)
   return w
 

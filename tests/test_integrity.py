@@ -24,10 +24,8 @@ import ddx
 from ddx import parallel
 from ddx.cli import main as cli
 from ddx.cli import restore
-from ddx.models import unet_kwargs
+from ddx.models import UNetConfig, abstract, param_shapes, with_params
 from ddx.models.io import diffusers as convert
-from ddx.models.io.diffusers import unet_from_params
-from ddx.models.unet import abstract_unet
 from ddx.training import checkpoint, loop
 from ddx.training import step as train_lib
 from tests.test_pipeline import folder  # noqa: F401  (the tiny random Stable Diffusion pipeline fixture)
@@ -61,10 +59,10 @@ def _last_line(p) -> str:
 
 def _random_unet(seed, **changes):
   """A tiny UNet with random weights everywhere (built from numpy: no per-initializer compiles)."""
-  kwargs = unet_kwargs(**{**TINY, **changes})
-  shapes = nnx.to_pure_dict(nnx.state(abstract_unet(**kwargs), nnx.Param))
+  module = abstract(UNetConfig(**{**TINY, **changes}))
   rng = np.random.RandomState(seed)
-  return unet_from_params(kwargs, jax.tree.map(lambda s: (0.2 * rng.randn(*s.shape)).astype(np.float32), shapes))
+  params = jax.tree.map(lambda s: (0.2 * rng.randn(*s.shape)).astype(np.float32), param_shapes(module))
+  return with_params(module, params)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,7 @@ def tiny():
 
 
 def _config(model):
-  return {"model": model.kwargs, "diffusion": DIFFUSION}
+  return {"model": model.config.to_json(), "diffusion": DIFFUSION}
 
 
 def _data_files(workdir, step, item):
@@ -919,8 +917,7 @@ def _diffusers_folder(path, state=None):
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(DIFFUSERS_TINY, f)
   if state is None:
-    kwargs = unet_kwargs(**convert.diffusers_to_unet_kwargs(DIFFUSERS_TINY))
-    shapes = nnx.to_pure_dict(nnx.state(abstract_unet(**kwargs), nnx.Param))
+    shapes = param_shapes(abstract(convert.diffusers_to_unet_config(DIFFUSERS_TINY)))
     rng, state = np.random.RandomState(0), {}
     for keys, like in jax.tree_util.tree_flatten_with_path(shapes)[0]:
       names = tuple(k.key for k in keys)

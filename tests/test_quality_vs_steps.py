@@ -10,7 +10,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from ddx.cli import config as config_lib
 from ddx.training import checkpoint
@@ -29,7 +28,7 @@ def _script():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  from ddx.models import unet as unet_lib
+  from ddx.models import UNetConfig, abstract, param_shapes
 
   sys.path.insert(0, ROOT)
   from configs import digits
@@ -41,9 +40,9 @@ def workdir(tmp_path_factory):
   c.model.norm_num_groups = 4
   cfg = config_lib.validate(c)
   w = str(tmp_path_factory.mktemp("run"))
-  abstract = nnx.to_pure_dict(nnx.state(unet_lib.abstract_unet(**unet_lib.unet_kwargs(**cfg["model"])), nnx.Param))
+  shapes = param_shapes(abstract(UNetConfig.from_json(cfg["model"])))
   rng = np.random.default_rng(0)
-  params = jax.tree_util.tree_map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), abstract)
+  params = jax.tree_util.tree_map(lambda a: (0.05 * rng.standard_normal(a.shape)).astype(np.float32), shapes)
   checkpoint.save(w, 5, {"params": params, "ema_params": params}, config=cfg)
   return w
 

@@ -1,5 +1,6 @@
 """Tests of ddx.models.UNet (architecture, conditioning, dropout, remat, dtype, validation)."""
 
+import dataclasses
 import functools
 import json
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddx.models import UNet, unet_kwargs, unet_param_count
+from ddx.models import UNet, UNetConfig, abstract, param_count
 
 CIFAR10 = dict(
   image_size=32,
@@ -65,9 +66,9 @@ def rel_err(a, b):
 
 def test_param_count_cifar10_matches_diffusers():
   # diffusers UNet2DModel for google/ddpm-cifar10-32 has 35,746,307 parameters.
-  assert unet_param_count(**CIFAR10) == 35_746_307
+  assert param_count(abstract(UNetConfig(**CIFAR10))) == 35_746_307
   # learn_sigma doubles conv_out only: +3 * (3*3*128 + 1).
-  assert unet_param_count(**CIFAR10, learn_sigma=True) == 35_746_307 + 3 * (9 * 128 + 1)
+  assert param_count(abstract(UNetConfig(**CIFAR10, learn_sigma=True))) == 35_746_307 + 3 * (9 * 128 + 1)
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
@@ -105,12 +106,34 @@ def test_forward_and_time_dependence():
   chex.assert_trees_all_close(apply(x, jnp.array([500.0, 0.0])), jnp.stack([b[0], a[1]]), atol=1e-5)
 
 
-def test_kwargs_json_roundtrip():
+def test_config_json_roundtrip():
   model = make(num_classes=5, dtype="bfloat16", remat=True)
-  kw = json.loads(json.dumps(model.kwargs))
-  assert kw == unet_kwargs(**SMALL, num_classes=5, dtype=jnp.bfloat16, remat=True)
+  kw = json.loads(json.dumps(model.config.to_json()))
+  assert kw == UNetConfig(**SMALL, num_classes=5, dtype=jnp.bfloat16, remat=True).to_json()
+  assert UNetConfig.from_json(kw) == model.config and hash(UNetConfig.from_json(kw)) == hash(model.config)
   clone = UNet(**kw, rngs=nnx.Rngs(0))
   chex.assert_trees_all_equal(nnx.state(clone, nnx.Param), nnx.state(model, nnx.Param))
+  # a config, with fields replaced, builds the same network as the keyword form
+  same = UNet(UNetConfig.from_json(kw), num_classes=5, rngs=nnx.Rngs(0))
+  assert same.config == model.config
+  chex.assert_trees_all_equal(nnx.state(same, nnx.Param), nnx.state(model, nnx.Param))
+
+
+def test_config_normalises_and_is_static():
+  c = UNetConfig(**{**SMALL, "channel_mult": [1, 2], "attention_resolutions": [8, 16, 8], "num_classes": 0})
+  assert c.channel_mult == (1, 2) and c.attention_resolutions == (16, 8) and c.num_classes is None
+  assert c.out_channels == 3 and c.dtype is None and c.param_dtype == "float32"
+  assert c.to_json()["channel_mult"] == [1, 2]
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    c.image_size = 32
+  # the config is part of the graph definition, not of the state: jit treats it as static
+  graphdef, state = nnx.split(make())
+  assert not any(isinstance(leaf, UNetConfig) for leaf in jax.tree.leaves(state))
+  hash(graphdef)
+  # missing keys take the defaults; image_size has none
+  assert UNetConfig.from_json({"image_size": 16, "channel_mult": [1]}).base_channels == 128
+  with pytest.raises(ValueError, match="^image_size: required UNetConfig field is missing$"):
+    UNetConfig.from_json({"in_channels": 3})
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +297,11 @@ def test_bad_config_raises_before_init(overrides, name):
 
 def test_unknown_kwarg_rejected():
   with pytest.raises(ValueError, match="^channels_mult: "):
-    unet_kwargs(**SMALL, channels_mult=(1, 2))
+    UNetConfig.from_json({**SMALL, "channels_mult": (1, 2)})
+  with pytest.raises(ValueError, match="^channels_mult: not a UNetConfig field$"):
+    UNet(**SMALL, channels_mult=(1, 2), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="^channels_mult: "):
+    UNetConfig(**SMALL).replace(channels_mult=(1, 2))
 
 
 def test_bad_input_shapes():

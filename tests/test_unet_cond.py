@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ddx.models import UNetCond, from_diffusers, unet_cond_from_diffusers
+from ddx.models import UNetCond, UNetCondConfig, from_diffusers, unet_cond_from_diffusers
 from tests._latent_refs import numpy_init, refs, save_perturbed
 
 # SD 1.x layout (1x1-conv projections, one head count for all levels) with a timestep-type
@@ -139,6 +139,28 @@ def test_bfloat16_and_remat():
   g1 = jax.tree.leaves(grad(*nnx.split(f32, nnx.Param)))
   g2 = jax.tree.leaves(grad(*nnx.split(rm, nnx.Param)))
   assert max(rel_err(u, v) for u, v in zip(g2, g1) if np.abs(v).max() > 0) < 1e-5
+
+
+def test_config_and_conv_impl():
+  cfg = UNetCondConfig(**ONE_LEVEL)
+  assert cfg.conv_impl == "auto" and cfg.layers_per_block == (1,) and cfg.to_json()["num_heads"] == [2]
+  assert UNetCondConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+  # every convolution is ddx's Conv (3x3 in / out, resampling, residual blocks and the 1x1
+  # projections): conv_impl chooses how they run, the parameters do not change
+  key = jax.random.split(jax.random.key(1), 2)
+  x, ctx, t = jax.random.normal(key[0], (2, 4, 4, 4)), jax.random.normal(key[1], (2, 5, 8)), jnp.array([10, 500])
+  outs, shapes = {}, {}
+  for impl in ("lax", "dots"):
+    m = numpy_init(lambda impl=impl: UNetCond(cfg, conv_impl=impl, rngs=nnx.Rngs(0)))
+    assert m.config.conv_impl == impl
+    assert {m.conv_in.impl, m.conv_out.impl, m.mid_block.attentions[0].proj_in.impl} == {impl}
+    assert m.mid_block.resnets[0].conv1.impl == impl
+    outs[impl] = apply(m, x, t, ctx)
+    shapes[impl] = jax.tree.map(lambda p: (p.shape, p.dtype), nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  assert shapes["dots"] == shapes["lax"]
+  assert rel_err(outs["dots"], outs["lax"]) < 2e-5  # float32 summation order only
+  with pytest.raises(ValueError, match=r"^conv_impl: must be one of \['auto', 'lax', 'dots'\], got 'fft'$"):
+    UNetCondConfig(**ONE_LEVEL, conv_impl="fft")
 
 
 def test_bad_inputs():

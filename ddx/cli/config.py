@@ -4,8 +4,9 @@ The commands hand their ml_collections config (or a workdir's config.json) to th
 and to nothing else. `validate` checks every key against the schema in
 `ddx.cli.defaults` (unknown keys, types, ranges, cross-field consistency) and raises a
 one-line ``ValueError("<section.key>: ...")`` before anything is built or compiled. The
-``*_spec`` / ``*_kwargs`` helpers translate sections into the explicit arguments that library
-code takes; each choice set is imported from the module that owns the concept.
+``*_spec`` / ``*_config`` / ``*_kwargs`` helpers translate sections into the explicit
+arguments that library code takes; each choice set is imported from the module that owns
+the concept.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from ddx.cli import defaults as config_defaults
 from ddx.cli import limits
 from ddx.data.sources import DATASETS
 from ddx.eval import inception, quality
-from ddx.models.autoencoder import validate_autoencoder_kwargs
-from ddx.models.unet import unet_kwargs
+from ddx.models.configs import AutoencoderConfig, UNetConfig
 from ddx.samplers import NAMES as SAMPLER_NAMES
 from ddx.training import autoencoder as autoencoder_train
 from ddx.training import checkpoint
@@ -85,29 +85,46 @@ def _num(cfg, key, lo=None, hi=None, *, integer=False, lo_open=False, hi_open=Fa
   return v
 
 
-def _check_model(cfg: dict) -> None:
-  """Ranges of the model section (the U-Net checks the consistency of the rest)."""
-  _num(cfg, "model.image_size", 1, limits.MAX_IMAGE_SIZE, integer=True)
-  _num(cfg, "model.in_channels", 1, limits.MAX_CHANNELS, integer=True)
-  _num(cfg, "model.out_channels", 1, limits.MAX_CHANNELS, integer=True, optional=True)
-  _num(cfg, "model.base_channels", 1, limits.MAX_CHANNELS, integer=True)
-  mult = cfg["model"]["channel_mult"]
-  if isinstance(mult, (list, tuple)):  # anything else: the U-Net's own one-line error
-    for i, m in enumerate(mult):
-      _num(cfg, f"model.channel_mult[{i}]", 1, limits.MAX_CHANNEL_MULT, integer=True, value=m)
-  _num(cfg, "model.num_res_blocks", 1, limits.MAX_RES_BLOCKS, integer=True)
-  ares = cfg["model"]["attention_resolutions"]
-  if isinstance(ares, (list, tuple)):
-    for i, r in enumerate(ares):
-      _num(cfg, f"model.attention_resolutions[{i}]", 1, limits.MAX_IMAGE_SIZE, integer=True, value=r)
-  _num(cfg, "model.num_heads", 1, limits.MAX_HEADS, integer=True)
-  _num(cfg, "model.head_dim", 1, limits.MAX_CHANNELS, integer=True, optional=True)
-  _num(cfg, "model.dropout", 0, 1, hi_open=True)
-  _num(cfg, "model.norm_num_groups", 1, limits.MAX_CHANNELS, integer=True)
-  _num(cfg, "model.norm_eps", 0, lo_open=True)
-  _num(cfg, "model.freq_shift")
+# The ranges of the model section's numbers (UNetConfig fields, in its order; a sequence's
+# entries are checked one by one): what a config may ask for. UNetConfig checks the rest.
+_MODEL_RANGES = {
+  "image_size": dict(lo=1, hi=limits.MAX_IMAGE_SIZE, integer=True),
+  "in_channels": dict(lo=1, hi=limits.MAX_CHANNELS, integer=True),
+  "out_channels": dict(lo=1, hi=limits.MAX_CHANNELS, integer=True, optional=True),
+  "base_channels": dict(lo=1, hi=limits.MAX_CHANNELS, integer=True),
+  "channel_mult": dict(lo=1, hi=limits.MAX_CHANNEL_MULT, integer=True),
+  "num_res_blocks": dict(lo=1, hi=limits.MAX_RES_BLOCKS, integer=True),
+  "attention_resolutions": dict(lo=1, hi=limits.MAX_IMAGE_SIZE, integer=True),
+  "num_heads": dict(lo=1, hi=limits.MAX_HEADS, integer=True),
+  "head_dim": dict(lo=1, hi=limits.MAX_CHANNELS, integer=True, optional=True),
+  "dropout": dict(lo=0, hi=1, hi_open=True),
+  "norm_num_groups": dict(lo=1, hi=limits.MAX_CHANNELS, integer=True),
+  "norm_eps": dict(lo=0, lo_open=True),
+  "freq_shift": dict(),
   # None is unconditional; 0 is not a second spelling of it
-  _num(cfg, "model.num_classes", 1, limits.MAX_CLASSES, integer=True, optional=True)
+  "num_classes": dict(lo=1, hi=limits.MAX_CLASSES, integer=True, optional=True),
+}
+_SEQUENCE_FIELDS = ("channel_mult", "attention_resolutions")
+
+
+def _check_model(cfg: dict) -> None:
+  """Ranges of the model section; then `ddx.models.UNetConfig` checks its consistency."""
+  for name, bounds in _MODEL_RANGES.items():
+    v = cfg["model"][name]
+    if name not in _SEQUENCE_FIELDS:
+      _num(cfg, f"model.{name}", **bounds)
+    elif isinstance(v, (list, tuple)):  # anything else: UNetConfig's own one-line error
+      for i, x in enumerate(v):
+        _num(cfg, f"model.{name}[{i}]", value=x, **bounds)
+
+
+def model_config(cfg: Mapping) -> UNetConfig:
+  """The `ddx.models.UNetConfig` of a config's ``model`` section (one-line ValueError naming
+  ``model.<field>``)."""
+  try:
+    return UNetConfig.from_json(cfg["model"])
+  except ValueError as e:
+    raise ValueError(f"model.{e}") from None
 
 
 def _choice(cfg, key, choices):
@@ -185,12 +202,7 @@ def validate(config) -> dict:
   size = cfg["data"]["image_size"]
   if size and size != cfg["model"]["image_size"] and not latent:
     raise ValueError(f"model.image_size: {cfg['model']['image_size']} differs from data.image_size={size}")
-  try:
-    unet_kwargs(**cfg["model"])
-  except ValueError as e:
-    raise ValueError(f"model.{e}") from None
-  except TypeError as e:
-    raise ValueError(f"model: {e}") from None
+  model_config(cfg)
   return cfg
 
 
@@ -198,8 +210,8 @@ def _check_autoencoder(cfg: dict) -> None:
   _choice(cfg, "autoencoder.reconstruction", autoencoder_train.RECONSTRUCTIONS)
   _num(cfg, "autoencoder.kl_weight", 0)
   _num(cfg, "autoencoder.holdout", 0, limits.MAX_SAMPLES, integer=True)
-  kw = autoencoder_kwargs(cfg, in_channels=1)  # the data's channel count is checked by the train command
-  f = 2 ** (len(kw["block_out_channels"]) - 1)
+  ae = autoencoder_config(cfg, in_channels=1)  # the data's channel count is checked by the train command
+  f = 2 ** (len(ae.block_out_channels) - 1)
   size = cfg["data"]["image_size"]
   if size and size % f:
     raise ValueError(f"data.image_size: {size} must be divisible by the autoencoder's downscale {f}")
@@ -259,12 +271,12 @@ def _check_latent(cfg: dict) -> dict | None:
   return ae
 
 
-def autoencoder_kwargs(cfg: Mapping, in_channels: int) -> dict:
-  """`ddx.models.AutoencoderKL` keyword arguments of a config's ``autoencoder`` section (images of
+def autoencoder_config(cfg: Mapping, in_channels: int) -> AutoencoderConfig:
+  """The `ddx.models.AutoencoderConfig` of a config's ``autoencoder`` section (images of
   ``in_channels`` channels; scaling factor 1: a latent model estimates its own)."""
   a = cfg["autoencoder"]
   try:
-    return validate_autoencoder_kwargs(
+    return AutoencoderConfig(
       in_channels=in_channels,
       out_channels=in_channels,
       block_out_channels=a["block_out_channels"],
@@ -272,12 +284,7 @@ def autoencoder_kwargs(cfg: Mapping, in_channels: int) -> dict:
       latent_channels=a["latent_channels"],
       norm_num_groups=a["norm_num_groups"],
       scaling_factor=1.0,
-      shift_factor=None,
-      use_quant_conv=True,
-      use_post_quant_conv=True,
       mid_block_add_attention=a["mid_block_add_attention"],
-      dtype=None,
-      param_dtype="float32",
     )
   except ValueError as e:
     raise ValueError(f"autoencoder.{e}") from None

@@ -1,13 +1,53 @@
 """The config schema and defaults: every key that exists, with the DDPM paper's values where they apply.
 
-Sections: kind, data, model (exactly the ddx.models.UNet keyword arguments), diffusion, train,
-optim, sample, autoencoder, latent, eval. Dataset configs start from this one and override
-what they change; an unknown key anywhere is an error (ddx.cli.config.validate). ``configs/default.py`` re-exports
+Sections: kind, data, model (exactly the fields of ddx.models.UNetConfig, built from the
+dataclass: see its docstring for each), diffusion, train, optim, sample, autoencoder, latent,
+eval. Dataset configs start from this one and override what they change; an unknown key
+anywhere is an error (ddx.cli.config.validate). ``configs/default.py`` re-exports
 this so that experiment files can start from it.
 """
 
+import dataclasses
+import typing
+
 import ml_collections
 from ml_collections import config_dict
+
+from ddx.models.configs import UNetConfig
+
+# The model section's values where they differ from UNetConfig's defaults: a small U-Net for
+# the 16x16 digits. dtype is spelled out (UNetConfig: None, the inputs' dtype) because a
+# workdir's config.json records it, and a resumed run must write the same model section.
+DIGITS_MODEL = dict(
+  image_size=16,
+  in_channels=1,
+  base_channels=32,
+  channel_mult=(1, 2, 2),
+  attention_resolutions=(8,),
+  dropout=0.1,
+  norm_num_groups=8,
+  dtype="float32",
+)
+
+
+def dataclass_section(cls, **values) -> ml_collections.ConfigDict:
+  """A section holding every field of the dataclass ``cls``: ``values`` where given, else the
+  field's default. A None default becomes a typed placeholder (``int | None`` ->
+  ``placeholder(int)``) so that command-line overrides know the type to parse."""
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f"{unknown[0]}: not a {cls.__name__} field")
+  section = ml_collections.ConfigDict()
+  for f in dataclasses.fields(cls):
+    v = values.get(f.name, f.default)
+    if v is dataclasses.MISSING:
+      raise ValueError(f"{f.name}: {cls.__name__} has no default; give a value")
+    if v is None:
+      (kind,) = [t for t in typing.get_args(hints[f.name]) if t is not type(None)]
+      v = config_dict.placeholder(kind)
+    section[f.name] = v
+  return section
 
 
 def get_config():
@@ -23,29 +63,7 @@ def get_config():
   c.data.random_flip = False
   c.data.num_threads = 0  # grain read threads (0: in the main thread)
 
-  c.model = ml_collections.ConfigDict()
-  c.model.image_size = 16
-  c.model.in_channels = 1
-  c.model.out_channels = config_dict.placeholder(int)
-  c.model.base_channels = 32
-  c.model.channel_mult = (1, 2, 2)
-  c.model.num_res_blocks = 2
-  c.model.attention_resolutions = (8,)
-  c.model.num_heads = 1
-  c.model.head_dim = config_dict.placeholder(int)
-  c.model.dropout = 0.1
-  c.model.norm_num_groups = 8
-  c.model.norm_eps = 1e-6
-  c.model.flip_sin_to_cos = False
-  c.model.freq_shift = 1.0
-  c.model.resample_with_conv = True
-  c.model.downsample_padding = 1
-  c.model.num_classes = config_dict.placeholder(int)  # None: unconditional
-  c.model.learn_sigma = False
-  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
-  c.model.param_dtype = "float32"
-  c.model.remat = False
-  c.model.conv_impl = "auto"  # auto (per backend) | lax | dots: same parameters
+  c.model = dataclass_section(UNetConfig, **DIGITS_MODEL)  # num_classes None: unconditional
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.num_timesteps = 1000

@@ -23,9 +23,7 @@ from flax import nnx
 from ddx import guidance, parallel, samplers, schedules
 from ddx.cli import config as config_lib
 from ddx.latent import generation
-from ddx.models import unet as unet_lib
-from ddx.models.autoencoder import AutoencoderKL, validate_autoencoder_kwargs
-from ddx.models.io.diffusers import unet_from_params
+from ddx.models import AutoencoderConfig, AutoencoderKL, UNet, UNetConfig, abstract, param_shapes, with_params
 from ddx.sampling import make_sample_fn
 from ddx.training import checkpoint
 
@@ -37,16 +35,28 @@ def _check_which(which: str) -> None:
     raise ValueError(f"which: must be one of {PARAM_ITEMS}, got {which!r}")
 
 
+def _restore(workdir: str, config_cls, section: dict, overrides: dict, which: str, step: int | None):
+  """The network of a workdir's model ``section`` (``config_cls.from_json``, with ``overrides``)
+  holding the checkpoint's weights ``which`` at ``step``: ``(model, step)``."""
+  try:
+    config = config_cls.from_json({**section, **overrides})
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(workdir, checkpoint.CONFIG_NAME)}: model section: {e}") from None
+  module = abstract(config)
+  step, items = checkpoint.restore(workdir, step, {which: param_shapes(module)})
+  return with_params(module, items[which]), step
+
+
 def load_model(
   workdir: str | os.PathLike, which: str = "ema_params", step: int | None = None, **model_overrides
-) -> tuple[nnx.Module, dict, int]:
+) -> tuple[UNet, dict, int]:
   """Rebuild the workdir's model from ``config.json`` and load the weights ``which``.
 
   Args:
     workdir: the run directory.
     which: the checkpoint item holding the weights: "ema_params" (default) or "params".
     step: the checkpoint step (default: the latest).
-    **model_overrides: constructor arguments that do not change the parameters, e.g.
+    **model_overrides: `UNetConfig` fields that do not change the parameters, e.g.
       ``dtype="bfloat16"`` or ``remat=True``.
 
   Returns:
@@ -57,13 +67,8 @@ def load_model(
   config = checkpoint.read_config(workdir)
   if config.get("kind", "diffusion") != "diffusion":
     raise ValueError(f"{workdir}: holds an {config['kind']} (config.json kind), not a diffusion model")
-  try:
-    kwargs = unet_lib.unet_kwargs(**{**config["model"], **model_overrides})
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{os.path.join(workdir, checkpoint.CONFIG_NAME)}: model section: {e}") from None
-  abstract = nnx.to_pure_dict(nnx.state(unet_lib.abstract_unet(**kwargs), nnx.Param))
-  step, items = checkpoint.restore(workdir, step, {which: abstract})
-  return unet_from_params(kwargs, items[which]), config, step
+  model, step = _restore(workdir, UNetConfig, config["model"], model_overrides, which, step)
+  return model, config, step
 
 
 def load_autoencoder(
@@ -71,20 +76,14 @@ def load_autoencoder(
 ) -> tuple[AutoencoderKL, dict, int]:
   """An autoencoder workdir's `AutoencoderKL` with the weights ``which``: ``(vae, config, step)``.
 
-  ``overrides`` are constructor arguments that leave the parameters alone, e.g. the
+  ``overrides`` are `AutoencoderConfig` fields that leave the parameters alone, e.g. the
   ``scaling_factor`` a latent model estimated for these latents.
   """
   _check_which(which)
   workdir = os.path.abspath(os.fspath(workdir))
   config = checkpoint.read_trained_config(workdir, "autoencoder")
-  try:
-    kwargs = validate_autoencoder_kwargs(**{**config["model"], **overrides})
-  except (TypeError, KeyError, ValueError) as e:
-    raise ValueError(f"{os.path.join(workdir, checkpoint.CONFIG_NAME)}: model section: {e}") from None
-  graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0))), nnx.Param, ...)
-  step, items = checkpoint.restore(workdir, step, {which: nnx.to_pure_dict(params)})
-  nnx.replace_by_pure_dict(params, jax.tree.map(jnp.asarray, items[which]))
-  return nnx.merge(graphdef, params, rest), config, step
+  vae, step = _restore(workdir, AutoencoderConfig, config["model"], overrides, which, step)
+  return vae, config, step
 
 
 def load_latent_decoder(config: dict) -> AutoencoderKL | None:
@@ -175,8 +174,8 @@ def for_sampling(
   decoder = load_latent_decoder(config)
   image_shape = (size, size, ch)
   if decoder is not None:
-    f = 2 ** (len(decoder.kwargs["block_out_channels"]) - 1)
-    image_shape = (size * f, size * f, decoder.kwargs["out_channels"])
+    f = decoder.downscale
+    image_shape = (size * f, size * f, decoder.config.out_channels)
   return Sampling(
     fn=fn,
     params=params,

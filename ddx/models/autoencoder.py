@@ -19,19 +19,20 @@ Every GroupNorm uses eps 1e-6; residual blocks have no time conditioning.
 Latent boundary: a diffusion model sees *scaled* latents ``z_s = (z - shift_factor) *
 scaling_factor`` (``shift_factor`` 0 when the config has none), so `encode_latents` returns
 scaled latents and `decode` takes them; `encode` returns the unscaled posterior.
+
+The constructor's arguments are the fields of `ddx.models.configs.AutoencoderConfig`.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ddx.models import dtypes
+from ddx.models.configs import AutoencoderConfig
 from ddx.models.layers import AttentionBlock, Downsample, GroupNorm, ResnetBlock, Upsample
 
 Array = jax.Array
@@ -177,75 +178,28 @@ class Decoder(nnx.Module):
 class AutoencoderKL(nnx.Module):
   """KL-regularised autoencoder; see the module docstring.
 
-  Args:
-    in_channels, out_channels: image channels (3 for RGB).
-    block_out_channels: channels per level (SD: (128, 256, 512, 512)); the latent is
-      ``2 ** (len - 1)`` times smaller than the image in each spatial dimension.
-    layers_per_block: residual blocks per encoder level (the decoder has one more).
-    latent_channels: latent channels (SD: 4).
-    norm_num_groups: GroupNorm groups (must divide every channel count).
-    scaling_factor: multiplies (latent - shift_factor) at the latent boundary (SD: 0.18215).
-    shift_factor: subtracted before scaling (None = 0; SD3 / Flux configs have one).
-    use_quant_conv, use_post_quant_conv: the 1x1 convs around the latent.
-    mid_block_add_attention: self-attention in the encoder / decoder mid blocks.
-    dtype: compute dtype (None / "float32" / "bfloat16"); outputs are float32.
-    param_dtype: parameter storage dtype.
-    rngs: ``nnx.Rngs`` for initialisation only.
+  ``AutoencoderKL(config, rngs=...)`` with an `AutoencoderConfig` (its fields are documented
+  there), or ``AutoencoderKL(**fields, rngs=...)``; fields given with a config replace its
+  values. ``model.config`` is the normalised config (its ``to_json()`` is what an autoencoder
+  workdir's config.json stores). ``rngs`` (``nnx.Rngs``) is for initialisation only.
   """
 
-  def __init__(
-    self,
-    *,
-    in_channels: int = 3,
-    out_channels: int = 3,
-    block_out_channels: Sequence[int] = (64,),
-    layers_per_block: int = 1,
-    latent_channels: int = 4,
-    norm_num_groups: int = 32,
-    scaling_factor: float = 0.18215,
-    shift_factor: float | None = None,
-    use_quant_conv: bool = True,
-    use_post_quant_conv: bool = True,
-    mid_block_add_attention: bool = True,
-    dtype: Any = None,
-    param_dtype: Any = "float32",
-    rngs: nnx.Rngs,
-  ):
-    k = validate_autoencoder_kwargs(
-      in_channels=in_channels,
-      out_channels=out_channels,
-      block_out_channels=block_out_channels,
-      layers_per_block=layers_per_block,
-      latent_channels=latent_channels,
-      norm_num_groups=norm_num_groups,
-      scaling_factor=scaling_factor,
-      shift_factor=shift_factor,
-      use_quant_conv=use_quant_conv,
-      use_post_quant_conv=use_post_quant_conv,
-      mid_block_add_attention=mid_block_add_attention,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
-    self._kwargs_json = json.dumps(k, sort_keys=True)
+  def __init__(self, config: AutoencoderConfig | None = None, *, rngs: nnx.Rngs, **fields):
+    self.config = k = AutoencoderConfig.of(config, **fields)
     cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype)
     self.dtype = cdtype
-    self.in_channels = k["in_channels"]
-    self.latent_channels = k["latent_channels"]
-    self.scaling_factor = k["scaling_factor"]
-    self.shift_factor = k["shift_factor"]
-    self.downscale = 2 ** (len(k["block_out_channels"]) - 1)
-    lc = k["latent_channels"]
-    args = (k["block_out_channels"], k["layers_per_block"], k["norm_num_groups"], k["mid_block_add_attention"])
-    self.encoder = Encoder(k["in_channels"], lc, *args, rngs=rngs, **kw)
-    self.decoder = Decoder(lc, k["out_channels"], *args, rngs=rngs, **kw)
-    self.quant_conv = nnx.Conv(2 * lc, 2 * lc, (1, 1), rngs=rngs, **kw) if k["use_quant_conv"] else None
-    self.post_quant_conv = nnx.Conv(lc, lc, (1, 1), rngs=rngs, **kw) if k["use_post_quant_conv"] else None
-
-  @property
-  def kwargs(self) -> dict:
-    """The constructor kwargs (without ``rngs``) as a JSON-serialisable dict."""
-    return json.loads(self._kwargs_json)
+    self.in_channels = k.in_channels
+    self.latent_channels = k.latent_channels
+    self.scaling_factor = k.scaling_factor
+    self.shift_factor = k.shift_factor
+    self.downscale = 2 ** (len(k.block_out_channels) - 1)
+    lc = k.latent_channels
+    args = (k.block_out_channels, k.layers_per_block, k.norm_num_groups, k.mid_block_add_attention)
+    self.encoder = Encoder(k.in_channels, lc, *args, rngs=rngs, **kw)
+    self.decoder = Decoder(lc, k.out_channels, *args, rngs=rngs, **kw)
+    self.quant_conv = nnx.Conv(2 * lc, 2 * lc, (1, 1), rngs=rngs, **kw) if k.use_quant_conv else None
+    self.post_quant_conv = nnx.Conv(lc, lc, (1, 1), rngs=rngs, **kw) if k.use_post_quant_conv else None
 
   def _cast(self, x):
     return x.astype(self.dtype) if self.dtype is not None else x
@@ -298,43 +252,3 @@ class AutoencoderKL(nnx.Module):
   def __call__(self, x: Array, key: Array | None = None) -> Array:
     """Reconstruction: decode(encode_latents(x, key))."""
     return self.decode(self.encode_latents(x, key))
-
-
-def validate_autoencoder_kwargs(**k) -> dict:
-  """Check AutoencoderKL kwargs; return them normalised (JSON types). One-line ValueError."""
-
-  def pos_int(name):
-    v = k[name]
-    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-      raise ValueError(f"{name}: must be a positive int, got {v!r}")
-    return int(v)
-
-  out = {
-    n: pos_int(n) for n in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
-  }
-  boc = k["block_out_channels"]
-  if (
-    isinstance(boc, (str, bytes))
-    or not isinstance(boc, Sequence)
-    or not boc
-    or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 1 for c in boc)
-  ):
-    raise ValueError(f"block_out_channels: must be a non-empty sequence of positive ints, got {boc!r}")
-  out["block_out_channels"] = [int(c) for c in boc]
-  for c in out["block_out_channels"]:
-    if c % out["norm_num_groups"]:
-      raise ValueError(f"norm_num_groups: {out['norm_num_groups']} does not divide {c} channels")
-  sf = k["scaling_factor"]
-  if isinstance(sf, bool) or not isinstance(sf, (int, float)) or not np.isfinite(sf) or sf == 0:
-    raise ValueError(f"scaling_factor: must be a finite non-zero number, got {sf!r}")
-  out["scaling_factor"] = float(sf)
-  sh = k["shift_factor"]
-  if sh is not None and (isinstance(sh, bool) or not isinstance(sh, (int, float)) or not np.isfinite(sh)):
-    raise ValueError(f"shift_factor: must be None or a finite number, got {sh!r}")
-  out["shift_factor"] = None if sh is None else float(sh)
-  for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-    if not isinstance(k[name], (bool, np.bool_)):
-      raise ValueError(f"{name}: must be a bool, got {k[name]!r}")
-    out[name] = bool(k[name])
-  out.update(dtypes.checked(k["dtype"], k["param_dtype"]))
-  return out

@@ -1,5 +1,5 @@
-"""The dtypes a model's kwargs may name: ``dtype`` (compute; None = the inputs' dtype) and
-``param_dtype`` (storage). Kwargs hold canonical names so configs stay JSON; modules resolve
+"""The dtypes a model config may name: ``dtype`` (compute; None = the inputs' dtype) and
+``param_dtype`` (storage). Configs hold canonical names so they stay JSON; modules resolve
 them to jnp dtypes when they build their layers."""
 
 from __future__ import annotations
@@ -30,6 +30,6 @@ def checked(dtype, param_dtype) -> dict:
   return {"dtype": dtype_name(dtype), "param_dtype": pd}
 
 
-def resolve(kwargs) -> tuple:
-  """``(compute dtype or None, param dtype)`` as jnp dtypes from checked kwargs."""
-  return (DTYPES[kwargs["dtype"]] if kwargs["dtype"] else None), DTYPES[kwargs["param_dtype"]]
+def resolve(config) -> tuple:
+  """``(compute dtype or None, param dtype)`` as jnp dtypes of a checked config's names."""
+  return (DTYPES[config.dtype] if config.dtype else None), DTYPES[config.param_dtype]

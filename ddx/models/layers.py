@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ddx.models.attention import attention
+
 Array = jax.Array
 Dtype = Any
 
@@ -360,7 +362,8 @@ class AttentionBlock(nnx.Module):
   """Spatial self-attention with a residual connection (DDPM ``AttnBlock``).
 
   ``out = x + to_out(MHA(to_q(n), to_k(n), to_v(n)))`` with ``n = group_norm(x)`` and the
-  H*W positions as the sequence; softmax in float32, scale ``head_dim ** -0.5``.
+  H*W positions as the sequence (`ddx.models.attention.attention`: softmax in float32, scale
+  ``head_dim ** -0.5``).
   ``x``: [B, H, W, C] -> [B, H, W, C].
   """
 
@@ -385,9 +388,7 @@ class AttentionBlock(nnx.Module):
     q = self.to_q(n).reshape(b, -1, nh, d)
     k = self.to_k(n).reshape(b, -1, nh, d)
     v = self.to_v(n).reshape(b, -1, nh, d)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, hh * ww, c)
+    o = attention(q, k, v).reshape(b, hh * ww, c)
     return x + self.to_out(o).reshape(b, hh, ww, c)
 
 

@@ -18,13 +18,10 @@ embedding (``num_classes + 1`` rows, the last being the null label used by class
 guidance) is added to it.
 
 The parameter names mirror diffusers so that :func:`ddx.models.from_diffusers` is a rename.
+The constructor's arguments are the fields of `ddx.models.configs.UNetConfig`.
 """
 
 from __future__ import annotations
-
-import inspect
-import json
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from ddx.models import dtypes
+from ddx.models.configs import UNetConfig
 from ddx.models.layers import (
-  CONV_IMPLS,
   AttentionBlock,
   Conv,
   Downsample,
@@ -65,131 +62,53 @@ class _MidBlock(nnx.Module):
 class UNet(nnx.Module):
   """DDPM U-Net. See the module docstring for the architecture.
 
-  Args:
-    image_size: height = width of the inputs the model is built for (used to place
-      attention and to validate ``attention_resolutions``; the model is convolutional and
-      runs on any size divisible by ``2 ** (len(channel_mult) - 1)``).
-    in_channels: input channels C_in.
-    out_channels: output channels (default ``in_channels``); doubled when ``learn_sigma``.
-    base_channels: channels of level 0 (DDPM: 128).
-    channel_mult: per-level channel multipliers (DDPM CIFAR-10: (1, 2, 2, 2)).
-    num_res_blocks: residual blocks per level in the encoder (the decoder has one more).
-    attention_resolutions: spatial resolutions at which attention is used (e.g. (16,)).
-    num_heads: attention heads (used when ``head_dim`` is None).
-    head_dim: channels per attention head; overrides ``num_heads`` (heads = C // head_dim).
-    dropout: dropout rate inside the residual blocks (only active with a ``dropout_key``).
-    norm_num_groups: GroupNorm groups; must divide every channel count.
-    norm_eps: GroupNorm epsilon.
-    flip_sin_to_cos: time embedding order ``[cos, sin]`` (True) or ``[sin, cos]`` (False,
-      original DDPM).
-    freq_shift: time-embedding frequency shift (original DDPM: 1, diffusers default: 0).
-    resample_with_conv: stride-2 conv / conv after nearest upsampling (True) or plain
-      average pooling / nearest upsampling (False).
-    downsample_padding: 1 = pad all sides (diffusers default), 0 = pad bottom/right
-      only (TF "SAME", the google/ddpm-* checkpoints).
-    num_classes: None (or 0) for an unconditional model; otherwise labels are
-      ``0..num_classes-1`` and ``num_classes`` is the null label.
-    learn_sigma: double the output channels (eps and the variance interpolation v).
-    dtype: compute dtype (None / "float32" or "bfloat16"); outputs are always float32.
-    param_dtype: parameter storage dtype (default float32).
-    remat: rematerialise each residual / attention block in the backward pass.
-    conv_impl: how convolutions run: "auto" (default: chosen per backend when traced, see
-      `ddx.models.layers.resolve_conv_impl`), "lax" (XLA's convolution op everywhere) or
-      "dots" (matrix products with float32 accumulation). Parameters are the same.
-    rngs: ``nnx.Rngs`` used for initialisation only.
+  ``UNet(config, rngs=...)`` with a `UNetConfig` (its fields are documented there), or
+  ``UNet(**fields, rngs=...)``; fields given with a config replace its values. ``model.config``
+  is the normalised config (its ``to_json()`` is what a checkpoint's config.json stores).
+  ``rngs`` (``nnx.Rngs``) is used for initialisation only.
 
   Raises:
-    ValueError: a one-line message naming the offending argument for an invalid config.
+    ValueError: a one-line message naming the offending field for an invalid config (before
+      any parameter is initialised).
   """
 
-  def __init__(
-    self,
-    *,
-    image_size: int,
-    in_channels: int = 3,
-    out_channels: int | None = None,
-    base_channels: int = 128,
-    channel_mult: Sequence[int] = (1, 2, 2, 2),
-    num_res_blocks: int = 2,
-    attention_resolutions: Sequence[int] = (16,),
-    num_heads: int = 1,
-    head_dim: int | None = None,
-    dropout: float = 0.0,
-    norm_num_groups: int = 32,
-    norm_eps: float = 1e-6,
-    flip_sin_to_cos: bool = False,
-    freq_shift: float = 1.0,
-    resample_with_conv: bool = True,
-    downsample_padding: int = 1,
-    num_classes: int | None = None,
-    learn_sigma: bool = False,
-    dtype: Any = None,
-    param_dtype: Any = "float32",
-    remat: bool = False,
-    conv_impl: str = "auto",
-    rngs: nnx.Rngs,
-  ):
-    kwargs = validate_kwargs(
-      image_size=image_size,
-      in_channels=in_channels,
-      out_channels=out_channels,
-      base_channels=base_channels,
-      channel_mult=channel_mult,
-      num_res_blocks=num_res_blocks,
-      attention_resolutions=attention_resolutions,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout=dropout,
-      norm_num_groups=norm_num_groups,
-      norm_eps=norm_eps,
-      flip_sin_to_cos=flip_sin_to_cos,
-      freq_shift=freq_shift,
-      resample_with_conv=resample_with_conv,
-      downsample_padding=downsample_padding,
-      num_classes=num_classes,
-      learn_sigma=learn_sigma,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      remat=remat,
-      conv_impl=conv_impl,
-    )
-    self._kwargs_json = json.dumps(kwargs, sort_keys=True)  # static, hashable
-    k = kwargs
+  def __init__(self, config: UNetConfig | None = None, *, rngs: nnx.Rngs, **fields):
+    self.config = k = UNetConfig.of(config, **fields)
     cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype)
-    ckw = dict(kw, conv_impl=k["conv_impl"])
-    gn = dict(groups=k["norm_num_groups"], eps=k["norm_eps"])
-    ch = k["base_channels"]
-    mult = k["channel_mult"]
+    ckw = dict(kw, conv_impl=k.conv_impl)
+    gn = dict(groups=k.norm_num_groups, eps=k.norm_eps)
+    ch = k.base_channels
+    mult = k.channel_mult
     nlev = len(mult)
     temb = 4 * ch
 
-    self.image_size = k["image_size"]
-    self.in_channels = k["in_channels"]
-    self.out_channels = k["out_channels"]
-    self.num_classes = k["num_classes"]
-    self.learn_sigma = k["learn_sigma"]
-    self.remat = k["remat"]
-    self.dropout_rate = k["dropout"]
+    self.image_size = k.image_size
+    self.in_channels = k.in_channels
+    self.out_channels = k.out_channels
+    self.num_classes = k.num_classes
+    self.learn_sigma = k.learn_sigma
+    self.remat = k.remat
+    self.dropout_rate = k.dropout
     self.dtype = cdtype
     self.num_levels = nlev
 
     def heads(c):
-      return c // k["head_dim"] if k["head_dim"] else k["num_heads"]
+      return c // k.head_dim if k.head_dim else k.num_heads
 
     def res(cin, cout):
-      return ResnetBlock(cin, cout, temb, dropout=k["dropout"], rngs=rngs, **gn, **ckw)
+      return ResnetBlock(cin, cout, temb, dropout=k.dropout, rngs=rngs, **gn, **ckw)
 
     def attn(c):
       return AttentionBlock(c, heads(c), rngs=rngs, **gn, **kw)
 
-    self.conv_in = Conv(k["in_channels"], ch, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, impl=k["conv_impl"], **kw)
+    self.conv_in = Conv(k.in_channels, ch, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, impl=k.conv_impl, **kw)
     # The time-embedding MLP always computes in float32 (negligible cost; keeps t precise).
     self.time_embedding = TimestepEmbedding(
       ch,
       temb,
-      flip_sin_to_cos=k["flip_sin_to_cos"],
-      freq_shift=k["freq_shift"],
+      flip_sin_to_cos=k.flip_sin_to_cos,
+      freq_shift=k.freq_shift,
       rngs=rngs,
       dtype=None,
       param_dtype=pdtype,
@@ -199,7 +118,7 @@ class UNet(nnx.Module):
     else:
       self.class_embedding = None
 
-    attn_res = set(k["attention_resolutions"])
+    attn_res = set(k.attention_resolutions)
     skip_ch = [ch]
     cur = ch
     down = []
@@ -207,7 +126,7 @@ class UNet(nnx.Module):
       cout = ch * mult[lev]
       use_attn = (self.image_size // 2**lev) in attn_res
       resnets, attns = [], []
-      for _ in range(k["num_res_blocks"]):
+      for _ in range(k.num_res_blocks):
         resnets.append(res(cur, cout))
         cur = cout
         if use_attn:
@@ -215,7 +134,7 @@ class UNet(nnx.Module):
         skip_ch.append(cur)
       resample = None
       if lev != nlev - 1:
-        resample = Downsample(cur, with_conv=k["resample_with_conv"], padding=k["downsample_padding"], rngs=rngs, **ckw)
+        resample = Downsample(cur, with_conv=k.resample_with_conv, padding=k.downsample_padding, rngs=rngs, **ckw)
         skip_ch.append(cur)
       down.append(_Level(resnets, attns, resample))
     self.down_blocks = nnx.List(down)
@@ -227,28 +146,23 @@ class UNet(nnx.Module):
       cout = ch * mult[lev]
       use_attn = (self.image_size // 2**lev) in attn_res
       resnets, attns = [], []
-      for _ in range(k["num_res_blocks"] + 1):
+      for _ in range(k.num_res_blocks + 1):
         resnets.append(res(cur + skip_ch.pop(), cout))
         cur = cout
         if use_attn:
           attns.append(attn(cur))
       resample = None
       if lev != 0:
-        resample = Upsample(cur, with_conv=k["resample_with_conv"], rngs=rngs, **ckw)
+        resample = Upsample(cur, with_conv=k.resample_with_conv, rngs=rngs, **ckw)
       up.append(_Level(resnets, attns, resample))
     self.up_blocks = nnx.List(up)
     assert not skip_ch
 
-    self.conv_norm_out = GroupNorm(cur, k["norm_num_groups"], epsilon=k["norm_eps"], **kw)
-    nout = k["out_channels"] * (2 if k["learn_sigma"] else 1)
-    self.conv_out = Conv(cur, nout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, impl=k["conv_impl"], **kw)
+    self.conv_norm_out = GroupNorm(cur, k.norm_num_groups, epsilon=k.norm_eps, **kw)
+    nout = k.out_channels * (2 if k.learn_sigma else 1)
+    self.conv_out = Conv(cur, nout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, impl=k.conv_impl, **kw)
 
   # ------------------------------------------------------------------ helpers
-
-  @property
-  def kwargs(self) -> dict:
-    """The constructor kwargs (without ``rngs``) as a JSON-serialisable dict."""
-    return json.loads(self._kwargs_json)
 
   def check_labels(self, y) -> None:
     """Host-side validation of concrete labels: int [B] with values in [0, num_classes].
@@ -356,163 +270,3 @@ class UNet(nnx.Module):
 
     h = self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
     return h.astype(jnp.float32)
-
-
-def validate_kwargs(**k) -> dict:
-  """Check UNet constructor kwargs; return them normalised (JSON types, defaults filled).
-
-  Raises a one-line ValueError naming the argument on the first problem found.
-  """
-
-  def is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-  def pos_int(name):
-    v = k[name]
-    if not is_int(v) or v < 1:
-      raise ValueError(f"{name}: must be a positive int, got {v!r}")
-    return int(v)
-
-  out = {}
-  for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "norm_num_groups"):
-    out[name] = pos_int(name)
-  out["out_channels"] = out["in_channels"] if k["out_channels"] is None else pos_int("out_channels")
-  out["head_dim"] = None if k["head_dim"] is None else pos_int("head_dim")
-
-  mult = k["channel_mult"]
-  if (
-    isinstance(mult, (str, bytes))
-    or not isinstance(mult, Sequence)
-    or not mult
-    or not all(is_int(m) and m >= 1 for m in mult)
-  ):
-    raise ValueError(f"channel_mult: must be a non-empty sequence of positive ints, got {mult!r}")
-  out["channel_mult"] = [int(m) for m in mult]
-  nlev = len(mult)
-
-  div = 2 ** (nlev - 1)
-  if out["image_size"] % div:
-    raise ValueError(f"image_size: {out['image_size']} is not divisible by 2**(levels-1) = {div} for {nlev} levels")
-  resolutions = [out["image_size"] // 2**i for i in range(nlev)]
-
-  ares = k["attention_resolutions"]
-  if ares is None:
-    ares = ()
-  if isinstance(ares, (str, bytes)) or not isinstance(ares, Sequence) or not all(is_int(r) for r in ares):
-    raise ValueError(f"attention_resolutions: must be a sequence of ints, got {ares!r}")
-  for r in ares:
-    if r not in resolutions:
-      raise ValueError(f"attention_resolutions: {r} is never reached (resolutions: {resolutions})")
-  out["attention_resolutions"] = sorted({int(r) for r in ares}, reverse=True)
-
-  channels = sorted({out["base_channels"] * m for m in out["channel_mult"]})
-  for c in channels:
-    if c % out["norm_num_groups"]:
-      raise ValueError(f"norm_num_groups: {out['norm_num_groups']} does not divide {c} channels")
-  attn_channels = {out["base_channels"] * out["channel_mult"][-1]}  # mid block
-  for i, r in enumerate(resolutions):
-    if r in out["attention_resolutions"]:
-      attn_channels.add(out["base_channels"] * out["channel_mult"][i])
-  for c in sorted(attn_channels):
-    if out["head_dim"] is not None and c % out["head_dim"]:
-      raise ValueError(f"head_dim: {out['head_dim']} does not divide {c} attention channels")
-    if out["head_dim"] is None and c % out["num_heads"]:
-      raise ValueError(f"num_heads: {out['num_heads']} does not divide {c} attention channels")
-
-  drop = k["dropout"]
-  if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
-    raise ValueError(f"dropout: must be a float in [0, 1), got {drop!r}")
-  out["dropout"] = float(drop)
-  eps = k["norm_eps"]
-  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-    raise ValueError(f"norm_eps: must be a positive float, got {eps!r}")
-  out["norm_eps"] = float(eps)
-
-  for name in ("flip_sin_to_cos", "resample_with_conv", "learn_sigma", "remat"):
-    if not isinstance(k[name], (bool, np.bool_)):
-      raise ValueError(f"{name}: must be a bool, got {k[name]!r}")
-    out[name] = bool(k[name])
-  fs = k["freq_shift"]
-  if isinstance(fs, bool) or not isinstance(fs, (int, float)):
-    raise ValueError(f"freq_shift: must be a number, got {fs!r}")
-  out["freq_shift"] = float(fs)
-  if out["base_channels"] // 2 - out["freq_shift"] == 0:
-    raise ValueError(f"freq_shift: {fs} makes the time embedding divide by zero")
-  if k["downsample_padding"] not in (0, 1) or isinstance(k["downsample_padding"], bool):
-    raise ValueError(f"downsample_padding: must be 0 or 1, got {k['downsample_padding']!r}")
-  out["downsample_padding"] = int(k["downsample_padding"])
-
-  nc = k["num_classes"]
-  if nc is not None and (not is_int(nc) or nc < 0):
-    raise ValueError(f"num_classes: must be None or an int >= 0, got {nc!r}")
-  out["num_classes"] = int(nc) if nc else None
-
-  if k["conv_impl"] not in CONV_IMPLS:
-    raise ValueError(f"conv_impl: must be one of {list(CONV_IMPLS)}, got {k['conv_impl']!r}")
-  out["conv_impl"] = k["conv_impl"]
-
-  out.update(dtypes.checked(k["dtype"], k["param_dtype"]))
-  return out
-
-
-def unet_kwargs(**kwargs) -> dict:
-  """Complete (defaults filled in), validated, JSON-serialisable UNet constructor kwargs.
-
-  Raises ValueError for an unknown kwarg name or an invalid value.
-  """
-
-  kwargs.pop("rngs", None)
-  params = inspect.signature(UNet.__init__).parameters
-  unknown = sorted(set(kwargs) - set(UNET_KWARGS))
-  if unknown:
-    raise ValueError(f"{unknown[0]}: not a UNet constructor argument")
-  full = {}
-  for name in UNET_KWARGS:
-    if name in kwargs:
-      full[name] = kwargs[name]
-    elif params[name].default is inspect.Parameter.empty:
-      raise ValueError(f"{name}: required UNet argument is missing")
-    else:
-      full[name] = params[name].default
-  return validate_kwargs(**full)
-
-
-def unet_param_count(**kwargs) -> int:
-  """Number of parameters of ``UNet(**kwargs)``, computed with ``nnx.eval_shape`` (no allocation)."""
-  kwargs.pop("rngs", None)
-  abstract = nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
-  state = nnx.state(abstract, nnx.Param)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
-
-
-def abstract_unet(**kwargs) -> UNet:
-  """A UNet whose parameters are ``jax.ShapeDtypeStruct`` (no allocation), for restoring."""
-  kwargs.pop("rngs", None)
-  return nnx.eval_shape(lambda: UNet(**kwargs, rngs=nnx.Rngs(0)))
-
-
-# Keyword names of the constructor, for config validation by other modules.
-UNET_KWARGS = (
-  "image_size",
-  "in_channels",
-  "out_channels",
-  "base_channels",
-  "channel_mult",
-  "num_res_blocks",
-  "attention_resolutions",
-  "num_heads",
-  "head_dim",
-  "dropout",
-  "norm_num_groups",
-  "norm_eps",
-  "flip_sin_to_cos",
-  "freq_shift",
-  "resample_with_conv",
-  "downsample_padding",
-  "num_classes",
-  "learn_sigma",
-  "dtype",
-  "param_dtype",
-  "remat",
-  "conv_impl",
-)

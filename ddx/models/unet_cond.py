@@ -25,20 +25,21 @@ the down blocks), head width ``c_l / num_heads[l]``. diffusers' config key
 Call: ``model(x, t, context, y=None)``; x [B, H, W, C] NHWC, t int [B], context [B, L, D].
 Softmax and normalisation statistics are float32; ``dtype="bfloat16"`` computes everything
 else in bf16 with float32 parameters; ``remat`` rematerialises each residual / transformer block.
+Every convolution (the 1x1 projections too) is `ddx.models.layers.Conv`, so ``conv_impl``
+picks its implementation per backend as in `ddx.models.UNet`. The constructor's arguments are
+the fields of `ddx.models.configs.UNetCondConfig`.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Sequence
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ddx.models import dtypes
-from ddx.models.layers import Downsample, GroupNorm, ResnetBlock, TimestepEmbedding, Upsample, batch_timesteps
+from ddx.models.attention import attention
+from ddx.models.configs import UNetCondConfig
+from ddx.models.layers import Conv, Downsample, GroupNorm, ResnetBlock, TimestepEmbedding, Upsample, batch_timesteps
 
 Array = jax.Array
 
@@ -46,7 +47,8 @@ Array = jax.Array
 class CrossAttention(nnx.Module):
   """Multi-head attention of x [B, N, query_dim] over context [B, M, context_dim] (or x).
 
-  ``to_q``/``to_k``/``to_v`` have no bias; ``to_out[0]`` does. Scale ``dim_head ** -0.5``.
+  ``to_q``/``to_k``/``to_v`` have no bias; ``to_out[0]`` does. Scale ``dim_head ** -0.5``,
+  softmax in float32 (`ddx.models.attention.attention`).
   """
 
   def __init__(
@@ -75,10 +77,7 @@ class CrossAttention(nnx.Module):
     q = self.to_q(x).reshape(b, n, h, d)
     k = self.to_k(ctx).reshape(b, ctx.shape[1], h, d)
     v = self.to_v(ctx).reshape(b, ctx.shape[1], h, d)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    w = jax.nn.softmax(logits * (d**-0.5), axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhqk,bkhd->bqhd", w, v).reshape(b, n, h * d)
-    return self.to_out[0](o)
+    return self.to_out[0](attention(q, k, v).reshape(b, n, h * d))
 
 
 class FeedForward(nnx.Module):
@@ -138,18 +137,20 @@ class Transformer2D(nnx.Module):
     linear_projection: bool,
     dtype=None,
     param_dtype=jnp.float32,
+    conv_impl: str = "auto",
     rngs: nnx.Rngs,
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm = GroupNorm(channels, groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype)
     # A 1x1 conv and a linear layer compute the same map; they differ only in the stored
-    # layout ([O, I, 1, 1] vs [O, I]), which the importer must reproduce.
+    # layout ([O, I, 1, 1] vs [O, I]), which the importer must reproduce. The convs' padding
+    # is explicit (none) so that conv_impl may run them as products.
     if linear_projection:
       self.proj_in = nnx.Linear(channels, channels, **kw)
       self.proj_out = nnx.Linear(channels, channels, **kw)
     else:
-      self.proj_in = nnx.Conv(channels, channels, (1, 1), **kw)
-      self.proj_out = nnx.Conv(channels, channels, (1, 1), **kw)
+      self.proj_in = Conv(channels, channels, (1, 1), padding=((0, 0), (0, 0)), impl=conv_impl, **kw)
+      self.proj_out = Conv(channels, channels, (1, 1), padding=((0, 0), (0, 0)), impl=conv_impl, **kw)
     self.transformer_blocks = nnx.List(
       [BasicTransformerBlock(channels, heads, context_dim, **kw) for _ in range(num_layers)]
     )
@@ -171,129 +172,66 @@ class _Level(nnx.Module):
 
 
 class UNetCond(nnx.Module):
-  """Text-conditional U-Net; see the module docstring. All arguments are keyword-only.
+  """Text-conditional U-Net; see the module docstring.
 
-  Args:
-    in_channels, out_channels: latent channels (SD: 4, 4).
-    block_out_channels: channels per level (SD: (320, 640, 1280, 1280)).
-    down_cross: per level, whether the down block has transformers (CrossAttnDownBlock2D).
-    up_cross: per up block (deepest first), whether it has transformers (CrossAttnUpBlock2D).
-    layers_per_block: residual blocks per down level (int or per-level list).
-    transformer_layers: BasicTransformerBlocks per Transformer2D (int or per-level list).
-    num_heads: attention heads (int or per-level list); see the module docstring.
-    cross_attention_dim: the context width D (SD 1.x: 768, SD 2.x: 1024).
-    use_linear_projection: linear (True) or 1x1-conv (False) proj_in / proj_out.
-    norm_num_groups, norm_eps: GroupNorm of the residual blocks and the output
-      (the transformers' GroupNorm uses eps 1e-6, their LayerNorms 1e-5, as the reference).
-    flip_sin_to_cos, freq_shift: the sinusoidal embedding (SD: True, 0).
-    downsample_padding: 1 (pad all sides, SD) or 0 (bottom / right only).
-    class_embed_type: None (a table of ``num_class_embeds`` rows, if given) or "timestep"
-      (labels through the sinusoidal embedding and their own MLP).
-    num_class_embeds: number of classes for ``class_embed_type=None`` (None: no classes).
-    dtype, param_dtype, remat: as for `ddx.models.UNet`.
-    rngs: ``nnx.Rngs`` for initialisation only.
+  ``UNetCond(config, rngs=...)`` with a `UNetCondConfig` (its fields are documented there), or
+  ``UNetCond(**fields, rngs=...)``; fields given with a config replace its values.
+  ``model.config`` is the normalised config. ``rngs`` (``nnx.Rngs``) is for initialisation only.
   """
 
-  def __init__(
-    self,
-    *,
-    in_channels: int = 4,
-    out_channels: int = 4,
-    block_out_channels: Sequence[int] = (320, 640, 1280, 1280),
-    down_cross: Sequence[bool] = (True, True, True, False),
-    up_cross: Sequence[bool] = (False, True, True, True),
-    layers_per_block: int | Sequence[int] = 2,
-    transformer_layers: int | Sequence[int] = 1,
-    num_heads: int | Sequence[int] = 8,
-    cross_attention_dim: int = 768,
-    use_linear_projection: bool = False,
-    norm_num_groups: int = 32,
-    norm_eps: float = 1e-5,
-    flip_sin_to_cos: bool = True,
-    freq_shift: float = 0.0,
-    downsample_padding: int = 1,
-    class_embed_type: str | None = None,
-    num_class_embeds: int | None = None,
-    dtype: Any = None,
-    param_dtype: Any = "float32",
-    remat: bool = False,
-    rngs: nnx.Rngs,
-  ):
-    k = validate_unet_cond_kwargs(
-      in_channels=in_channels,
-      out_channels=out_channels,
-      block_out_channels=block_out_channels,
-      down_cross=down_cross,
-      up_cross=up_cross,
-      layers_per_block=layers_per_block,
-      transformer_layers=transformer_layers,
-      num_heads=num_heads,
-      cross_attention_dim=cross_attention_dim,
-      use_linear_projection=use_linear_projection,
-      norm_num_groups=norm_num_groups,
-      norm_eps=norm_eps,
-      flip_sin_to_cos=flip_sin_to_cos,
-      freq_shift=freq_shift,
-      downsample_padding=downsample_padding,
-      class_embed_type=class_embed_type,
-      num_class_embeds=num_class_embeds,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      remat=remat,
-    )
-    self._kwargs_json = json.dumps(k, sort_keys=True)
+  def __init__(self, config: UNetCondConfig | None = None, *, rngs: nnx.Rngs, **fields):
+    self.config = k = UNetCondConfig.of(config, **fields)
     cdtype, pdtype = dtypes.resolve(k)
     kw = dict(dtype=cdtype, param_dtype=pdtype)
-    boc = k["block_out_channels"]
+    ckw = dict(kw, conv_impl=k.conv_impl)
+    boc = k.block_out_channels
     nlev = len(boc)
     temb = 4 * boc[0]
-    ctx = k["cross_attention_dim"]
+    ctx = k.cross_attention_dim
     self.dtype = cdtype
-    self.in_channels = k["in_channels"]
+    self.in_channels = k.in_channels
     self.cross_attention_dim = ctx
     self.num_levels = nlev
-    self.remat = k["remat"]
-    self.class_embed_type = k["class_embed_type"]
-    self.num_class_embeds = k["num_class_embeds"]
+    self.remat = k.remat
+    self.class_embed_type = k.class_embed_type
+    self.num_class_embeds = k.num_class_embeds
 
     def res(cin, cout):
-      return ResnetBlock(cin, cout, temb, groups=k["norm_num_groups"], eps=k["norm_eps"], dropout=0.0, rngs=rngs, **kw)
+      return ResnetBlock(cin, cout, temb, groups=k.norm_num_groups, eps=k.norm_eps, dropout=0.0, rngs=rngs, **ckw)
 
     def xf(c, lev):
       return Transformer2D(
         c,
-        k["num_heads"][lev],
+        k.num_heads[lev],
         ctx,
-        k["transformer_layers"][lev],
-        groups=k["norm_num_groups"],
-        linear_projection=k["use_linear_projection"],
+        k.transformer_layers[lev],
+        groups=k.norm_num_groups,
+        linear_projection=k.use_linear_projection,
         rngs=rngs,
-        **kw,
+        **ckw,
       )
 
-    self.conv_in = nnx.Conv(k["in_channels"], boc[0], (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
-    # float32 time MLP, as in ddx.models.UNet (cheap; keeps t precise)
-    self.time_embedding = TimestepEmbedding(
-      boc[0],
-      temb,
-      flip_sin_to_cos=k["flip_sin_to_cos"],
-      freq_shift=k["freq_shift"],
-      dtype=None,
-      param_dtype=pdtype,
-      rngs=rngs,
-    )
-    if k["class_embed_type"] == "timestep":
-      self.class_embedding = TimestepEmbedding(
+    def conv3x3(cin, cout):
+      return Conv(cin, cout, (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, impl=k.conv_impl, **kw)
+
+    def time_mlp():
+      # float32, as in ddx.models.UNet (cheap; keeps t precise)
+      return TimestepEmbedding(
         boc[0],
         temb,
-        flip_sin_to_cos=k["flip_sin_to_cos"],
-        freq_shift=k["freq_shift"],
+        flip_sin_to_cos=k.flip_sin_to_cos,
+        freq_shift=k.freq_shift,
         dtype=None,
         param_dtype=pdtype,
         rngs=rngs,
       )
-    elif k["num_class_embeds"]:
-      self.class_embedding = nnx.Embed(k["num_class_embeds"], temb, param_dtype=pdtype, rngs=rngs)
+
+    self.conv_in = conv3x3(k.in_channels, boc[0])
+    self.time_embedding = time_mlp()
+    if k.class_embed_type == "timestep":
+      self.class_embedding = time_mlp()
+    elif k.num_class_embeds:
+      self.class_embedding = nnx.Embed(k.num_class_embeds, temb, param_dtype=pdtype, rngs=rngs)
     else:
       self.class_embedding = None
 
@@ -302,15 +240,15 @@ class UNetCond(nnx.Module):
     down = []
     for lev in range(nlev):
       resnets, attns = [], []
-      for _ in range(k["layers_per_block"][lev]):
+      for _ in range(k.layers_per_block[lev]):
         resnets.append(res(cur, boc[lev]))
         cur = boc[lev]
-        if k["down_cross"][lev]:
+        if k.down_cross[lev]:
           attns.append(xf(cur, lev))
         skip.append(cur)
       ds = None
       if lev != nlev - 1:
-        ds = [Downsample(cur, with_conv=True, padding=k["downsample_padding"], rngs=rngs, **kw)]
+        ds = [Downsample(cur, with_conv=True, padding=k.downsample_padding, rngs=rngs, **ckw)]
         skip.append(cur)
       down.append(_Level(resnets, attns, downsamplers=ds))
     self.down_blocks = nnx.List(down)
@@ -319,22 +257,17 @@ class UNetCond(nnx.Module):
     for i in range(nlev):
       lev = nlev - 1 - i
       resnets, attns = [], []
-      for _ in range(k["layers_per_block"][lev] + 1):
+      for _ in range(k.layers_per_block[lev] + 1):
         resnets.append(res(cur + skip.pop(), boc[lev]))
         cur = boc[lev]
-        if k["up_cross"][i]:
+        if k.up_cross[i]:
           attns.append(xf(cur, lev))
-      us = [Upsample(cur, with_conv=True, rngs=rngs, **kw)] if i != nlev - 1 else None
+      us = [Upsample(cur, with_conv=True, rngs=rngs, **ckw)] if i != nlev - 1 else None
       up.append(_Level(resnets, attns, upsamplers=us))
     self.up_blocks = nnx.List(up)
     assert not skip
-    self.conv_norm_out = GroupNorm(cur, k["norm_num_groups"], epsilon=k["norm_eps"], **kw)
-    self.conv_out = nnx.Conv(cur, k["out_channels"], (3, 3), padding=((1, 1), (1, 1)), rngs=rngs, **kw)
-
-  @property
-  def kwargs(self) -> dict:
-    """The constructor kwargs (without ``rngs``) as a JSON-serialisable dict."""
-    return json.loads(self._kwargs_json)
+    self.conv_norm_out = GroupNorm(cur, k.norm_num_groups, epsilon=k.norm_eps, **kw)
+    self.conv_out = conv3x3(cur, k.out_channels)
 
   def _block(self, block, *args):
     if self.remat:
@@ -413,90 +346,3 @@ class UNetCond(nnx.Module):
         h = level.upsamplers[0](h)
     h = self.conv_out(jax.nn.silu(self.conv_norm_out(h)))
     return h.astype(jnp.float32)
-
-
-def validate_unet_cond_kwargs(**k) -> dict:
-  """Check UNetCond kwargs; return them normalised (per-level lists, JSON types)."""
-
-  def is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-  def pos_int(name, v=None):
-    v = k[name] if v is None else v
-    if not is_int(v) or v < 1:
-      raise ValueError(f"{name}: must be a positive int, got {v!r}")
-    return int(v)
-
-  out = {n: pos_int(n) for n in ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups")}
-  boc = k["block_out_channels"]
-  if (
-    isinstance(boc, (str, bytes))
-    or not isinstance(boc, Sequence)
-    or not boc
-    or not all(is_int(c) and c >= 1 for c in boc)
-  ):
-    raise ValueError(f"block_out_channels: must be a non-empty sequence of positive ints, got {boc!r}")
-  out["block_out_channels"] = [int(c) for c in boc]
-  nlev = len(boc)
-
-  def per_level(name, check):
-    v = k[name]
-    if isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
-      if len(v) != nlev:
-        raise ValueError(f"{name}: needs one entry per level ({nlev}), got {list(v)!r}")
-      return [check(name, x) for x in v]
-    return [check(name, v)] * nlev
-
-  def boolean(name, v):
-    if not isinstance(v, (bool, np.bool_)):
-      raise ValueError(f"{name}: must be bools, got {v!r}")
-    return bool(v)
-
-  out["down_cross"] = per_level("down_cross", boolean)
-  out["up_cross"] = per_level("up_cross", boolean)
-  out["layers_per_block"] = per_level("layers_per_block", pos_int)
-  out["transformer_layers"] = per_level("transformer_layers", pos_int)
-  out["num_heads"] = per_level("num_heads", pos_int)
-  for c in out["block_out_channels"]:
-    if c % out["norm_num_groups"]:
-      raise ValueError(f"norm_num_groups: {out['norm_num_groups']} does not divide {c} channels")
-  for c, h in zip(out["block_out_channels"], out["num_heads"]):
-    if c % h:
-      raise ValueError(f"num_heads: {h} heads do not divide {c} channels")
-  out["use_linear_projection"] = boolean("use_linear_projection", k["use_linear_projection"])
-  out["flip_sin_to_cos"] = boolean("flip_sin_to_cos", k["flip_sin_to_cos"])
-  out["remat"] = boolean("remat", k["remat"])
-  eps = k["norm_eps"]
-  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-    raise ValueError(f"norm_eps: must be a positive float, got {eps!r}")
-  out["norm_eps"] = float(eps)
-  fs = k["freq_shift"]
-  if isinstance(fs, bool) or not isinstance(fs, (int, float)):
-    raise ValueError(f"freq_shift: must be a number, got {fs!r}")
-  if out["block_out_channels"][0] // 2 - fs == 0:
-    raise ValueError(f"freq_shift: {fs} makes the time embedding divide by zero")
-  out["freq_shift"] = float(fs)
-  if k["downsample_padding"] not in (0, 1) or isinstance(k["downsample_padding"], bool):
-    raise ValueError(f"downsample_padding: must be 0 or 1, got {k['downsample_padding']!r}")
-  out["downsample_padding"] = int(k["downsample_padding"])
-  if k["class_embed_type"] not in (None, "timestep"):
-    raise ValueError(f"class_embed_type: must be None or 'timestep', got {k['class_embed_type']!r}")
-  out["class_embed_type"] = k["class_embed_type"]
-  nc = k["num_class_embeds"]
-  if nc is not None and (not is_int(nc) or nc < 1):
-    raise ValueError(f"num_class_embeds: must be None or a positive int, got {nc!r}")
-  out["num_class_embeds"] = None if nc is None else int(nc)
-  out.update(dtypes.checked(k["dtype"], k["param_dtype"]))
-  return out
-
-
-def abstract_unet_cond(**kwargs) -> UNetCond:
-  """A UNetCond whose parameters are ``jax.ShapeDtypeStruct`` (no allocation)."""
-  kwargs.pop("rngs", None)
-  return nnx.eval_shape(lambda: UNetCond(**kwargs, rngs=nnx.Rngs(0)))
-
-
-def unet_cond_param_count(**kwargs) -> int:
-  """Parameters of ``UNetCond(**kwargs)``, counted abstractly (no allocation)."""
-  state = nnx.state(abstract_unet_cond(**kwargs), nnx.Param)
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
   model = convert.from_diffusers(FLAGS.diffusers)
   diffusion = convert.diffusers_scheduler_to_diffusion(convert.load_scheduler_config(FLAGS.diffusers))
   config = {
-    "model": model.kwargs,
+    "model": model.config.to_json(),
     "diffusion": diffusion,
     "source": {"format": "diffusers", "path": os.path.abspath(FLAGS.diffusers)},
   }

@@ -14,7 +14,7 @@ from ml_collections import config_flags
 from ddx import parallel
 from ddx.cli import config as config_lib
 from ddx.cli.commands import common
-from ddx.models import unet_param_count
+from ddx.models import abstract, param_count
 
 HELP = "print the devices of every process [and parameter count, mesh for --config]"
 FLAGS = flags.FlagValues()
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
   if cfg is None or jax.process_index() != 0:
     return 0
   mesh = parallel.data_mesh()
-  n = unet_param_count(**cfg["model"])
+  n = param_count(abstract(config_lib.model_config(cfg)))
   b = cfg["train"]["global_batch_size"]
   print(f"model:   UNet, {n:,} parameters ({n * 4 / 2**20:.1f} MiB float32)")
   print(

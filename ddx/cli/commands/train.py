@@ -31,7 +31,7 @@ from ddx.cli.commands import common
 from ddx.data.arrays import holdout_split
 from ddx.eval import quality
 from ddx.latent import data as latent_data
-from ddx.models import AutoencoderKL, UNet, unet_kwargs
+from ddx.models import AutoencoderKL, UNet
 from ddx.training import autoencoder as autoencoder_lib
 from ddx.training import checkpoint, loop
 
@@ -77,14 +77,14 @@ def train_diffusion(workdir: str, cfg: dict, source, stop_after: int | None) -> 
   if cfg["latent"]["autoencoder_workdir"]:
     source, decode = _latent_source(workdir, cfg, source)
   h, _, c = source.image_shape
-  cfg["model"] = m = unet_kwargs(**cfg["model"])
-  if (m["image_size"], m["in_channels"]) != (h, c):
+  m = config_lib.model_config(cfg)
+  cfg["model"] = m.to_json()  # config.json's model section: normalised, what the checkpoints hold
+  if (m.image_size, m.in_channels) != (h, c):
     raise ValueError(
-      f"model.image_size: image_size/in_channels ({m['image_size']}, {m['in_channels']}) do not "
-      f"match the data ({h}, {c})"
+      f"model.image_size: image_size/in_channels ({m.image_size}, {m.in_channels}) do not match the data ({h}, {c})"
     )
-  if m["num_classes"] and source.num_classes > m["num_classes"]:
-    raise ValueError(f"model.num_classes: {m['num_classes']} < the data's {source.num_classes} classes")
+  if m.num_classes and source.num_classes > m.num_classes:
+    raise ValueError(f"model.num_classes: {m.num_classes} < the data's {source.num_classes} classes")
   s = cfg["sample"]
   sample = loop.SampleSpec(
     sampler=s["sampler"],
@@ -99,9 +99,9 @@ def train_diffusion(workdir: str, cfg: dict, source, stop_after: int | None) -> 
   summary = loop.run(
     workdir,
     cfg,
-    model_factory=lambda rngs: UNet(**m, rngs=rngs),
-    num_classes=m["num_classes"],
-    use_dropout=m["dropout"] > 0,
+    model_factory=lambda rngs: UNet(m, rngs=rngs),
+    num_classes=m.num_classes,
+    use_dropout=m.dropout > 0,
     source=source,
     sched=schedules.make(**config_lib.schedule_kwargs(cfg["diffusion"])),
     optim=config_lib.optimizer_spec(cfg),
@@ -125,12 +125,12 @@ def train_autoencoder(workdir: str, cfg: dict, source, stop_after: int | None) -
       source, held_out = holdout_split(source, cfg["autoencoder"]["holdout"])
     except ValueError as e:
       raise ValueError(f"autoencoder.holdout: {str(e).split(': ', 1)[1]}") from None
-  kw = config_lib.autoencoder_kwargs(cfg, in_channels=source.image_shape[-1])
-  cfg["model"] = kw  # config.json's model section: what the checkpoints hold
+  ae = config_lib.autoencoder_config(cfg, in_channels=source.image_shape[-1])
+  cfg["model"] = ae.to_json()  # config.json's model section: what the checkpoints hold
   summary = loop.run(
     workdir,
     cfg,
-    model_factory=lambda rngs: AutoencoderKL(**kw, rngs=rngs),
+    model_factory=lambda rngs: AutoencoderKL(ae, rngs=rngs),
     num_classes=None,
     use_dropout=False,
     source=source,

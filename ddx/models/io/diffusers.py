@@ -1,10 +1,10 @@
 """Import diffusers ``UNet2DModel`` checkpoints (the google/ddpm-* family) into `ddx.models.UNet`.
 
-Only safetensors weights are read (``safetensors.numpy``; ``.bin`` pickles are never
-loaded). Supported: block types DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D with
-the UNetMidBlock2D mid block, positional time embedding, the "default" resnet time
-conditioning, conv resampling, no class embedding. Anything else raises a ValueError
-naming the config key and value.
+Only safetensors weights are read (`ddx.models.io.torch_state.read_safetensors`; ``.bin``
+pickles are never loaded). Supported: block types DownBlock2D, AttnDownBlock2D, UpBlock2D,
+AttnUpBlock2D with the UNetMidBlock2D mid block, positional time embedding, the "default"
+resnet time conditioning, conv resampling, no class embedding. Anything else raises a
+ValueError naming the config key and value.
 
 Weight layout: torch conv weights [O, I, kh, kw] become flax kernels [kh, kw, I, O]; linear
 weights [O, I] become [I, O]; GroupNorm ``weight`` becomes ``scale``. Legacy attention
@@ -17,19 +17,16 @@ import json
 import os
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from safetensors.numpy import load_file
 
 from ddx import schedules
+from ddx.models.build import abstract, param_shapes, with_params
+from ddx.models.configs import UNetConfig
 from ddx.models.io import torch_state as torch_import
 from ddx.models.io.latent import unet_cond_from_diffusers
-from ddx.models.unet import UNet, abstract_unet, unet_kwargs, validate_kwargs
+from ddx.models.unet import UNet
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # or its sharded form, see torch_state.read_safetensors
 CONFIG_NAME = "config.json"
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 
@@ -81,10 +78,6 @@ _REQUIRED_VALUES = {
 }
 
 
-class WeightsNotFoundError(FileNotFoundError, ValueError):
-  """A diffusers folder lacks its safetensors weights (catchable as either base class)."""
-
-
 def _unsupported(key: str, value: Any, why: str = "") -> ValueError:
   return ValueError(f"{key}: unsupported diffusers UNet2DModel config value {value!r}" + (f" ({why})" if why else ""))
 
@@ -111,8 +104,8 @@ def load_diffusers_config(path: str | os.PathLike) -> dict:
     raise ValueError(f"{fname}: not valid JSON ({e})") from None
 
 
-def diffusers_to_unet_kwargs(config: Mapping[str, Any]) -> dict:
-  """The `ddx.models.UNet` constructor kwargs (JSON-serialisable) for a diffusers config.
+def diffusers_to_unet_config(config: Mapping[str, Any]) -> UNetConfig:
+  """The `ddx.models.UNetConfig` of a diffusers UNet2DModel config.
 
   Raises:
     ValueError: naming the unsupported config key and value.
@@ -168,33 +161,24 @@ def diffusers_to_unet_kwargs(config: Mapping[str, Any]) -> dict:
   if not isinstance(size, int) or size < 1:
     raise _unsupported("sample_size", size)
 
-  hd = c["attention_head_dim"]
-  kwargs = dict(
-    image_size=size,
-    in_channels=c["in_channels"],
-    out_channels=c["out_channels"],
-    base_channels=base,
-    channel_mult=[b // base for b in boc],
-    num_res_blocks=c["layers_per_block"],
-    attention_resolutions=[size // 2**lev for lev in attn_down],
-    num_heads=1,
-    head_dim=hd,
-    dropout=float(c["dropout"]),
-    norm_num_groups=c["norm_num_groups"],
-    norm_eps=float(c["norm_eps"]),
-    flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
-    freq_shift=float(c["freq_shift"]),
-    resample_with_conv=True,
-    downsample_padding=c["downsample_padding"],
-    num_classes=None,
-    learn_sigma=False,
-    dtype=None,
-    param_dtype="float32",
-    remat=False,
-    conv_impl="auto",
-  )
   try:
-    return validate_kwargs(**kwargs)
+    return UNetConfig(
+      image_size=size,
+      in_channels=c["in_channels"],
+      out_channels=c["out_channels"],
+      base_channels=base,
+      channel_mult=[b // base for b in boc],
+      num_res_blocks=c["layers_per_block"],
+      attention_resolutions=[size // 2**lev for lev in attn_down],
+      num_heads=1,
+      head_dim=c["attention_head_dim"],
+      dropout=float(c["dropout"]),
+      norm_num_groups=c["norm_num_groups"],
+      norm_eps=float(c["norm_eps"]),
+      flip_sin_to_cos=bool(c["flip_sin_to_cos"]),
+      freq_shift=float(c["freq_shift"]),
+      downsample_padding=c["downsample_padding"],
+    )
   except ValueError as e:  # re-word in terms of the diffusers config
     raise ValueError(f"diffusers config gives an invalid ddx UNet: {e}") from None
 
@@ -266,94 +250,6 @@ def load_scheduler_config(path: str | os.PathLike) -> dict | None:
   return None
 
 
-def load_diffusers_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """The UNet state dict as numpy arrays, from (possibly sharded) safetensors only."""
-
-  unet_dir = resolve_unet_dir(path)
-  single = os.path.join(unet_dir, WEIGHTS_NAME)
-  index = os.path.join(unet_dir, WEIGHTS_INDEX_NAME)
-  if os.path.isfile(single):
-    files = [single]
-  elif os.path.isfile(index):
-    with open(index) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    files = [os.path.join(unet_dir, s) for s in shards]
-  else:
-    hint = ""
-    if os.path.isfile(os.path.join(unet_dir, "diffusion_pytorch_model.bin")):
-      hint = " (only a pickled .bin is present; re-save it with safe_serialization=True)"
-    raise WeightsNotFoundError(f"missing weights file {single}{hint}")
-  state = {}
-  for fname in files:
-    if not os.path.isfile(fname):
-      raise WeightsNotFoundError(f"missing weights shard {fname}")
-    check_safetensors(fname)
-    try:
-      state.update(load_file(fname))
-    except Exception as e:  # safetensors raises its own error types
-      raise ValueError(f"{fname}: cannot read safetensors file ({e})") from None
-  return state
-
-
-_SAFETENSORS_ITEMSIZE = {
-  "BOOL": 1,
-  "U8": 1,
-  "I8": 1,
-  "F8_E4M3": 1,
-  "F8_E5M2": 1,
-  "I16": 2,
-  "U16": 2,
-  "F16": 2,
-  "BF16": 2,
-  "I32": 4,
-  "U32": 4,
-  "F32": 4,
-  "I64": 8,
-  "U64": 8,
-  "F64": 8,
-}
-
-
-def check_safetensors(fname: str) -> None:
-  """Check a safetensors file's header against its size (reads only the header): a truncated
-  file or a tensor whose byte range does not fit its dtype and shape is a one-line ValueError
-  naming the tensor (safetensors' own errors do not)."""
-  size = os.path.getsize(fname)
-  with open(fname, "rb") as f:
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if n < 2 or 8 + n > size:
-      raise ValueError(f"{fname}: not a safetensors file or truncated inside its header ({size} bytes)")
-    try:
-      header = json.loads(f.read(n))
-    except ValueError:
-      raise ValueError(f"{fname}: corrupt safetensors header (not valid JSON)") from None
-  if not isinstance(header, dict):
-    raise ValueError(f"{fname}: corrupt safetensors header (not a JSON object)")
-  tensors = []
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    try:
-      start, end = (int(o) for o in info["data_offsets"])
-      count = int(np.prod([int(d) for d in info["shape"]]))
-      itemsize = _SAFETENSORS_ITEMSIZE[info["dtype"]]
-    except (KeyError, TypeError, ValueError):
-      raise ValueError(f"{fname}: tensor {name}: corrupt safetensors header entry {info!r}") from None
-    if end - start != count * itemsize:
-      raise ValueError(
-        f"{fname}: tensor {name}: {info['dtype']}{list(info['shape'])} needs {count * itemsize} bytes, "
-        f"the header gives it {end - start}"
-      )
-    tensors.append((start, end, name))
-  for start, end, name in sorted(tensors):
-    if 8 + n + end > size:
-      raise ValueError(
-        f"{fname}: tensor {name} is truncated: its data ends at byte {8 + n + end}, the file at "
-        f"{size} (an interrupted download or copy?)"
-      )
-
-
 def _diffusers_name(path: tuple) -> str:
   """ddx pure-dict path -> diffusers UNet2DModel tensor name."""
   *mods, leaf = path
@@ -386,22 +282,6 @@ def convert_state_dict(state: Mapping[str, np.ndarray], abstract_params: dict) -
   )
 
 
-def unet_from_params(kwargs: Mapping[str, Any], params: Mapping) -> UNet:
-  """Build a UNet from constructor kwargs and a pure param dict (no random init)."""
-  kwargs = unet_kwargs(**dict(kwargs))
-  model = abstract_unet(**kwargs)
-  graphdef, pstate, rest = nnx.split(model, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("UNet has non-Param state; cannot rebuild from params alone")
-  expected = jax.tree.structure(nnx.to_pure_dict(pstate))
-  got = jax.tree.structure(params)
-  if expected != got:
-    raise ValueError("params: structure does not match the UNet built from the config")
-  pdtype = kwargs["param_dtype"]
-  nnx.replace_by_pure_dict(pstate, jax.tree.map(lambda a: jnp.asarray(a, dtype=pdtype), dict(params)))
-  return nnx.merge(graphdef, pstate, rest)
-
-
 def from_diffusers(path: str | os.PathLike, **overrides) -> UNet:
   """Load a diffusers UNet2DModel folder as a `ddx.models.UNet` computing the same function.
 
@@ -411,7 +291,7 @@ def from_diffusers(path: str | os.PathLike, **overrides) -> UNet:
   Args:
     path: the unet folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) or a
       pipeline folder with a ``unet/`` subfolder.
-    **overrides: UNet kwargs to change after conversion (e.g. ``dtype="bfloat16"``,
+    **overrides: `UNetConfig` fields to change after conversion (e.g. ``dtype="bfloat16"``,
       ``remat=True``, ``dropout=0.1``); architecture-changing overrides fail on load.
 
   Returns:
@@ -420,10 +300,6 @@ def from_diffusers(path: str | os.PathLike, **overrides) -> UNet:
   config = load_diffusers_config(path)
   if config.get("_class_name") == "UNet2DConditionModel":  # the latent-diffusion U-Net
     return unet_cond_from_diffusers(resolve_unet_dir(path), **overrides)
-  kwargs = diffusers_to_unet_kwargs(config)
-  kwargs.update(overrides)
-  kwargs = unet_kwargs(**kwargs)
-  state = load_diffusers_weights(path)
-  _, pstate = nnx.split(abstract_unet(**kwargs), nnx.Param)
-  params = convert_state_dict(state, nnx.to_pure_dict(pstate))
-  return unet_from_params(kwargs, params)
+  module = abstract(diffusers_to_unet_config(config).replace(**overrides))
+  state = torch_import.read_safetensors(resolve_unet_dir(path), (WEIGHTS_NAME,), "weights")
+  return with_params(module, convert_state_dict(state, param_shapes(module)))

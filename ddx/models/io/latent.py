@@ -13,15 +13,16 @@ keys that only affect speed or memory in the reference (``force_upcast``, ``upca
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
-from flax import nnx
-
-from ddx.models.autoencoder import AutoencoderKL, validate_autoencoder_kwargs
-from ddx.models.clip_text import CLIPTextEncoder, validate_clip_kwargs
+from ddx.models.autoencoder import AutoencoderKL
+from ddx.models.build import abstract, param_shapes, with_params
+from ddx.models.clip_text import CLIPTextEncoder
+from ddx.models.configs import CLIP_ACTIVATIONS, AutoencoderConfig, CLIPTextConfig, UNetCondConfig
 from ddx.models.io import torch_state as ti
-from ddx.models.unet_cond import UNetCond, validate_unet_cond_kwargs
+from ddx.models.unet_cond import UNetCond
 
 CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors",)
@@ -86,8 +87,8 @@ _VAE_DEFAULTS = {
 }
 
 
-def diffusers_to_autoencoder_kwargs(config: Mapping[str, Any]) -> dict:
-  """`AutoencoderKL` kwargs for a diffusers AutoencoderKL config (one-line ValueError)."""
+def diffusers_to_autoencoder_config(config: Mapping[str, Any]) -> AutoencoderConfig:
+  """The `AutoencoderConfig` of a diffusers AutoencoderKL config (one-line ValueError)."""
   what = "diffusers AutoencoderKL"
   c = _merge(config, _VAE_DEFAULTS, "AutoencoderKL", what)
   _require(c, what, "act_fn", ("silu", "swish"))
@@ -101,23 +102,20 @@ def diffusers_to_autoencoder_kwargs(config: Mapping[str, Any]) -> dict:
     bad = [b for b in types if b != block]
     if bad:
       raise _unsupported(what, key, bad[0], f"supported: {block}")
-  kwargs = dict(
-    in_channels=c["in_channels"],
-    out_channels=c["out_channels"],
-    block_out_channels=boc,
-    layers_per_block=c["layers_per_block"],
-    latent_channels=c["latent_channels"],
-    norm_num_groups=c["norm_num_groups"],
-    scaling_factor=c["scaling_factor"],
-    shift_factor=c["shift_factor"],
-    use_quant_conv=c["use_quant_conv"],
-    use_post_quant_conv=c["use_post_quant_conv"],
-    mid_block_add_attention=c["mid_block_add_attention"],
-    dtype=None,
-    param_dtype="float32",
-  )
   try:
-    return validate_autoencoder_kwargs(**kwargs)
+    return AutoencoderConfig(
+      in_channels=c["in_channels"],
+      out_channels=c["out_channels"],
+      block_out_channels=boc,
+      layers_per_block=c["layers_per_block"],
+      latent_channels=c["latent_channels"],
+      norm_num_groups=c["norm_num_groups"],
+      scaling_factor=c["scaling_factor"],
+      shift_factor=c["shift_factor"],
+      use_quant_conv=c["use_quant_conv"],
+      use_post_quant_conv=c["use_post_quant_conv"],
+      mid_block_add_attention=c["mid_block_add_attention"],
+    )
   except ValueError as e:
     raise ValueError(f"diffusers AutoencoderKL config gives an invalid ddx AutoencoderKL: {e}") from None
 
@@ -125,16 +123,16 @@ def diffusers_to_autoencoder_kwargs(config: Mapping[str, Any]) -> dict:
 def autoencoder_from_diffusers(path: str | os.PathLike, **overrides) -> AutoencoderKL:
   """Load a diffusers AutoencoderKL folder (or a pipeline folder with ``vae/``).
 
-  ``overrides``: AutoencoderKL kwargs such as ``dtype="bfloat16"``.
+  ``overrides``: `AutoencoderConfig` fields such as ``dtype="bfloat16"``.
   """
   folder = component_dir(path, "vae")
-  kwargs = diffusers_to_autoencoder_kwargs(ti.read_json(os.path.join(folder, CONFIG), "vae"))
-  kwargs.update(overrides)
-  kwargs = validate_autoencoder_kwargs(**kwargs)
-  module, abstract = ti.abstract_params(lambda: AutoencoderKL(**kwargs, rngs=nnx.Rngs(0)))
+  config = diffusers_to_autoencoder_config(ti.read_json(os.path.join(folder, CONFIG), "vae"))
+  module = abstract(config.replace(**overrides))
   state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "vae")
-  params = ti.convert_state(state, abstract, what="vae", subs=[(".to_out.", ".to_out.0.")], legacy=ti.LEGACY_ATTN)
-  return ti.load_params(module, params, kwargs["param_dtype"])
+  subs = [(".to_out.", ".to_out.0.")]
+  return with_params(
+    module, ti.convert_state(state, param_shapes(module), what="vae", subs=subs, legacy=ti.LEGACY_ATTN)
+  )
 
 
 # ------------------------------------------------------------------ UNet2DConditionModel
@@ -225,8 +223,8 @@ _UNET_REQUIRED = {
 _UNET_SUBS = ((".ff.proj.", ".ff.net.0.proj."), (".ff.out.", ".ff.net.2."))
 
 
-def diffusers_to_unet_cond_kwargs(config: Mapping[str, Any]) -> dict:
-  """`UNetCond` kwargs for a diffusers UNet2DConditionModel config (one-line ValueError)."""
+def diffusers_to_unet_cond_config(config: Mapping[str, Any]) -> UNetCondConfig:
+  """The `UNetCondConfig` of a diffusers UNet2DConditionModel config (one-line ValueError)."""
   what = "diffusers UNet2DConditionModel"
   c = _merge(config, _UNET_DEFAULTS, "UNet2DConditionModel", what)
   for key, allowed in _UNET_REQUIRED.items():
@@ -258,30 +256,26 @@ def diffusers_to_unet_cond_kwargs(config: Mapping[str, Any]) -> dict:
     raise _unsupported(what, "norm_num_groups", None)
   if c["class_embed_type"] == "timestep" and c["num_class_embeds"] is not None:
     raise _unsupported(what, "num_class_embeds", c["num_class_embeds"], "not used with class_embed_type='timestep'")
-  kwargs = dict(
-    in_channels=c["in_channels"],
-    out_channels=c["out_channels"],
-    block_out_channels=boc,
-    down_cross=[b == "CrossAttnDownBlock2D" for b in down],
-    up_cross=[b == "CrossAttnUpBlock2D" for b in up],
-    layers_per_block=c["layers_per_block"],
-    transformer_layers=tl,
-    num_heads=heads,
-    cross_attention_dim=cad,
-    use_linear_projection=c["use_linear_projection"],
-    norm_num_groups=c["norm_num_groups"],
-    norm_eps=c["norm_eps"],
-    flip_sin_to_cos=c["flip_sin_to_cos"],
-    freq_shift=c["freq_shift"],
-    downsample_padding=c["downsample_padding"],
-    class_embed_type=c["class_embed_type"],
-    num_class_embeds=c["num_class_embeds"],
-    dtype=None,
-    param_dtype="float32",
-    remat=False,
-  )
   try:
-    return validate_unet_cond_kwargs(**kwargs)
+    return UNetCondConfig(
+      in_channels=c["in_channels"],
+      out_channels=c["out_channels"],
+      block_out_channels=boc,
+      down_cross=[b == "CrossAttnDownBlock2D" for b in down],
+      up_cross=[b == "CrossAttnUpBlock2D" for b in up],
+      layers_per_block=c["layers_per_block"],
+      transformer_layers=tl,
+      num_heads=heads,
+      cross_attention_dim=cad,
+      use_linear_projection=c["use_linear_projection"],
+      norm_num_groups=c["norm_num_groups"],
+      norm_eps=c["norm_eps"],
+      flip_sin_to_cos=c["flip_sin_to_cos"],
+      freq_shift=c["freq_shift"],
+      downsample_padding=c["downsample_padding"],
+      class_embed_type=c["class_embed_type"],
+      num_class_embeds=c["num_class_embeds"],
+    )
   except ValueError as e:
     raise ValueError(f"diffusers UNet2DConditionModel config gives an invalid ddx UNetCond: {e}") from None
 
@@ -289,49 +283,27 @@ def diffusers_to_unet_cond_kwargs(config: Mapping[str, Any]) -> dict:
 def unet_cond_from_diffusers(path: str | os.PathLike, **overrides) -> UNetCond:
   """Load a diffusers UNet2DConditionModel folder (or a pipeline folder with ``unet/``).
 
-  ``overrides``: UNetCond kwargs such as ``dtype="bfloat16"``, ``remat=True``.
+  ``overrides``: `UNetCondConfig` fields such as ``dtype="bfloat16"``, ``remat=True``.
   """
   folder = component_dir(path, "unet")
-  kwargs = diffusers_to_unet_cond_kwargs(ti.read_json(os.path.join(folder, CONFIG), "unet"))
-  kwargs.update(overrides)
-  kwargs = validate_unet_cond_kwargs(**kwargs)
-  module, abstract = ti.abstract_params(lambda: UNetCond(**kwargs, rngs=nnx.Rngs(0)))
+  config = diffusers_to_unet_cond_config(ti.read_json(os.path.join(folder, CONFIG), "unet"))
+  module = abstract(config.replace(**overrides))
   state = ti.read_safetensors(folder, DIFFUSERS_WEIGHTS, "unet")
-  params = ti.convert_state(state, abstract, what="unet", subs=_UNET_SUBS)
-  return ti.load_params(module, params, kwargs["param_dtype"])
+  return with_params(module, ti.convert_state(state, param_shapes(module), what="unet", subs=_UNET_SUBS))
 
 
 # ------------------------------------------------------------------ CLIPTextModel
 
-_CLIP_KEYS = (
-  "vocab_size",
-  "hidden_size",
-  "intermediate_size",
-  "num_hidden_layers",
-  "num_attention_heads",
-  "max_position_embeddings",
-  "hidden_act",
-  "layer_norm_eps",
-  "eos_token_id",
-)
-_CLIP_DEFAULTS = {
-  "vocab_size": 49408,
-  "hidden_size": 512,
-  "intermediate_size": 2048,
-  "num_hidden_layers": 12,
-  "num_attention_heads": 8,
-  "max_position_embeddings": 77,
-  "hidden_act": "quick_gelu",
-  "layer_norm_eps": 1e-5,
-  "eos_token_id": 2,
-}
+# The architecture keys of a transformers CLIPTextConfig: CLIPTextConfig's fields without the
+# dtypes (ddx's names and defaults are transformers').
+_CLIP_KEYS = tuple(f.name for f in dataclasses.fields(CLIPTextConfig) if f.name not in ("dtype", "param_dtype"))
 
 
-def transformers_to_clip_kwargs(config: Mapping[str, Any]) -> dict:
-  """`CLIPTextEncoder` kwargs for a transformers CLIPTextConfig dict (one-line ValueError).
+def transformers_to_clip_config(config: Mapping[str, Any]) -> CLIPTextConfig:
+  """The `CLIPTextConfig` of a transformers CLIPTextConfig dict (one-line ValueError).
 
   transformers configs carry many generic keys (output flags, dtype, ids of special tokens);
-  only the architecture keys above are read, and the class must be a plain CLIPTextModel.
+  only the architecture keys (`_CLIP_KEYS`) are read, and the class must be a plain CLIPTextModel.
   """
   what = "transformers CLIPTextModel"
   archs = config.get("architectures") or ["CLIPTextModel"]
@@ -340,13 +312,15 @@ def transformers_to_clip_kwargs(config: Mapping[str, Any]) -> dict:
   mt = config.get("model_type", "clip_text_model")
   if mt != "clip_text_model":
     raise _unsupported(what, "model_type", mt, "supported: clip_text_model")
-  c = {k: config.get(k, _CLIP_DEFAULTS[k]) for k in _CLIP_KEYS}
-  if c["hidden_act"] not in ("quick_gelu", "gelu"):
-    raise _unsupported(what, "hidden_act", c["hidden_act"], "supported: quick_gelu, gelu")
-  if not isinstance(c["eos_token_id"], int) or isinstance(c["eos_token_id"], bool):
-    raise _unsupported(what, "eos_token_id", c["eos_token_id"], "must be one int")
+  c = {k: config[k] for k in _CLIP_KEYS if k in config}
+  act = c.get("hidden_act", "quick_gelu")
+  if act not in CLIP_ACTIVATIONS:
+    raise _unsupported(what, "hidden_act", act, f"supported: {', '.join(CLIP_ACTIVATIONS)}")
+  eos = c.get("eos_token_id", 2)
+  if not isinstance(eos, int) or isinstance(eos, bool):
+    raise _unsupported(what, "eos_token_id", eos, "must be one int")
   try:
-    return validate_clip_kwargs(**c, dtype=None, param_dtype="float32")
+    return CLIPTextConfig.from_json(c)
   except ValueError as e:
     raise ValueError(f"transformers CLIPTextModel config gives an invalid ddx CLIPTextEncoder: {e}") from None
 
@@ -359,13 +333,15 @@ def clip_text_from_transformers(path: str | os.PathLike, **overrides) -> CLIPTex
   A stored ``position_ids`` buffer is ignored.
   """
   folder = component_dir(path, "text_encoder")
-  kwargs = transformers_to_clip_kwargs(ti.read_json(os.path.join(folder, CONFIG), "text_encoder"))
-  kwargs.update(overrides)
-  kwargs = validate_clip_kwargs(**kwargs)
-  module, abstract = ti.abstract_params(lambda: CLIPTextEncoder(**kwargs, rngs=nnx.Rngs(0)))
+  config = transformers_to_clip_config(ti.read_json(os.path.join(folder, CONFIG), "text_encoder"))
+  module = abstract(config.replace(**overrides))
   state = ti.read_safetensors(folder, TRANSFORMERS_WEIGHTS, "text_encoder")
   prefix = "text_model." if any(k.startswith("text_model.") for k in state) else ""
   params = ti.convert_state(
-    state, abstract, what="text_encoder", prefix=prefix, ignore=lambda k: k.endswith("embeddings.position_ids")
+    state,
+    param_shapes(module),
+    what="text_encoder",
+    prefix=prefix,
+    ignore=lambda k: k.endswith("embeddings.position_ids"),
   )
-  return ti.load_params(module, params, kwargs["param_dtype"])
+  return with_params(module, params)

@@ -1,7 +1,9 @@
 """Shared mechanics for importing PyTorch (diffusers / transformers) safetensors into NNX modules.
 
-The latent-diffusion modules (`ddx.models.autoencoder`, `ddx.models.unet_cond`,
-`ddx.models.clip_text`) name their submodules after the reference modules, so a ddx parameter
+`read_safetensors` is the one reader of weights files (single or sharded, header checked);
+`convert_state` fills a ddx parameter dict from what it read.
+
+The networks name their submodules after the reference modules, so a ddx parameter
 path maps to a reference tensor name by joining the path with dots, renaming the leaf
 (``kernel`` / ``scale`` / ``embedding`` -> ``weight``) and applying a short list of literal
 substitutions for the few places where NNX attribute names cannot mirror the reference (e.g.
@@ -16,12 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from safetensors.numpy import load_file
 
 # diffusers' pre-0.14 attention parameter names (still in some checkpoints): (new, old) fragments
@@ -43,9 +42,18 @@ def read_json(path: str, what: str) -> dict:
   return out
 
 
-def read_safetensors(folder: str, names: Iterable[str], what: str) -> dict[str, np.ndarray]:
-  """All tensors of the first existing file among ``names`` (or its ``.index.json`` shards)."""
+class WeightsNotFoundError(FileNotFoundError, ValueError):
+  """A model folder lacks its safetensors weights (catchable as either base class)."""
 
+
+def read_safetensors(folder: str, names: Iterable[str], what: str) -> dict[str, np.ndarray]:
+  """All tensors of the first existing file among ``names`` in ``folder``, or of the shards
+  its ``<name>.index.json`` lists; each file's header is checked first (`check_safetensors`).
+
+  Raises:
+    WeightsNotFoundError: no such file (or a listed shard is missing); one line naming it.
+    ValueError: a damaged file, one line naming ``what``, the file and the tensor.
+  """
   names = list(names)
   for name in names:
     single = os.path.join(folder, name)
@@ -53,14 +61,17 @@ def read_safetensors(folder: str, names: Iterable[str], what: str) -> dict[str, 
     if os.path.isfile(single):
       files = [single]
     elif os.path.isfile(index):
-      shards = sorted(set(read_json(index, what).get("weight_map", {}).values()))
-      files = [os.path.join(folder, s) for s in shards]
+      weight_map = read_json(index, what).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{what}: {index} has no weight_map object")
+      files = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
     else:
       continue
     state = {}
     for fname in files:
       if not os.path.isfile(fname):
-        raise FileNotFoundError(f"{what}: missing weights shard {fname}")
+        raise WeightsNotFoundError(f"{what}: missing weights shard {fname}")
+      check_safetensors(fname, what)
       try:
         state.update(load_file(fname))
       except Exception as e:  # safetensors raises its own error types
@@ -69,7 +80,67 @@ def read_safetensors(folder: str, names: Iterable[str], what: str) -> dict[str, 
   hint = ""
   if os.path.isdir(folder) and any(f.endswith(".bin") for f in os.listdir(folder)):
     hint = " (only a pickled .bin is present; re-save it with safe_serialization=True)"
-  raise FileNotFoundError(f"{what}: missing weights file {os.path.join(folder, names[0])}{hint}")
+  raise WeightsNotFoundError(f"{what}: missing weights file {os.path.join(folder, names[0])}{hint}")
+
+
+_SAFETENSORS_ITEMSIZE = {
+  "BOOL": 1,
+  "U8": 1,
+  "I8": 1,
+  "F8_E4M3": 1,
+  "F8_E5M2": 1,
+  "I16": 2,
+  "U16": 2,
+  "F16": 2,
+  "BF16": 2,
+  "I32": 4,
+  "U32": 4,
+  "F32": 4,
+  "I64": 8,
+  "U64": 8,
+  "F64": 8,
+}
+
+
+def check_safetensors(fname: str, what: str) -> None:
+  """Check a safetensors file's header against its size (reads only the header): a truncated
+  file or a tensor whose byte range does not fit its dtype and shape is a one-line ValueError
+  naming ``what``, the file and the tensor (safetensors' own errors name none of them)."""
+  size = os.path.getsize(fname)
+  where = f"{what}: {fname}"
+  with open(fname, "rb") as f:
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or 8 + n > size:
+      raise ValueError(f"{where}: not a safetensors file or truncated inside its header ({size} bytes)")
+    try:
+      header = json.loads(f.read(n))
+    except ValueError:
+      raise ValueError(f"{where}: corrupt safetensors header (not valid JSON)") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{where}: corrupt safetensors header (not a JSON object)")
+  tensors = []
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      start, end = (int(o) for o in info["data_offsets"])
+      count = int(np.prod([int(d) for d in info["shape"]]))
+      itemsize = _SAFETENSORS_ITEMSIZE[info["dtype"]]
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{where}: tensor {name}: corrupt safetensors header entry {info!r}") from None
+    if end - start != count * itemsize:
+      raise ValueError(
+        f"{where}: tensor {name}: {info['dtype']}{list(info['shape'])} needs {count * itemsize} bytes, "
+        f"the header gives it {end - start}"
+      )
+    tensors.append((start, end, name))
+  for start, end, name in sorted(tensors):
+    if 8 + n + end > size:
+      raise ValueError(
+        f"{where}: tensor {name} is truncated: its data ends at byte {8 + n + end}, the file at "
+        f"{size} (an interrupted download or copy?)"
+      )
 
 
 def torch_name(path: tuple, subs: Iterable[tuple[str, str]] = ()) -> str:
@@ -150,22 +221,3 @@ def convert_state(
   if extra:
     raise ValueError(f"{what}: {len(extra)} unexpected tensors in the safetensors weights, e.g. {extra[0]}")
   return out
-
-
-def abstract_params(make: Callable[[], nnx.Module]) -> tuple[nnx.Module, dict]:
-  """``(abstract module, pure dict of its Params)`` without allocating anything."""
-  module = nnx.eval_shape(make)
-  return module, nnx.to_pure_dict(nnx.state(module, nnx.Param))
-
-
-def load_params(module: nnx.Module, params: Mapping, param_dtype: Any = jnp.float32) -> nnx.Module:
-  """Return ``module`` (possibly abstract) with its Params replaced by ``params``."""
-  graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
-  if jax.tree.leaves(rest):
-    raise ValueError("params: the module has non-Param state; cannot rebuild from params alone")
-  nnx.replace_by_pure_dict(pstate, jax.tree.map(lambda a: jnp.asarray(a, dtype=param_dtype), dict(params)))
-  return nnx.merge(graphdef, pstate, rest)
-
-
-def param_count(module: nnx.Module) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
