@@ -1,5 +1,5 @@
 """Conformance table: ddx samplers vs diffusers' schedulers over the knob grid of
-tests/test_conformance.py (same cases, same model, same injected noise).
+tests/oracle/test_conformance.py (same cases, same model, same injected noise).
 
     python benchmarks/conformance_table.py          # one row per sampler x knob group
     python benchmarks/conformance_table.py --full   # one row per case

@@ -2,7 +2,7 @@
 
     python benchmarks/latent_conformance.py
 
-The same constructions as tests/test_autoencoder.py, test_unet_cond.py, test_clip_text.py and
+The same constructions as tests/oracle/test_autoencoder.py, test_unet_cond.py, test_clip_text.py and
 test_latent.py and test_latent_edit.py (which assert the bounds); this prints the measured values. Needs torch,
 diffusers and transformers.
 """
@@ -27,11 +27,11 @@ from flax import nnx  # noqa: E402
 
 from ddx import latent  # noqa: E402
 from ddx.models import autoencoder_from_diffusers, clip_text_from_transformers, from_diffusers  # noqa: E402
-from tests import test_autoencoder as ta  # noqa: E402
-from tests import test_clip_text as tc  # noqa: E402
-from tests import test_latent as tl  # noqa: E402
-from tests import test_latent_edit as te  # noqa: E402
-from tests import test_unet_cond as tu  # noqa: E402
+from tests.oracle import test_autoencoder as ta  # noqa: E402
+from tests.oracle import test_clip_text as tc  # noqa: E402
+from tests.oracle import test_latent as tl  # noqa: E402
+from tests.oracle import test_latent_edit as te  # noqa: E402
+from tests.oracle import test_unet_cond as tu  # noqa: E402
 
 
 def main():

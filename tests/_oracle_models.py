@@ -1,4 +1,4 @@
-"""Shared machinery for the diffusers-conformance tests (tests/test_conformance.py) and the
+"""Shared machinery for the diffusers-conformance tests (tests/oracle/test_conformance.py) and the
 conformance table (benchmarks/conformance_table.py).
 
 * A deterministic nonlinear "model" implemented twice, identically: in jax (for ddx,

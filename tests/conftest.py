@@ -1,5 +1,12 @@
 """Test setup shared by every tier.
 
+The tiers are directories: unit/ (pure functions and single modules, in-process), oracle/
+(against the PyTorch reference implementations: diffusers, transformers, pytorch-fid),
+integration/ (the loop, checkpoints and the command line, in-process, on tiny models) and
+multiprocess/ (where a process boundary is the subject: kill -9, SIGTERM, several JAX
+processes over 127.0.0.1, the launchers). ``pytest -m "not slow" tests`` is the quick tier
+(everything but multiprocess/ and the few integration tests marked slow).
+
 * 8 fake CPU devices for the sharding tests (set before the first jax import).
 * One compilation cache for the whole run: a temporary directory made by the first process
   (the pytest controller, or the only process without xdist), inherited by the xdist workers
@@ -38,6 +45,21 @@ from tests import _torchvision_compat  # noqa: E402
 
 _torchvision_compat.install()
 runtime.enable_compilation_cache(os.environ["DDX_COMPILATION_CACHE"])
+
+
+_TIERS = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(config, items):
+  """The tiers by directory: tests/multiprocess/ is ``slow`` (left out of the quick tier,
+  ``-m "not slow"``), tests/oracle/ is ``torch`` (the PyTorch references)."""
+  del config
+  for item in items:
+    tier = os.path.relpath(str(item.path), _TIERS).split(os.sep)[0]
+    if tier == "multiprocess":
+      item.add_marker(pytest.mark.slow)
+    elif tier == "oracle":
+      item.add_marker(pytest.mark.torch)
 
 
 def pytest_unconfigure(config):
@@ -86,3 +108,30 @@ def copy_tree(src: str, dst) -> str:
   """A private copy of a shared directory for a test that changes it."""
   shutil.copytree(src, str(dst))
   return str(dst)
+
+
+@pytest.fixture(scope="session")
+def _trained_run():
+  from tests._tiny import TRAIN_FLAGS
+
+  def build(path):
+    argv = ["ddx", "train", f"--workdir={path}", *TRAIN_FLAGS, "--config.train.total_steps=12"]
+    assert cli_main.execute(argv) == 0
+
+  return shared_dir("trained_tiny", build)
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(_trained_run):
+  """``trained_workdir(dst) -> dst``: a copy of the run's one trained tiny workdir (12 steps of
+  `tests._tiny.TRAIN_FLAGS` in-process, on the 8 test devices; checkpoints 10 and 12)."""
+  return lambda dst: copy_tree(_trained_run, dst)
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+  """``(path, diffusers pipeline)``: a tiny random Stable Diffusion pipeline folder (needs the
+  torch extras; tests using it skip without them)."""
+  from tests._latent_refs import build_sd_pipeline
+
+  return build_sd_pipeline(tmp_path_factory.mktemp("sd_pipe"))

@@ -72,6 +72,9 @@ def parse(name: str, argv: list[str]):
   if "--help" in argv or "-h" in argv or "--helpfull" in argv:
     print(f"python -m ddx {name}: {module.HELP}\n\nflags:\n{fv.get_help()}")
     raise SystemExit(0)
+  # ml_collections finds the --config.* overrides in sys.argv, not in the list it is given:
+  # parse exactly ``argv``, whoever calls (the console entry point, or execute() in-process)
+  saved_argv, sys.argv = sys.argv, ["ddx", name, *argv]
   try:
     rest = fv([f"ddx {name}"] + list(argv))
   except flags.Error as e:
@@ -81,6 +84,8 @@ def parse(name: str, argv: list[str]):
     bad = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     hint = f" (in {', '.join(bad)})" if bad else ""
     raise UsageError(f"invalid flag value or unknown config key {e}{hint}") from None
+  finally:
+    sys.argv = saved_argv
   if len(rest) > 1:
     raise UsageError(f"unexpected arguments {rest[1:]}")
   return module, rest[1:]

@@ -14,9 +14,8 @@ from PIL import Image
 
 from ddx import latent
 from ddx.cli import main as cli
-from tests._latent_refs import abstract_tiny, refs
-from tests.test_latent import GUIDANCE, SD_SCHED, STEPS, build_components, rel_err
-from tests.test_pipeline import PROMPTS, folder  # noqa: F401  (the pipeline-folder fixture)
+from tests._latent_refs import PROMPTS, abstract_tiny, refs
+from tests.oracle.test_latent import GUIDANCE, SD_SCHED, STEPS, build_components, rel_err
 
 STRENGTH = 0.6  # int(8 * 0.6) = 4 of the 8 grid points run
 
@@ -235,7 +234,7 @@ def _write_png(path, a):
 
 
 @pytest.mark.torch
-def test_command_img2img_matches_diffusers_pipeline(folder, tmp_path, monkeypatch):  # noqa: F811
+def test_command_img2img_matches_diffusers_pipeline(sd_folder, tmp_path, monkeypatch):
   """``txt2img --init_image`` vs diffusers' StableDiffusionImg2ImgPipeline on the same folder
   (DDIM, strength 0.5 of 6 steps), both randn draws (the VAE posterior's and add_noise's)
   replaced by ddx's; then ``--mask --paste`` writes the input pixels where the mask is white."""
@@ -243,7 +242,7 @@ def test_command_img2img_matches_diffusers_pipeline(folder, tmp_path, monkeypatc
   from diffusers.models.autoencoders import vae as vae_mod
   from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as i2i_mod
 
-  path, tpipe = folder
+  path, tpipe = sd_folder
   rng = np.random.RandomState(1)
   u8 = np.clip(np.cumsum(rng.randint(0, 40, (16, 16, 3)), 0), 0, 255).astype(np.uint8)
   png = _write_png(tmp_path / "in.png", u8)
@@ -343,8 +342,8 @@ def test_command_edit_errors(tmp_path, argv, msg):
 
 
 @pytest.mark.torch
-def test_command_bad_init_image(folder, tmp_path):  # noqa: F811
-  path = folder[0]
+def test_command_bad_init_image(sd_folder, tmp_path):
+  path = sd_folder[0]
   for shape, msg in [((18, 16, 3), "must be divisible by 4"), ((16, 16), "has mode L")]:
     png = _write_png(tmp_path / "b.png", np.zeros(shape, np.uint8))
     with pytest.raises(ValueError, match=f"^--init_image: .*{msg}") as e:

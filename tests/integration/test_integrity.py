@@ -8,33 +8,27 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import textwrap
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-import ddx
-from ddx import parallel
 from ddx.cli import main as cli
 from ddx.cli import restore
 from ddx.models import UNetConfig, abstract, param_shapes, with_params
 from ddx.models.io import diffusers as convert
 from ddx.training import checkpoint, loop
 from ddx.training import step as train_lib
-from tests.test_pipeline import folder  # noqa: F401  (the tiny random Stable Diffusion pipeline fixture)
+from tests._tiny import DIFFUSION, loop_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(
   image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_num_groups=4
 )
-DIFFUSION = convert.diffusers_scheduler_to_diffusion(None)
 
 
 def _env():
@@ -277,45 +271,8 @@ def test_checkpointer_writes_and_checks_checksums(tmp_path, caplog):
     checkpoint.save(str(tmp_path), 5, {"params": model, "checksums": {}}, _config(model))
 
 
-class _PixelModel(nnx.Module):
-  """eps(x, t) from each pixel and t alone: a real trainable model that compiles in a moment
-  (the loop and the checkpoints do not depend on the architecture)."""
-
-  def __init__(self, rngs):
-    # 512 wide: arrays above orbax's 1 KiB inline limit land in the data files the tests damage
-    self.lin = nnx.Linear(2, 512, rngs=rngs)
-    self.out = nnx.Linear(512, 1, rngs=rngs)
-
-  def __call__(self, x, t, y=None, dropout_key=None):
-    tt = jnp.broadcast_to((t.astype(x.dtype) / 1000.0)[:, None, None, None], x.shape)
-    return self.out(jax.nn.silu(self.lin(jnp.stack([x, tt], -1))))[..., 0]
-
-
-def _train(workdir, total_steps, *, stop_after_steps=None, num_classes=None, sample=None, sample_every=0):
-  spec = loop.LoopSpec(
-    seed=0,
-    global_batch_size=8,
-    total_steps=total_steps,
-    checkpoint_every=2,
-    keep_checkpoints=2,
-    sample_every=sample_every,
-    log_every_seconds=100.0,
-  )
-  return loop.run(
-    workdir,
-    {"model": {"pixel": 512}, "diffusion": DIFFUSION},
-    model_factory=_PixelModel,
-    num_classes=num_classes,
-    use_dropout=False,
-    source=ddx.data.make_source("digits", image_size=8),
-    sched=ddx.schedules.make("linear", 1000),
-    optim=train_lib.OptimizerSpec(learning_rate=1e-2, warmup_steps=1),
-    loss=train_lib.LossSpec(),
-    loop=spec,
-    sample=sample or loop.SampleSpec(),
-    mesh=parallel.data_mesh(jax.devices()[:1]),
-    stop_after_steps=stop_after_steps,
-  )
+def _train(workdir, total_steps, **kw):
+  return loop_run(workdir, total_steps, **kw)
 
 
 def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
@@ -354,115 +311,6 @@ def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
   assert checkpoint.all_steps(wd) == [4, 6] and os.listdir(os.path.join(wd, checkpoint.CORRUPT_SUBDIR)) == ["4"]
 
 
-# Two JAX processes on 127.0.0.1 sharing one workdir: train to step 4, damage step 4 (process 0),
-# resume; then a step that only process 1 fails to read. Every process verifies, they agree on
-# the step to resume from, process 0 alone moves the bad step, all meet before reloading.
-_TWO_PROCESS_RESUME = textwrap.dedent(
-  """
-    import glob, os, sys
-    import jax, jax.numpy as jnp
-    pid, port, wd = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
-    from flax import nnx
-    from jax.experimental import multihost_utils
-    import ddx
-    from ddx import parallel
-    from ddx.training import checkpoint
-    from ddx.training import loop
-    from ddx.training import step as train_lib
-    from ddx.models.io import diffusers as convert
-
-    class PixelModel(nnx.Module):
-      def __init__(self, rngs):
-        self.lin = nnx.Linear(2, 512, rngs=rngs)
-        self.out = nnx.Linear(512, 1, rngs=rngs)
-
-      def __call__(self, x, t, y=None, dropout_key=None):
-        tt = jnp.broadcast_to((t.astype(x.dtype) / 1000.0)[:, None, None, None], x.shape)
-        return self.out(jax.nn.silu(self.lin(jnp.stack([x, tt], -1))))[..., 0]
-
-    def train(total, stop=None):
-      spec = loop.LoopSpec(seed=0, global_batch_size=8, total_steps=total, checkpoint_every=2, keep_checkpoints=2,
-                           sample_every=0, log_every_seconds=100.0)
-      return loop.run(wd, {"model": {"pixel": 512}, "diffusion": convert.diffusers_scheduler_to_diffusion(None)},
-                      model_factory=PixelModel, num_classes=None, use_dropout=False,
-                      source=ddx.data.make_source("digits", image_size=8), sched=ddx.schedules.make("linear", 1000),
-                      optim=train_lib.OptimizerSpec(learning_rate=1e-2, warmup_steps=1), loss=train_lib.LossSpec(),
-                      loop=spec, sample=loop.SampleSpec(), mesh=parallel.data_mesh(), stop_after_steps=stop)
-
-    train(6, stop=4)
-    multihost_utils.sync_global_devices("trained")
-    if pid == 0:  # every data file of the item (after the processes' writes are merged, the root's are read)
-      item = os.path.join(wd, "checkpoints", "4", "params")
-      for f in glob.glob(os.path.join(item, "d", "*")) + glob.glob(os.path.join(item, "ocdbt.process_*", "d", "*")):
-        data = bytearray(open(f, "rb").read())
-        for i in range(len(data) // 2, len(data) // 2 + min(64, len(data) // 2)):
-          data[i] ^= 0xFF
-        open(f, "wb").write(bytes(data))
-    multihost_utils.sync_global_devices("damaged")
-    print("DONE", pid, train(6)["step"], flush=True)
-    # step 6 fails its checksums on process 1 alone (injected after the real read: the disk is
-    # shared here, a host's own bad copy is not): it is bad for both
-    real = checkpoint.Checkpointer.restore
-
-    def restore(self, step, targets):
-      items = real(self, step, targets)
-      if pid == 1 and step == 6:
-        raise checkpoint.CorruptCheckpointError(f"step {step}: injected mismatch on process 1", step)
-      return items
-
-    checkpoint.Checkpointer.restore = restore
-    print("DONE", pid, train(8)["step"], flush=True)
-    jax.distributed.shutdown()
-    """
-)
-
-
-def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
-  from tests.test_data import _subprocess_env
-
-  wd = str(tmp_path)
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _TWO_PROCESS_RESUME, str(pid), str(port), wd],
-      cwd=ROOT,
-      env=_subprocess_env(device_count=1),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for pid in range(2)
-  ]
-  try:
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for pid, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0 and f"DONE {pid} 6" in out and f"DONE {pid} 8" in out, out[-3000:]
-  aside = os.path.join(wd, checkpoint.CORRUPT_SUBDIR)
-  assert "checkpoint step 4 does not verify: corrupt" in outs[0], outs[0][-3000:]
-  assert (
-    f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
-    f"moved to {aside}/4, not deleted)"
-  ) in outs[0], outs[0][-3000:]
-  # step 6 failed on process 1 only: both processes resumed from step 4
-  assert "process 1: checkpoint step 6 does not verify: step 6: injected mismatch on process 1" in outs[1]
-  assert "checkpoint step 6 does not verify on every process" in outs[0], outs[0][-3000:]
-  assert (
-    f"resumed from {wd}/checkpoints/4, the newest checkpoint that verifies (step 6 failed verification; "
-    f"moved to {aside}/6, not deleted)"
-  ) in outs[0], outs[0][-3000:]
-  # moved once (not once per process), kept, and the steps written anew verify
-  assert sorted(os.listdir(aside)) == ["4", "6"]
-  assert checkpoint.all_steps(wd) == [6, 8]
-  assert checkpoint.verify(wd, 6)[0] == checkpoint.verify(wd, 8)[0] == "ok"
-
-
 # --- non-finite outputs ---------------------------------------------------------------------
 
 
@@ -481,11 +329,11 @@ def test_sample_refuses_a_model_that_outputs_nan(tmp_path):
 
 
 @pytest.mark.torch
-def test_txt2img_refuses_non_finite_images(folder, tmp_path):  # noqa: F811 -- the fixture
+def test_txt2img_refuses_non_finite_images(sd_folder, tmp_path):
   from safetensors.numpy import load_file, save_file
 
   path = str(tmp_path / "pipe")
-  shutil.copytree(folder[0], path)
+  shutil.copytree(sd_folder[0], path)
   vae = os.path.join(path, "vae", "diffusion_pytorch_model.safetensors")
   state = load_file(vae)
   # finite weights (the importer refuses NaN and inf) that overflow: the decoder's first
@@ -818,7 +666,9 @@ def _numeric_flags(command):
   return {
     f.name: "float" if isinstance(f.parser, flags.FloatParser) else "int"
     for f in fv._flags().values()
-    if isinstance(f.parser, (flags.IntegerParser, flags.FloatParser))
+    # config.* flags are the overrides of a config already parsed in this process: config keys,
+    # checked by the config's validation (the train cases below)
+    if isinstance(f.parser, (flags.IntegerParser, flags.FloatParser)) and not f.name.startswith("config.")
   }
 
 

@@ -1,11 +1,5 @@
 """Tests for ddx.data: sources, the step-indexed grain pipeline, global arrays."""
 
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
-
 import chex
 import numpy as np
 import pytest
@@ -275,128 +269,32 @@ def test_tfds_missing_data_names_prepare_step(tmp_path):
 # -------------------------------------------------------------- global array
 
 
-_GLOBAL_ARRAY_SCRIPT = textwrap.dedent(
-  """
-    import jax, numpy as np
-    from ddx import data
-    assert jax.device_count() == 8, jax.devices()
-    src = data.make_source("digits")
-    for shape, names in (((8,), ("data",)), ((4, 2), ("data", "model"))):
-      mesh = jax.make_mesh(shape, names)
-      pidx, pcount = data.process_slice(mesh, 32)
-      assert (pidx, pcount) == (0, 1), (pidx, pcount)
-      it = data.make_batches(src, seed=1, global_batch_size=32, start_step=4,
-                             process_index=pidx, process_count=pcount,
-                             random_flip=True)
-      g = data.to_global_array(next(it), mesh)
-      ref = data.get_batch(src, 4, seed=1, global_batch_size=32, random_flip=True)
-      assert g["image"].shape == (32, 8, 8, 1) and g["label"].shape == (32,)
-      assert g["image"].sharding.spec == jax.sharding.PartitionSpec("data")
-      np.testing.assert_array_equal(np.asarray(g["image"]), ref["image"])
-      np.testing.assert_array_equal(np.asarray(g["label"]), ref["label"])
-      rows = 32 // shape[0]
-      assert len(g["image"].addressable_shards) == 8
-      for shard in g["image"].addressable_shards:
-        assert shard.data.shape == (rows, 8, 8, 1)
-        np.testing.assert_array_equal(np.asarray(shard.data), ref["image"][shard.index[0]])
-    try:
-      data.to_global_array({"x": np.zeros((6,))}, jax.make_mesh((8,), ("data",)))
-    except ValueError as e:
-      assert "axis" in str(e) or "divisible" in str(e)
-    else:
-      raise AssertionError("no ValueError")
-    print("GLOBAL_ARRAY_OK")
-    """
-)
+def test_global_array_on_8_devices(digits):
+  """The test process's 8 fake CPU devices: each device's shard holds its rows of the batch,
+  on a 1-D mesh and on a 2-D one."""
+  import jax
 
-
-def _subprocess_env(device_count):
-  root = pathlib.Path(data.__file__).parents[2]  # the dir holding ddx/
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={device_count}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-  return env
-
-
-def test_global_array_on_8_fake_devices():
-  env = _subprocess_env(device_count=8)
-  proc = subprocess.run(
-    [sys.executable, "-c", _GLOBAL_ARRAY_SCRIPT],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "GLOBAL_ARRAY_OK" in proc.stdout
-
-
-_TWO_PROCESS_SCRIPT = textwrap.dedent(
-  """
-    import sys
-    import jax, numpy as np
-    pid, port = int(sys.argv[1]), sys.argv[2]
-    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                               num_processes=2, process_id=pid)
-    from ddx import data
-    assert jax.process_count() == 2 and jax.device_count() == 8
-    src = data.make_source("digits")
-    ref = data.get_batch(src, 4, seed=1, global_batch_size=32, random_flip=True)
-    devices = np.array(jax.devices())
-    # In process order, and reversed (process 0 then holds rows 16..31).
-    for devs, expect in ((devices, pid), (devices[::-1], 1 - pid)):
-      mesh = jax.sharding.Mesh(devs, ("data",))
-      pidx, pcount = data.process_slice(mesh, 32)
-      assert (pidx, pcount) == (expect, 2), (pid, pidx, pcount)
-      it = data.make_batches(src, seed=1, global_batch_size=32, start_step=4,
-                             process_index=pidx, process_count=pcount,
-                             random_flip=True)
-      local = next(it)
-      assert local["image"].shape == (16, 8, 8, 1)
-      g = data.to_global_array(local, mesh)
-      assert g["image"].shape == (32, 8, 8, 1) and g["label"].shape == (32,)
-      for key in ("image", "label"):
-        assert len(g[key].addressable_shards) == 4
-        for shard in g[key].addressable_shards:
-          np.testing.assert_array_equal(np.asarray(shard.data), ref[key][shard.index[0]])
-    print("TWO_PROCESS_OK", pid, flush=True)
-    jax.distributed.shutdown()
-    """
-)
-
-
-@pytest.mark.slow
-def test_global_array_two_processes():
-  """Real 2-process JAX (CPU, 4 fake devices each): each host's shards hold its rows."""
-  import socket
-
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  env = _subprocess_env(device_count=4)
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _TWO_PROCESS_SCRIPT, str(pid), str(port)],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
+  assert jax.device_count() == 8, jax.devices()
+  for shape, names in (((8,), ("data",)), ((4, 2), ("data", "model"))):
+    mesh = jax.make_mesh(shape, names)
+    pidx, pcount = data.process_slice(mesh, 32)
+    assert (pidx, pcount) == (0, 1), (pidx, pcount)
+    it = data.make_batches(
+      digits, seed=1, global_batch_size=32, start_step=4, process_index=pidx, process_count=pcount, random_flip=True
     )
-    for pid in range(2)
-  ]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=120))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  for pid, (proc, (out, err)) in enumerate(zip(procs, outputs)):
-    assert proc.returncode == 0, err[-3000:]
-    assert f"TWO_PROCESS_OK {pid}" in out
+    g = data.to_global_array(next(it), mesh)
+    ref = data.get_batch(digits, 4, seed=1, global_batch_size=32, random_flip=True)
+    assert g["image"].shape == (32, 8, 8, 1) and g["label"].shape == (32,)
+    assert g["image"].sharding.spec == jax.sharding.PartitionSpec("data")
+    np.testing.assert_array_equal(np.asarray(g["image"]), ref["image"])
+    np.testing.assert_array_equal(np.asarray(g["label"]), ref["label"])
+    rows = 32 // shape[0]
+    assert len(g["image"].addressable_shards) == 8
+    for shard in g["image"].addressable_shards:
+      assert shard.data.shape == (rows, 8, 8, 1)
+      np.testing.assert_array_equal(np.asarray(shard.data), ref["image"][shard.index[0]])
+  with pytest.raises(ValueError, match="axis|divisible"):
+    data.to_global_array({"x": np.zeros((6,))}, jax.make_mesh((8,), ("data",)))
 
 
 def test_global_array_single_device(digits):

@@ -15,12 +15,10 @@ import pytest
 
 from ddx import parallel
 from ddx.training import checkpoint
-from tests.test_train import ROOT, TINY_FLAGS, _assert_params_close, _ddx, _saved
+from tests._tiny import ROOT, TRAIN_FLAGS, assert_params_close, saved
+from tests.multiprocess.conftest import MULTIHOST_ARGS
 
 SBATCH = os.path.join(ROOT, "launch", "slurm_gpu.sbatch")
-# test_train's tiny run with a one-level U-Net: compiling the train step dominates these
-# tests, and the launcher does not care about the model
-FLAGS = [*TINY_FLAGS, "--config.model.channel_mult=(1,)", "--config.model.attention_resolutions=()"]
 
 # srun as SLURM runs a step inside an allocation: every task gets the job's environment plus
 # the step/task variables; by default each task sees every GPU of its node (gres binding is
@@ -200,8 +198,7 @@ def test_slurm_one_task_per_gpu_device_report(tmp_path):
   assert rc == 0 and "srun --kill-on-bad-exit=1 python -m ddx info" in dry and "process 0/" not in dry, dry
 
 
-@pytest.mark.slow
-def test_slurm_one_task_per_node_trains_like_one_process(tmp_path):
+def test_slurm_one_task_per_node_trains_like_one_process(reference_4_devices, tmp_path):
   """2 nodes x 1 task driving all (2) GPUs of its node: the report says so, and 4 training
   steps over the 2 x 2 devices match one process with 4 devices."""
   env, port = _slurm_env(
@@ -217,21 +214,17 @@ def test_slurm_one_task_per_node_trains_like_one_process(tmp_path):
     assert kv["SLURM_NODEID"] == str(i) and kv["SLURM_LOCALID"] == "0" and kv["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert kv["local_device_ids"] == "0,1"  # JAX's own SLURM default would be [SLURM_LOCALID] = 0
 
-  mh, sp = str(tmp_path / "mh"), str(tmp_path / "sp")
-  args = [*FLAGS, "--config.train.total_steps=4"]
-  rc, out = _job(env, [f"--workdir={mh}", *args], timeout=900)  # no command: train
+  mh = str(tmp_path / "mh")
+  rc, out = _job(env, [f"--workdir={mh}", *MULTIHOST_ARGS], timeout=900)  # no command: train
   assert rc == 0, out[-3000:]
   assert "4 devices (2 processes)" in out, out[-3000:]
   assert not os.path.exists(tmp_path / "scontrol.log")  # finished: no requeue
-  _ddx(["train", f"--workdir={sp}", *args], devices=4, timeout=900)
-  sa, a = _saved(mh)
-  sb, b = _saved(sp)
+  (sa, a), (sb, b) = saved(mh), saved(reference_4_devices)
   assert sa == sb == 4
-  _assert_params_close(a["params"], b["params"])
-  _assert_params_close(a["ema_params"], b["ema_params"])
+  assert_params_close(a["params"], b["params"])
+  assert_params_close(a["ema_params"], b["ema_params"])
 
 
-@pytest.mark.slow
 def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
   """SIGTERM to the batch script (--signal=B:TERM) reaches every task through srun: they
   checkpoint and exit cleanly, and the script requeues the job."""
@@ -243,7 +236,7 @@ def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
       SBATCH,
       "train",
       f"--workdir={wd}",
-      *FLAGS,
+      *TRAIN_FLAGS,
       "--config.train.total_steps=100000",
       "--config.train.checkpoint_every=50000",
     ],

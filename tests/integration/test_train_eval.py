@@ -21,7 +21,7 @@ from ddx.cli import config as config_lib
 from ddx.training import loop
 from ddx.training import step as train_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _TinyEps(nnx.Module):

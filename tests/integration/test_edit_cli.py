@@ -1,10 +1,8 @@
-"""The editing commands end to end on a tiny digits workdir trained here with ``python -m ddx
-train``: invert, interpolate, edit, inpaint read PNGs (and a mask PNG) and write PNG grids and
+"""The editing commands end to end on the run's tiny digits workdir (trained once by ``ddx
+train``, tests/conftest.py): invert, interpolate, edit, inpaint read PNGs (and a mask PNG) and write PNG grids and
 .npz files; bad inputs and non-finite outputs stop them with one line and nothing written."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,42 +12,13 @@ from sklearn.datasets import load_digits
 from ddx import guidance
 from ddx.cli import main as cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-  "--config=configs/digits.py",
-  "--config.data.image_size=8",
-  "--config.model.image_size=8",
-  "--config.model.base_channels=8",
-  "--config.model.channel_mult=(1,)",
-  "--config.model.attention_resolutions=()",
-  "--config.model.norm_num_groups=4",
-  "--config.train.global_batch_size=8",
-  "--config.train.sample_every=0",
-  "--config.optim.warmup_steps=1",
-  "--config.train.checkpoint_every=1",
-  "--config.train.total_steps=1",
-]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, trained_workdir):
   d = tmp_path_factory.mktemp("edit_cli")
-  wd = str(d / "wd")
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-    "JAX_PLATFORMS": "cpu",
-    "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-  }
-  p = subprocess.run(
-    [sys.executable, "-m", "ddx", "train", f"--workdir={wd}", *TINY],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert p.returncode == 0, p.stderr[-2000:]
+  wd = trained_workdir(d / "wd")  # the run's tiny digits model, trained once
   digits = load_digits().images
   paths = {}
   for i in range(2):
@@ -107,7 +76,7 @@ def test_invert_interpolate_edit_inpaint(files):
   )  # < 1/S: no step, the input comes back
   np.testing.assert_array_equal(_load(f"{d}/ed0")["edits"], _load(f"{d}/ed0")["inputs"])
 
-  for method in ("repaint",):  # replacement shares the path (tests/test_edit.py covers both)
+  for method in ("repaint",):  # replacement shares the path (tests/unit/test_edit.py covers both)
     assert (
       _run(
         "inpaint",

@@ -16,7 +16,7 @@ import pytest
 import ddx
 from ddx.cli import main as cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PKG = os.path.join(ROOT, "ddx")
 
 

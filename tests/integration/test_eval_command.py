@@ -18,7 +18,7 @@ from ddx.cli import config as config_lib
 from ddx.cli import main as cli
 from ddx.training import checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tiny_config():

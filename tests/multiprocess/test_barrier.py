@@ -1,13 +1,8 @@
 """ddx.parallel.barrier across 2 real JAX processes on 127.0.0.1."""
 
-import socket
-import subprocess
-import sys
 import textwrap
 
-import pytest
-
-from tests.test_data import _subprocess_env
+from tests._tiny import run_processes
 
 # Process 1 reaches the first cross-process collective 35 s after process 0, as when one
 # process compiles much more slowly. XLA:CPU's gloo gives peers 30 s to meet at the first
@@ -32,32 +27,8 @@ _SKEWED_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_pair(meet: bool):
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  env = _subprocess_env(device_count=1)
-  procs = [
-    subprocess.Popen(
-      [sys.executable, "-c", _SKEWED_SCRIPT, str(pid), str(port), str(int(meet))],
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for pid in range(2)
-  ]
-  try:
-    return [(p.communicate(timeout=240)[0], p.returncode) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-
-
-@pytest.mark.slow
 def test_barrier_lets_processes_compile_at_different_speeds():
-  for out, code in _run_pair(meet=True):
+  for out, code in run_processes(_SKEWED_SCRIPT, "1", timeout=240):
     assert code == 0, out[-3000:]
     assert "SUM" in out and out.split("SUM")[1].split()[1] == "3.0", out[-3000:]
 

@@ -4,8 +4,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,13 +15,14 @@ from ddx.data import arrays, make_source
 from ddx.latent import data as latent_data
 from ddx.training import autoencoder as autoencoder_train
 from ddx.training import checkpoint
+from tests.conftest import shared_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HOLDOUT = 297
 COMMON = ["--config.train.log_every_seconds=0.01", "--config.train.steps_per_call=1", "--config.optim.warmup_steps=20"]
 AE_STEPS = 150
 AE_FLAGS = [
-  "--config=configs/digits_autoencoder.py",
+  f"--config={ROOT}/configs/digits_autoencoder.py",
   "--config.autoencoder.block_out_channels=(8,16)",
   "--config.autoencoder.norm_num_groups=4",
   "--config.autoencoder.mid_block_add_attention=False",
@@ -33,7 +32,7 @@ AE_FLAGS = [
   *COMMON,
 ]
 LATENT_FLAGS = [
-  "--config=configs/digits_latent.py",
+  f"--config={ROOT}/configs/digits_latent.py",
   "--config.model.base_channels=8",
   "--config.model.norm_num_groups=4",
   "--config.train.global_batch_size=16",
@@ -50,21 +49,8 @@ LATENT_FLAGS = [
 MAX_HELD_OUT_MSE = 0.04
 
 
-def _env():
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return env
-
-
-def _ddx(args, check=True):
-  p = subprocess.run(
-    [sys.executable, "-m", "ddx", *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
-  )
-  if check and p.returncode != 0:
-    raise AssertionError(f"ddx {args[0]} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-  return p
+def _train(path, *flags):
+  assert cli.execute(["ddx", "train", f"--workdir={path}", *flags]) == 0
 
 
 def _losses(workdir):
@@ -79,18 +65,17 @@ def _falls(losses, factor):
   assert len(losses) >= 10 and last < factor * first, (first, last)
 
 
-@pytest.fixture(scope="module")
-def ae_workdir(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("ae") / "digits_ae")
-  _ddx(["train", f"--workdir={wd}", *AE_FLAGS])
-  return wd
+@pytest.fixture(scope="session")
+def ae_workdir():
+  """The autoencoder, trained in-process once per run (shared by the xdist workers)."""
+  return shared_dir("digits_ae", lambda wd: _train(wd, *AE_FLAGS))
 
 
-@pytest.fixture(scope="module")
-def latent_workdir(ae_workdir, tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("latent") / "digits_latent")
-  _ddx(["train", f"--workdir={wd}", *LATENT_FLAGS, f"--config.latent.autoencoder_workdir={ae_workdir}"])
-  return wd
+@pytest.fixture(scope="session")
+def latent_workdir(ae_workdir):
+  return shared_dir(
+    "digits_latent", lambda wd: _train(wd, *LATENT_FLAGS, f"--config.latent.autoencoder_workdir={ae_workdir}")
+  )
 
 
 def test_autoencoder_trains_and_reconstructs_held_out_digits(ae_workdir):
@@ -114,7 +99,7 @@ def test_autoencoder_trains_and_reconstructs_held_out_digits(ae_workdir):
   assert np.asarray(Image.open(png)).dtype == np.uint8
 
 
-def test_latent_model_trains_and_sample_decodes(ae_workdir, latent_workdir):
+def test_latent_model_trains_and_sample_decodes(ae_workdir, latent_workdir, tmp_path, ddx_cli):
   _falls(_losses(latent_workdir), 0.8)
   cfg = checkpoint.read_config(latent_workdir)
   lat = cfg["latent"]
@@ -126,8 +111,9 @@ def test_latent_model_trains_and_sample_decodes(ae_workdir, latent_workdir):
   # the training sample grid is decoded
   grid = np.load(os.path.join(latent_workdir, "samples", "step_00000100.npz"))["samples"]
   assert grid.shape == (8, 16, 16, 1) and grid.min() >= -1 and grid.max() <= 1
-  out = os.path.join(latent_workdir, "decoded")
-  _ddx(["sample", f"--workdir={latent_workdir}", "--num=10", "--steps=4", "--label=3", f"--out={out}"])
+  out = str(tmp_path / "decoded")
+  code, _, err = ddx_cli("sample", f"--workdir={latent_workdir}", "--num=10", "--steps=4", "--label=3", f"--out={out}")
+  assert code == 0, err[-2000:]
   x = np.load(out + ".npz")["samples"]
   assert x.shape == (10, 16, 16, 1) and np.all(np.isfinite(x))
   assert x.min() >= -1.0 and x.max() <= 1.0 and x.std() > 0.05  # images, not a constant
@@ -135,20 +121,18 @@ def test_latent_model_trains_and_sample_decodes(ae_workdir, latent_workdir):
   assert png.dtype == np.uint8 and png.ndim == 2 and png.shape[0] > 16
 
 
-def _error(argv, monkeypatch):
-  # ml_collections reads the --config.* overrides from sys.argv, as the console entry point has it
-  monkeypatch.setattr(sys, "argv", ["ddx", *argv])
+def _error(argv):
   with pytest.raises(ValueError) as e:
-    cli.main(sys.argv)
+    cli.main(["ddx", *argv])
   msg = str(e.value)
   assert "\n" not in msg
   return msg
 
 
-def test_bad_latent_configs_fail_in_one_line(ae_workdir, tmp_path, monkeypatch):
-  error = lambda argv: _error(argv, monkeypatch)  # noqa: E731
+def test_bad_latent_configs_fail_in_one_line(ae_workdir, tmp_path, ddx_cli):
+  error = _error
   wd = str(tmp_path / "w")
-  base = ["train", f"--workdir={wd}", "--config=configs/digits_latent.py"]
+  base = ["train", f"--workdir={wd}", f"--config={ROOT}/configs/digits_latent.py"]
   msg = error(base + [f"--config.latent.autoencoder_workdir={tmp_path / 'missing'}"])
   assert msg.startswith("latent.autoencoder_workdir: workdir does not exist")
   pixel = tmp_path / "pixel"
@@ -160,19 +144,21 @@ def test_bad_latent_configs_fail_in_one_line(ae_workdir, tmp_path, monkeypatch):
   assert error(base + ok + ["--config.sample.clip_sample=True"]).startswith("sample.clip_sample:")
   assert error(base + ok + ["--config.latent.autoencoder_step=7"]).startswith("latent.autoencoder_step:")
   assert error(
-    ["train", f"--workdir={wd}", "--config=configs/digits_autoencoder.py", "--config.autoencoder.reconstruction=l3"]
+    [
+      "train",
+      f"--workdir={wd}",
+      f"--config={ROOT}/configs/digits_autoencoder.py",
+      "--config.autoencoder.reconstruction=l3",
+    ]
   ).startswith("autoencoder.reconstruction:")
   assert error(
-    ["train", f"--workdir={wd}", "--config=configs/digits_autoencoder.py", "--config.autoencoder.holdout=1797"]
+    ["train", f"--workdir={wd}", f"--config={ROOT}/configs/digits_autoencoder.py", "--config.autoencoder.holdout=1797"]
   ).startswith("autoencoder.holdout:")
   assert error(["sample", f"--workdir={ae_workdir}"]).startswith("--workdir: holds an autoencoder")
   assert not os.path.exists(wd)
-  # the console entry point prints it as one line
-  p = _ddx(
-    base[:2] + ["--config=configs/digits_latent.py", f"--config.latent.autoencoder_workdir={tmp_path / 'missing'}"],
-    check=False,
-  )
-  assert p.returncode == 1 and p.stderr.count("\n") == 1 and "latent.autoencoder_workdir" in p.stderr
+  # the command line prints it as one line
+  code, _, err = ddx_cli(*base, f"--config.latent.autoencoder_workdir={tmp_path / 'missing'}")
+  assert code == 1 and err.count("\n") == 1 and "latent.autoencoder_workdir" in err
 
 
 def test_autoencoder_loss_and_holdout_split():

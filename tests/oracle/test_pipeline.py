@@ -12,107 +12,14 @@ import pytest
 
 from ddx.cli import main as cli
 from ddx.latent import pipeline
-from tests._latent_refs import refs
-
-WORDS = ["a", "photo", "of", "cat", "dog", "red"]
-UNET = dict(
-  sample_size=8,
-  in_channels=4,
-  out_channels=4,
-  block_out_channels=(16, 32),
-  layers_per_block=1,
-  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-  attention_head_dim=2,
-  cross_attention_dim=12,
-  norm_num_groups=4,
-)
-VAE = dict(
-  block_out_channels=(8, 16),
-  layers_per_block=1,
-  latent_channels=4,
-  norm_num_groups=4,
-  down_block_types=("DownEncoderBlock2D",) * 2,
-  up_block_types=("UpDecoderBlock2D",) * 2,
-)
-SD_SCHED = dict(
-  beta_start=0.00085,
-  beta_end=0.012,
-  beta_schedule="scaled_linear",
-  steps_offset=1,
-  set_alpha_to_one=False,
-  skip_prk_steps=True,
-)
-PROMPTS = ["a red cat", "photo of dog"]
-STEPS = 5
-
-
-def write_tokenizer(folder, max_length=16):
-  """A CLIP BPE vocabulary of single characters (+ end-of-word forms) and a few merges."""
-  os.makedirs(folder, exist_ok=True)
-  vocab = {}
-  for ch in sorted(set("".join(WORDS))):
-    vocab[ch] = len(vocab)
-    vocab[ch + "</w>"] = len(vocab)
-  merges = ["o f</w>", "c a", "ca t</w>"]
-  for m in ("of</w>", "ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"):
-    vocab[m] = len(vocab)
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, f)
-  return vocab
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-  torch, diffusers, transformers = refs()
-  path = tmp_path_factory.mktemp("sd_pipe")
-  vocab = write_tokenizer(str(path / "tok_src"))
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(path / "tok_src"))
-  torch.manual_seed(0)
-  text = transformers.CLIPTextModel(
-    transformers.CLIPTextConfig(
-      vocab_size=len(vocab),
-      hidden_size=12,
-      intermediate_size=24,
-      num_hidden_layers=2,
-      num_attention_heads=2,
-      max_position_embeddings=16,
-      bos_token_id=vocab["<|startoftext|>"],
-      eos_token_id=vocab["<|endoftext|>"],
-      pad_token_id=vocab["<|endoftext|>"],
-    )
-  ).eval()
-  unet = diffusers.UNet2DConditionModel(**UNET).eval()
-  vae = diffusers.AutoencoderKL(**VAE).eval()
-  with torch.no_grad():
-    for m in (text, unet, vae):
-      for name, p in m.named_parameters():
-        if name.endswith("bias") or "norm" in name:
-          p.add_(0.2 * torch.randn_like(p))
-  pipe = diffusers.StableDiffusionPipeline(
-    vae=vae,
-    text_encoder=text,
-    tokenizer=tokenizer,
-    unet=unet,
-    scheduler=diffusers.PNDMScheduler(**SD_SCHED),
-    safety_checker=None,
-    feature_extractor=None,
-    requires_safety_checker=False,
-  )
-  out = str(path / "pipe")
-  pipe.save_pretrained(out, safe_serialization=True)
-  return out, pipe
+from tests._latent_refs import PROMPTS, STEPS
 
 
 @pytest.mark.torch
-def test_txt2img_matches_diffusers_pipeline(folder, tmp_path):
+def test_txt2img_matches_diffusers_pipeline(sd_folder, tmp_path):
   import torch
 
-  path, tpipe = folder
+  path, tpipe = sd_folder
   pipe = pipeline.load(path)
   key = jax.random.key(3)
   x_T = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (2, 8, 8, 4)))
@@ -150,8 +57,8 @@ def test_txt2img_matches_diffusers_pipeline(folder, tmp_path):
 
 
 @pytest.mark.torch
-def test_prompt_too_long(folder):
-  pipe = pipeline.load(folder[0])
+def test_prompt_too_long(sd_folder):
+  pipe = pipeline.load(sd_folder[0])
   assert pipe.tokenize(["a cat"]).shape == (1, 16)
   # unmerged words are one token per character: 1 + 3 + 1 + 5 + 1 + 3 + 3 + start/end = 19
   with pytest.raises(
@@ -197,9 +104,9 @@ def _copy(folder, tmp_path, edit):
     ),
   ],
 )
-def test_bad_pipeline_folder(folder, tmp_path, edit, err, msg):
+def test_bad_pipeline_folder(sd_folder, tmp_path, edit, err, msg):
   with pytest.raises(err, match=msg) as e:
-    pipeline.load(_copy(folder[0], tmp_path, edit))
+    pipeline.load(_copy(sd_folder[0], tmp_path, edit))
   assert "\n" not in str(e.value)
 
 

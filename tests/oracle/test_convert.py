@@ -19,7 +19,7 @@ from ddx.models import UNet, UNetConfig, from_diffusers
 from ddx.models.io import diffusers as convert
 from ddx.training import checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Small diffusers configs (16x16): one with the google/ddpm-* options (TF padding, sin/cos,
 # freq_shift 1, one head), one with diffusers defaults and 8-dim heads / attention at level 0.

@@ -7,7 +7,7 @@ import textwrap
 
 from ddx.cli import runtime
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_user_xla_flags_always_win(monkeypatch):

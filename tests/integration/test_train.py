@@ -1,0 +1,217 @@
+"""The training step and loop in-process: device-count invariance, the scanned and unrolled
+multi-step calls, non-finite steps skipped and counted, divergence, and ``ddx train`` on the
+command line (resume past a half-written step, a damaged checkpoint, bad input).
+
+What needs a process boundary (kill -9, SIGTERM, several JAX processes) is in
+tests/multiprocess/.
+"""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ddx
+from ddx import data, parallel
+from ddx.models import UNet
+from ddx.training import checkpoint
+from ddx.training import step as train_lib
+from tests._tiny import (
+  TRAIN_FLAGS,
+  TRAIN_MODEL,
+  PixelModel,
+  assert_bitwise_equal,
+  assert_params_close,
+  loop_run,
+)
+
+# --- the pure step ------------------------------------------------------------------------
+
+
+def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None):
+  spec = train_lib.OptimizerSpec(learning_rate=1e-3, warmup_steps=2)
+  tx = train_lib.make_optimizer(spec)
+  graphdef, state = train_lib.create_state(model_factory, tx, jax.random.key(0), jax.random.key(1))
+  fn = train_lib.make_train_fn(
+    mesh,
+    steps_per_call,
+    unroll=unroll,
+    graphdef=graphdef,
+    sched=ddx.schedules.make("linear", 1000),
+    tx=tx,
+    lr_fn=train_lib.learning_rate_fn(spec),
+    loss=train_lib.LossSpec(),
+    ema_decay=0.99,
+    ema_warmup=True,
+    num_classes=None,
+    label_dropout=0.0,
+    use_dropout=dropout,
+  )
+  return fn, train_lib.replicate(state, mesh)
+
+
+# the tiny U-Net with one residual block per level: convolutions, GroupNorm, attention (mid
+# block) and dropout, at the least compile time
+SMALL_UNET = {**TRAIN_MODEL, "num_res_blocks": 1}
+
+
+def _unet(rngs):
+  return UNet(**SMALL_UNET, rngs=rngs)
+
+
+def _batches(mesh, step, k, B=16, poison=False):
+  src = data.make_source("digits", image_size=8)
+  bs = [data.get_batch(src, step + i, seed=0, global_batch_size=B) for i in range(k)]
+  out = {key: np.stack([b[key] for b in bs]) for key in ("image", "label")}
+  if poison:
+    out["image"][:, 0, 0, 0, 0] = np.nan
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+  return {key: jax.device_put(v, sh) for key, v in out.items()}
+
+
+def test_device_count_invariance_1_vs_8_devices():
+  """The U-Net (convolutions, GroupNorm, attention, dropout) trained 3 steps on 1 and on 8
+  devices: the same parameters up to reduction order."""
+  results = []
+  for n in (1, 8):
+    mesh = parallel.data_mesh(jax.devices()[:n])
+    fn, state = _setup(mesh, _unet)
+    for s in range(3):
+      state, _ = fn(state, _batches(mesh, s, 1))
+    results.append(jax.device_get(state))
+  a, b = results
+  assert int(a.step) == int(b.step) == 3
+  assert_params_close(a.params, b.params)
+  assert_params_close(a.ema_params, b.ema_params)
+  # and training really moved the parameters
+  _, s0 = _setup(parallel.data_mesh(jax.devices()[:1]), _unet)
+  diff = max(
+    float(jnp.max(jnp.abs(x - y)))
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(jax.device_get(s0.params)))
+  )
+  assert diff > 1e-4
+
+
+def test_scan_and_unrolled_multistep_agree():
+  mesh = parallel.data_mesh(jax.devices()[:2])
+  outs = []
+  for unroll in (True, False):
+    fn, state = _setup(mesh, PixelModel, steps_per_call=2, dropout=False, unroll=unroll)
+    state, m = fn(state, _batches(mesh, 0, 2))
+    outs.append((jax.device_get(state), jax.device_get(m)))
+  (a, ma), (b, mb) = outs
+  assert int(a.step) == int(b.step) == 2 and ma["loss"].shape == mb["loss"].shape == (2,)
+  for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  fn, state = _setup(mesh, PixelModel)
+  state, _ = fn(state, _batches(mesh, 0, 1))
+  before = jax.device_get(state)
+  state, m = fn(state, _batches(mesh, 1, 1, poison=True))
+  after = jax.device_get(state)
+  assert not bool(m["finite"][0]) and not np.isfinite(float(m["loss"][0]))
+  assert int(after.step) == 2 and int(after.nonfinite) == 1 and int(after.skipped) == 1
+  assert_bitwise_equal(before.params, after.params)
+  assert_bitwise_equal(before.ema_params, after.ema_params)
+  assert_bitwise_equal(before.opt_state, after.opt_state)
+  state, m = fn(state, _batches(mesh, 2, 1))
+  assert bool(m["finite"][0]) and int(jax.device_get(state.nonfinite)) == 0
+  assert int(jax.device_get(state.skipped)) == 1
+
+
+def test_checkpointer_refuses_nan(tmp_path):
+  _, state = _setup(parallel.data_mesh(jax.devices()[:1]), PixelModel)
+  bad = state.replace(params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params))
+  ck = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2)
+  with pytest.raises(ValueError, match="non-finite"):
+    ck.save(0, train_lib.checkpoint_items(bad))
+  ck.close()
+  assert checkpoint.all_steps(str(tmp_path)) == []
+
+
+def test_create_state_equals_eager_init():
+  """The jitted construction of the model and its train state gives the eager values bitwise."""
+  tx = train_lib.make_optimizer(train_lib.OptimizerSpec())
+  base = jax.random.key(0)
+  factory = lambda rngs: UNet(**TRAIN_MODEL, rngs=rngs)  # noqa: E731
+  g1, jitted = train_lib.create_state(factory, tx, jax.random.fold_in(base, 0), jax.random.fold_in(base, 1))
+  g2, eager = train_lib.init_state(
+    factory(nnx.Rngs(params=jax.random.fold_in(base, 0))), tx, jax.random.fold_in(base, 1)
+  )
+  assert g1 == g2
+  assert_bitwise_equal(jitted, eager)
+
+
+class _NaNSource:
+  """Digits with every image NaN: every step is non-finite."""
+
+  def __init__(self):
+    self.base = data.make_source("digits", image_size=8)
+    self.image_shape, self.num_classes = self.base.image_shape, self.base.num_classes
+
+  def __len__(self):
+    return len(self.base)
+
+  def __getitem__(self, i):
+    ex = dict(self.base[i])
+    ex["image"] = np.full_like(ex["image"], np.nan)
+    return ex
+
+
+def test_divergence_stops_with_clear_error_and_clean_checkpoints(tmp_path):
+  from ddx.training import loop
+
+  with pytest.raises(loop.TrainingDiverged, match="3 consecutive non-finite"):
+    loop_run(str(tmp_path), 20, source=_NaNSource(), max_nonfinite=3)
+  for step in checkpoint.all_steps(str(tmp_path)):
+    _, items = checkpoint.restore(str(tmp_path), step, {"params": None, "ema_params": None, "opt_state": None})
+    for leaf in jax.tree_util.tree_leaves((items["params"], items["ema_params"], items["opt_state"])):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+
+
+# --- the command line, in-process ------------------------------------------------------------
+
+
+def test_cli_resumes_past_a_half_written_step_and_refuses_a_damaged_one(trained_workdir, tmp_path, ddx_cli):
+  wd = trained_workdir(tmp_path / "w")  # 12 steps of the tiny run, checkpoints 10 and 12
+  assert checkpoint.all_steps(wd) == [10, 12]
+  # an interrupted write leaves orbax's temporary directory: it is not a checkpoint
+  tmp = os.path.join(wd, "checkpoints", "14.orbax-checkpoint-tmp-1234567")
+  os.makedirs(os.path.join(tmp, "params"))
+  open(os.path.join(tmp, "params", "garbage"), "w").write("x")
+  assert checkpoint.latest_step(wd) == 12
+  code, out, err = ddx_cli("train", f"--workdir={wd}", *TRAIN_FLAGS, "--config.train.total_steps=14")
+  assert code == 0, err[-2000:]
+  assert "resumed from" in out and checkpoint.latest_step(wd) == 14
+  # a committed checkpoint with a damaged file: a one-line error naming the checkpoint
+  for f in glob.glob(os.path.join(wd, "checkpoints", "14", "*params", "**", "*"), recursive=True):
+    if os.path.isfile(f) and os.path.getsize(f) > 0:
+      open(f, "wb").write(b"\0garbage")
+  code, _, err = ddx_cli("sample", f"--workdir={wd}", "--steps=2", "--num=2")
+  assert code == 1 and err.count("\n") == 1 and "checkpoint" in err, err[-500:]
+  assert "Traceback" not in err
+
+
+def test_cli_bad_inputs(tmp_path, ddx_cli):
+  cases = [
+    (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.optim.learning_rate=-1"], "optim.learning_rate"),
+    (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.optim.nope=1"], "optim.nope"),
+    (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.model.norm_num_groups=3"], "model.norm_num_groups"),
+    (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.train.steps_per_call=3"], "steps_per_call"),
+    (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.diffusion.variance=learned"], "diffusion.variance"),
+    (["sample", f"--workdir={tmp_path}/missing"], "workdir does not exist"),
+    (["sample", f"--workdir={tmp_path}"], "no config.json"),
+  ]
+  for args, needle in cases:
+    code, _, err = ddx_cli(*args)
+    assert code != 0, args
+    assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (args, err[-800:])
+  assert not os.path.exists(f"{tmp_path}/x/checkpoints")

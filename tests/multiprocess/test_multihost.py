@@ -1,0 +1,159 @@
+"""Real multi-process JAX over 127.0.0.1: the local launcher's 2 processes x 2 devices train
+like one process with 4; each host's input shards hold its rows; processes that resume one
+workdir agree on the step, and one of them alone sets a bad step aside."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from ddx.training import checkpoint
+from tests._tiny import ROOT, assert_params_close, run_processes, saved, subprocess_env
+from tests.multiprocess.conftest import MULTIHOST_ARGS
+
+
+def test_local_launcher_2x2_trains_like_one_process_with_4_devices(reference_4_devices, tmp_path, ddx_cli):
+  mh = str(tmp_path / "mh")
+  argv = [*MULTIHOST_ARGS, "--config.train.sample_every=4", "--config.sample.num=8", "--config.sample.steps=2"]
+  p = subprocess.run(
+    [
+      "bash",
+      "launch/local_multihost.sh",
+      "2",
+      "2",
+      "--",
+      sys.executable,
+      "-m",
+      "ddx",
+      "train",
+      f"--workdir={mh}",
+      *argv,
+    ],
+    cwd=ROOT,
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  assert "2 processes" in p.stdout and "4 devices" in p.stdout, p.stdout[-2000:]
+  # the sample grid, sharded over both processes, is gathered and written once by process 0
+  assert os.path.exists(os.path.join(mh, "samples", "step_00000004.png"))
+  assert np.load(os.path.join(mh, "samples", "step_00000004.npz"))["samples"].shape == (8, 8, 8, 1)
+  (sa, a), (sb, b) = saved(mh), saved(reference_4_devices)
+  assert sa == sb == 4
+  assert_params_close(a["params"], b["params"])
+  assert_params_close(a["ema_params"], b["ema_params"])
+  # one process (8 devices) restores the multi-host checkpoint and samples from it
+  code, out, err = ddx_cli("sample", f"--workdir={mh}", "--steps=2", "--num=8")
+  assert code == 0 and "wrote" in out, err[-2000:]
+
+
+_TWO_PROCESS_BATCHES = textwrap.dedent(
+  """
+    import sys
+    import jax, numpy as np
+    pid, port = int(sys.argv[1]), sys.argv[2]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from ddx import data
+    assert jax.process_count() == 2 and jax.device_count() == 8
+    src = data.make_source("digits")
+    ref = data.get_batch(src, 4, seed=1, global_batch_size=32, random_flip=True)
+    devices = np.array(jax.devices())
+    # In process order, and reversed (process 0 then holds rows 16..31).
+    for devs, expect in ((devices, pid), (devices[::-1], 1 - pid)):
+      mesh = jax.sharding.Mesh(devs, ("data",))
+      pidx, pcount = data.process_slice(mesh, 32)
+      assert (pidx, pcount) == (expect, 2), (pid, pidx, pcount)
+      it = data.make_batches(src, seed=1, global_batch_size=32, start_step=4, process_index=pidx,
+                             process_count=pcount, random_flip=True)
+      local = next(it)
+      assert local["image"].shape == (16, 8, 8, 1)
+      g = data.to_global_array(local, mesh)
+      assert g["image"].shape == (32, 8, 8, 1) and g["label"].shape == (32,)
+      for key in ("image", "label"):
+        assert len(g[key].addressable_shards) == 4
+        for shard in g[key].addressable_shards:
+          np.testing.assert_array_equal(np.asarray(shard.data), ref[key][shard.index[0]])
+    print("TWO_PROCESS_OK", pid, flush=True)
+    jax.distributed.shutdown()
+    """
+)
+
+
+def test_each_process_reads_its_rows_of_the_global_batch():
+  """2 processes x 4 fake devices: each host's shards hold its rows, whatever the device order."""
+  for pid, (out, code) in enumerate(run_processes(_TWO_PROCESS_BATCHES, devices=4, timeout=180)):
+    assert code == 0 and f"TWO_PROCESS_OK {pid}" in out, out[-3000:]
+
+
+# Two JAX processes sharing one workdir: train to step 4, damage step 4 (process 0), resume;
+# then a step that only process 1 fails to read. Every process verifies, they agree on the
+# step to resume from, process 0 alone moves the bad step, all meet before reloading.
+_TWO_PROCESS_RESUME = textwrap.dedent(
+  """
+    import glob, os, sys
+    import jax
+    pid, port, wd = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from jax.experimental import multihost_utils
+    from ddx import parallel
+    from ddx.training import checkpoint
+    from tests._tiny import loop_run
+
+    def train(total, stop=None):
+      return loop_run(wd, total, mesh=parallel.data_mesh(), stop_after_steps=stop)
+
+    train(6, stop=4)
+    multihost_utils.sync_global_devices("trained")
+    if pid == 0:  # every data file of the item (after the processes' writes are merged, the root's are read)
+      item = os.path.join(wd, "checkpoints", "4", "params")
+      for f in glob.glob(os.path.join(item, "d", "*")) + glob.glob(os.path.join(item, "ocdbt.process_*", "d", "*")):
+        data = bytearray(open(f, "rb").read())
+        for i in range(len(data) // 2, len(data) // 2 + min(64, len(data) // 2)):
+          data[i] ^= 0xFF
+        open(f, "wb").write(bytes(data))
+    multihost_utils.sync_global_devices("damaged")
+    print("DONE", pid, train(6)["step"], flush=True)
+    # step 6 fails its checksums on process 1 alone (injected after the real read: the disk is
+    # shared here, a host's own bad copy is not): it is bad for both
+    real = checkpoint.Checkpointer.restore
+
+    def restore(self, step, targets):
+      items = real(self, step, targets)
+      if pid == 1 and step == 6:
+        raise checkpoint.CorruptCheckpointError(f"step {step}: injected mismatch on process 1", step)
+      return items
+
+    checkpoint.Checkpointer.restore = restore
+    print("DONE", pid, train(8)["step"], flush=True)
+    jax.distributed.shutdown()
+    """
+)
+
+
+def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
+  wd = str(tmp_path)
+  outs = run_processes(_TWO_PROCESS_RESUME, wd, timeout=300)
+  for pid, (out, code) in enumerate(outs):
+    assert code == 0 and f"DONE {pid} 6" in out and f"DONE {pid} 8" in out, out[-3000:]
+  outs = [out for out, _ in outs]
+  aside = os.path.join(wd, checkpoint.CORRUPT_SUBDIR)
+  assert "checkpoint step 4 does not verify: corrupt" in outs[0], outs[0][-3000:]
+  assert (
+    f"resumed from {wd}/checkpoints/2, the newest checkpoint that verifies (step 4 failed verification; "
+    f"moved to {aside}/4, not deleted)"
+  ) in outs[0], outs[0][-3000:]
+  # step 6 failed on process 1 only: both processes resumed from step 4
+  assert "process 1: checkpoint step 6 does not verify: step 6: injected mismatch on process 1" in outs[1]
+  assert "checkpoint step 6 does not verify on every process" in outs[0], outs[0][-3000:]
+  assert (
+    f"resumed from {wd}/checkpoints/4, the newest checkpoint that verifies (step 6 failed verification; "
+    f"moved to {aside}/6, not deleted)"
+  ) in outs[0], outs[0][-3000:]
+  # moved once (not once per process), kept, and the steps written anew verify
+  assert sorted(os.listdir(aside)) == ["4", "6"]
+  assert checkpoint.all_steps(wd) == [6, 8]
+  assert checkpoint.verify(wd, 6)[0] == checkpoint.verify(wd, 8)[0] == "ok"

@@ -1,0 +1,85 @@
+"""A training process killed with SIGKILL, or asked to stop with SIGTERM: the rerun resumes
+bitwise, the signalled run checkpoints and exits cleanly. The process boundary is the subject,
+so these run ``python -m ddx train`` as child processes."""
+
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from ddx.training import checkpoint
+from tests._tiny import ROOT, TRAIN_FLAGS, assert_bitwise_equal, run_ddx, saved, subprocess_env
+
+# the run's shared tiny workdir was trained in-process on the 8 test devices: the same program
+DEVICES = 8
+
+
+def _start_training(workdir, *flags):
+  return subprocess.Popen(
+    [sys.executable, "-m", "ddx", "train", f"--workdir={workdir}", *TRAIN_FLAGS, *flags],
+    cwd=ROOT,
+    env=subprocess_env(DEVICES),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def _wait_for(predicate, proc, seconds=300):
+  deadline = time.time() + seconds
+  while time.time() < deadline and proc.poll() is None and not predicate():
+    time.sleep(0.1)
+  assert proc.poll() is None, proc.communicate()[0][-3000:]
+
+
+def test_kill9_then_rerun_resumes_bitwise(_trained_run, tmp_path, ddx_cli):
+  """Killed at a random point after its first checkpoint, the rerun ends with the params,
+  EMA, optimizer state and train record of the uninterrupted run, bit for bit."""
+  b = str(tmp_path / "b")
+  proc = _start_training(b, "--config.train.total_steps=12")
+  try:
+    _wait_for(lambda: checkpoint.all_steps(b), proc)
+    time.sleep(random.uniform(0.0, 0.5))
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  killed_at = checkpoint.latest_step(b)
+  assert killed_at is not None and killed_at < 12, killed_at
+  out = run_ddx(["train", f"--workdir={b}", *TRAIN_FLAGS, "--config.train.total_steps=12"], devices=DEVICES)
+  assert "resumed from" in out.stdout
+  sa, ia = saved(_trained_run)
+  sb, ib = saved(b)
+  assert sa == sb == 12
+  for k in ("params", "ema_params", "opt_state", "train"):
+    assert_bitwise_equal(ia[k], ib[k])
+  # metrics.jsonl has no duplicated steps after the resume
+  steps = [json.loads(line)["step"] for line in open(os.path.join(b, "metrics.jsonl"))]
+  assert steps == sorted(set(steps))
+  # and the resumed run samples (PNG grid + npz)
+  code, out, err = ddx_cli("sample", f"--workdir={b}", "--steps=3", "--num=8")
+  assert code == 0 and "wrote" in out, err[-2000:]
+  npz = np.load(glob.glob(os.path.join(b, "samples", "sample_*_ddim3.npz"))[0])
+  assert npz["samples"].shape == (8, 8, 8, 1) and np.all(np.isfinite(npz["samples"]))
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+  wd = str(tmp_path / "t")
+  proc = _start_training(wd, "--config.train.total_steps=100000", "--config.train.checkpoint_every=50000")
+  metrics = os.path.join(wd, "metrics.jsonl")
+  try:
+    _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, out[-2000:]
+  assert "preemption signal" in out
+  step = checkpoint.latest_step(wd)
+  assert step is not None and 0 < step < 100000
