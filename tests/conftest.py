@@ -50,11 +50,26 @@ runtime.enable_compilation_cache(os.environ["DDX_COMPILATION_CACHE"])
 _TIERS = os.path.dirname(os.path.abspath(__file__))
 
 
+# Tests that share something built once per run go to one xdist worker (--dist loadgroup):
+# the other worker runs other tests instead of waiting for the build.
+_GROUPS = {
+  "_trained_run": "trained_tiny",
+  "reference_4_devices": "reference_4_devices",
+  "ae_workdir": "digits_latent",
+  "sd_folder": "sd_folder",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
   """The tiers by directory: tests/multiprocess/ is ``slow`` (left out of the quick tier,
-  ``-m "not slow"``), tests/oracle/ is ``torch`` (the PyTorch references)."""
+  ``-m "not slow"``), tests/oracle/ is ``torch`` (the PyTorch references); the xdist groups."""
   del config
   for item in items:
+    for fixture, group in _GROUPS.items():
+      if fixture in getattr(item, "fixturenames", ()):
+        item.add_marker(pytest.mark.xdist_group(group))
+        break
     tier = os.path.relpath(str(item.path), _TIERS).split(os.sep)[0]
     if tier == "multiprocess":
       item.add_marker(pytest.mark.slow)

@@ -47,6 +47,7 @@ def _load(prefix):
     return {k: z[k] for k in z.files}
 
 
+@pytest.mark.slow
 def test_invert_interpolate_edit_inpaint(files):
   wd, d, p = files
   two = f"{p['d0']},{p['d1']}"
@@ -115,6 +116,7 @@ def test_invert_interpolate_edit_inpaint(files):
     (["interpolate", "--seeds=1,2", "--input={d0},{d1}"], "--seeds"),
   ],
 )
+@pytest.mark.slow
 def test_bad_inputs_one_line_nothing_written(files, argv, needle):
   wd, d, p = files
   out = os.path.join(d, "bad")

@@ -51,6 +51,7 @@ def _eval(*flags):
   return cli.main(["ddx", "eval", *flags])
 
 
+@pytest.mark.slow
 def test_eval_end_to_end(workdir, tmp_path, capsys):
   cache = str(tmp_path / "cache")
   args = [f"--workdir={workdir}", "--sampler=ddim", "--steps=3", "--num=40", "--batch=16", f"--cache_dir={cache}"]

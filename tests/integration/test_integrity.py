@@ -224,6 +224,7 @@ def test_old_format_checkpoint_restores_with_one_warning(tiny, tmp_path, caplog,
   assert code == 0 and "step 8: ok" in out and "1 ok, 0 bad, 1 without checksums" in out, out
 
 
+@pytest.mark.slow
 def test_checkpointer_writes_and_checks_checksums(tmp_path, caplog):
   import optax
 
@@ -314,6 +315,7 @@ def test_train_resumes_from_the_newest_step_that_verifies(tmp_path, capsys):
 # --- non-finite outputs ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sample_refuses_a_model_that_outputs_nan(tmp_path):
   wd = str(tmp_path / "nan")
   nan = _random_unet(2)
@@ -328,6 +330,7 @@ def test_sample_refuses_a_model_that_outputs_nan(tmp_path):
   assert not os.path.exists(tmp_path / "out") and not os.path.exists(os.path.join(wd, "samples"))
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_txt2img_refuses_non_finite_images(sd_folder, tmp_path):
   from safetensors.numpy import load_file, save_file
@@ -725,6 +728,7 @@ def test_numeric_flags_are_range_checked(command, conditional_workdir, tmp_path,
   assert sorted(os.listdir(conditional_workdir)) == before and not os.path.exists(tmp_path / "t")
 
 
+@pytest.mark.slow
 def test_bad_flags_from_the_command_line_are_one_line(conditional_workdir):
   for args, line in [
     (

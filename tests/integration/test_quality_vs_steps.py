@@ -54,6 +54,7 @@ def test_plan_runs_the_full_chain_only_for_ddpm_and_ddim():
   assert ("plms", 1000) not in todo and ("dpm_solver++", 1000) not in todo and ("ddpm", 1000) in todo
 
 
+@pytest.mark.slow
 def test_quality_vs_steps_tiny(workdir, tmp_path, capsys):
   mod = _script()
   out = str(tmp_path / "out")
@@ -101,6 +102,7 @@ def test_quality_vs_steps_bad_input(workdir, tmp_path):
   assert not os.path.exists(tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_quality_vs_steps_resume_adds_a_column(workdir, tmp_path, capsys):
   mod = _script()
   out, cache = str(tmp_path / "out"), f"--cache_dir={tmp_path / 'cache'}"

@@ -73,6 +73,7 @@ def _batches(mesh, step, k, B=16, poison=False):
   return {key: jax.device_put(v, sh) for key, v in out.items()}
 
 
+@pytest.mark.slow
 def test_device_count_invariance_1_vs_8_devices():
   """The U-Net (convolutions, GroupNorm, attention, dropout) trained 3 steps on 1 and on 8
   devices: the same parameters up to reduction order."""
@@ -96,6 +97,7 @@ def test_device_count_invariance_1_vs_8_devices():
   assert diff > 1e-4
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_multistep_agree():
   mesh = parallel.data_mesh(jax.devices()[:2])
   outs = []
@@ -137,6 +139,7 @@ def test_checkpointer_refuses_nan(tmp_path):
   assert checkpoint.all_steps(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_create_state_equals_eager_init():
   """The jitted construction of the model and its train state gives the eager values bitwise."""
   tx = train_lib.make_optimizer(train_lib.OptimizerSpec())
@@ -180,6 +183,7 @@ def test_divergence_stops_with_clear_error_and_clean_checkpoints(tmp_path):
 # --- the command line, in-process ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_resumes_past_a_half_written_step_and_refuses_a_damaged_one(trained_workdir, tmp_path, ddx_cli):
   wd = trained_workdir(tmp_path / "w")  # 12 steps of the tiny run, checkpoints 10 and 12
   assert checkpoint.all_steps(wd) == [10, 12]

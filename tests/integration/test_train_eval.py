@@ -94,6 +94,7 @@ def _run(workdir, evaluation, eval_every=2, total_steps=4):
   )
 
 
+@pytest.mark.slow
 def test_loop_evaluates_every_n_steps(tmp_path, capsys):
   from ddx.eval import quality
 

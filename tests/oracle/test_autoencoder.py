@@ -78,6 +78,7 @@ def nhwc(a):
   ],
   ids=["sd", "no_quant_shift"],
 )
+@pytest.mark.slow
 def test_matches_diffusers(tmp_path, changes):
   import torch
 

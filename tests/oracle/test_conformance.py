@@ -61,9 +61,16 @@ def _assert_errs(res, tol, tol64=om.TOL, what="", scan_tol=SCAN_VS_STEPS):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-  "kind,group,case,tol", om.CASES, ids=[f"{k}:{om.case_id(c, om.DEFAULTS[k])}" for k, _, c, _ in om.CASES]
-)
+def _trajectory_cases():
+  """Every case; the first of each sampler kind (its defaults) also runs in the quick tier."""
+  seen = set()
+  for k, g, c, tol in om.CASES:
+    marks = () if k not in seen else (pytest.mark.slow,)
+    seen.add(k)
+    yield pytest.param(k, g, c, tol, id=f"{k}:{om.case_id(c, om.DEFAULTS[k])}", marks=marks)
+
+
+@pytest.mark.parametrize("kind,group,case,tol", list(_trajectory_cases()))
 def test_trajectory_matches_diffusers(kind, group, case, tol):
   res = om.measure(kind, case, f64=kind in om.HAS_F64)
   _assert_errs(res, tol, what=f"{kind} [{group}]")
@@ -137,6 +144,7 @@ def test_ddim_zero_snr_eta_one():
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", om.DOC_DDIM_CASES, ids=[om.case_id(c, om.DDIM_DEFAULTS) for c in om.DOC_DDIM_CASES])
 def test_ddim_next_listed_timestep(case):
   """docs/samplers.md §7 (diffusers#11347): DDIMScheduler.step targets t - T//S, which is not
@@ -159,6 +167,7 @@ def test_ddim_next_listed_timestep(case):
 TOL_PLMS_X0 = 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", om.DOC_PLMS_CASES, ids=[om.case_id(c, om.PLMS_DEFAULTS) for c in om.DOC_PLMS_CASES])
 def test_plms_v_x0_documented(case):
   """ddx PLMS converts each v / x0 output to eps at its own evaluation point before the

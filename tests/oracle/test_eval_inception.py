@@ -110,6 +110,7 @@ def test_resize_matches_torch_interpolate():
     assert np.abs(got - ref).max() < 1e-5, (h, w, size, np.abs(got - ref).max())
 
 
+@pytest.mark.slow
 def test_features_and_fd_match_pytorch_fid(reference, ours):
   model, _ = reference
   a, b = _images(1), _images(2)
@@ -123,6 +124,7 @@ def test_features_and_fd_match_pytorch_fid(reference, ours):
   assert fd > 0 and abs(fd - fd_ref) <= 1e-3 * fd_ref, (fd, fd_ref)
 
 
+@pytest.mark.slow
 def test_weight_files(pth_file, safetensors_file, ours, tmp_path):
   # hash check: the random file is not the official one
   with pytest.raises(ValueError, match="expected it to start with 6726825d"):

@@ -103,6 +103,7 @@ def diffusers_loop(c, scheduler):
   return image.numpy(), latents.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["ddim", "plms"])
 def test_generate_matches_diffusers_pipeline_loop(components, name):

@@ -115,6 +115,7 @@ def measure_img2img(c, name):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["ddim", "ddpm"])
 def test_img2img_matches_diffusers_loop(components, name):
@@ -233,6 +234,7 @@ def _write_png(path, a):
   return str(path)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_command_img2img_matches_diffusers_pipeline(sd_folder, tmp_path, monkeypatch):
   """``txt2img --init_image`` vs diffusers' StableDiffusionImg2ImgPipeline on the same folder

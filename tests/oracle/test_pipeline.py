@@ -15,6 +15,7 @@ from ddx.latent import pipeline
 from tests._latent_refs import PROMPTS, STEPS
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_txt2img_matches_diffusers_pipeline(sd_folder, tmp_path):
   import torch

@@ -68,6 +68,7 @@ def apply(model, x, t, context, y=None):
   return _apply(*nnx.split(model), x, t, context, y)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("config", [SD1_LIKE, SD2_LIKE], ids=["sd1_like", "sd2_like"])
 def test_matches_diffusers(tmp_path, config):
@@ -113,6 +114,7 @@ ONE_LEVEL = dict(
 )
 
 
+@pytest.mark.slow
 def test_bfloat16_and_remat():
   f32 = numpy_init(lambda: UNetCond(**ONE_LEVEL, rngs=nnx.Rngs(0)))
   bf = numpy_init(lambda: UNetCond(**ONE_LEVEL, dtype="bfloat16", remat=True, rngs=nnx.Rngs(0)))
@@ -141,6 +143,7 @@ def test_bfloat16_and_remat():
   assert max(rel_err(u, v) for u, v in zip(g2, g1) if np.abs(v).max() > 0) < 1e-5
 
 
+@pytest.mark.slow
 def test_config_and_conv_impl():
   cfg = UNetCondConfig(**ONE_LEVEL)
   assert cfg.conv_impl == "auto" and cfg.layers_per_block == (1,) and cfg.to_json()["num_heads"] == [2]

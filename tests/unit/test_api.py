@@ -308,16 +308,22 @@ def test_every_command_has_its_own_flags():
     (["bogus"], "unknown command"),
   ],
 )
-def test_a_flag_of_another_command_is_an_error(argv, needle):
+def test_a_flag_of_another_command_is_an_error(argv, needle, ddx_cli):
+  code, _, err = ddx_cli(*argv)
+  assert code == 2, (argv, err)
+  first = err.strip().splitlines()[0]
+  assert first.startswith("ddx") and "error" in first and needle in first and "Traceback" not in err, err
+  assert not os.path.exists("/tmp/ddx-never")
+
+
+def test_the_console_entry_point_prints_one_line_and_exits_2():
   p = subprocess.run(
-    [sys.executable, "-m", "ddx", *argv],
+    [sys.executable, "-m", "ddx", "train", "--workdir=/tmp/ddx-never", "--steps=5"],
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=120,
     env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")},
   )
-  assert p.returncode == 2, (argv, p.stderr)
-  first = p.stderr.strip().splitlines()[0]
-  assert first.startswith("ddx") and "error" in first and needle in first and "Traceback" not in p.stderr, p.stderr
-  assert not os.path.exists("/tmp/ddx-never")
+  assert p.returncode == 2 and p.stderr.count("\n") == 1 and "steps" in p.stderr, p.stderr
+  assert "Traceback" not in p.stderr and not os.path.exists("/tmp/ddx-never")

@@ -37,6 +37,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,s,causal", CASES)
 def test_float32_equals_the_einsum_attention(t, s, causal):
   q, k, v = qkv(t, s, jnp.float32)
@@ -46,6 +47,7 @@ def test_float32_equals_the_einsum_attention(t, s, causal):
   np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t,s,causal", CASES)
 def test_bfloat16_equals_the_einsum_attention(t, s, causal):
   q, k, v = qkv(t, s, jnp.bfloat16)

@@ -53,6 +53,7 @@ def test_retraining_is_deterministic_on_one_machine(splits):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_retraining_reaches_the_shipped_network(splits):
   """The recipe reproduces what the shipped network is for, on any machine: held-out accuracy
   within 2 points of it and a feature space aligned with it. Bounds from retraining with

@@ -82,6 +82,7 @@ def test_classifier_guidance_passes_variance_channels():
   assert float(jnp.max(jnp.abs(out[..., :3] - model(x, t)[..., :3]))) > 1e-2
 
 
+@pytest.mark.slow
 def test_classifier_guidance_moves_samples_toward_the_class():
   """A time-conditioned classifier trained here on the digits (8x8) steers DDIM samples of the
   exact-eps Gaussian mixture fitted to the digit classes; the judge is the mixture's own exact

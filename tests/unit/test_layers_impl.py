@@ -84,6 +84,7 @@ def test_dots_equal_lax_float32(case):
     assert _rel(a, b) < 2e-6, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES[:3] + CASES[3:4], ids=lambda c: "x".join(map(str, c[:6])) + f"s{c[6]}")
 def test_dots_equal_lax_bfloat16(case):
   # Exact answer: float32 convolution of the same bfloat16-rounded inputs and parameters.
@@ -184,6 +185,7 @@ SMALL = dict(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_unet_dots_equal_lax(dtype):
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))

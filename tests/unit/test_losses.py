@@ -49,6 +49,7 @@ def test_min_snr_weighting_is_the_same_x0_space_objective(prediction):
   np.testing.assert_allclose(np.asarray(loss), expect, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_hybrid_loss_vlb_term():
   x0, eps, t, xt, _ = _batch(2)
   c = x0.shape[-1]

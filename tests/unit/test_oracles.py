@@ -167,6 +167,7 @@ def _ode_error(name, S, m, x_T, ref, **kw):
   return float(np.max(np.abs(np.asarray(ddx.sample(m.eps, smp, x_T)) - ref)))
 
 
+@pytest.mark.slow
 def test_convergence_orders():
   """Error against a fine solution shrinks like S^-p: DDIM p ~ 1, PLMS and DPM-Solver++ p > 1.5."""
   m = Mixture(SCHED, [0.5, 0.5], [[0.8], [-0.6]], [0.25, 0.35])
@@ -253,6 +254,7 @@ def test_plms_is_pseudo_adams_bashforth_in_sbar():
     ("dpm_solver++", dict()),
   ],
 )
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_prediction_types_interchangeable(name, kw, prediction):
   """Feeding x0* or v* with the matching prediction type reproduces the eps* run (oracle 11)."""
