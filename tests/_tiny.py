@@ -48,7 +48,7 @@ TRAIN_FLAGS = [
   "--config.train.log_every_seconds=0.5",
   "--config.train.sample_every=0",
   "--config.optim.warmup_steps=2",
-  "--config.train.checkpoint_every=2",
+  "--config.train.checkpoint_every=4",
   "--config.train.keep_checkpoints=2",
 ]
 # the same network as a UNet config (tests of the step and of restoring)

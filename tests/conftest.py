@@ -139,7 +139,7 @@ def _trained_run():
 @pytest.fixture(scope="session")
 def trained_workdir(_trained_run):
   """``trained_workdir(dst) -> dst``: a copy of the run's one trained tiny workdir (12 steps of
-  `tests._tiny.TRAIN_FLAGS` in-process, on the 8 test devices; checkpoints 10 and 12)."""
+  `tests._tiny.TRAIN_FLAGS` in-process, on the 8 test devices; checkpoints 8 and 12)."""
   return lambda dst: copy_tree(_trained_run, dst)
 
 

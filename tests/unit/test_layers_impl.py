@@ -71,7 +71,15 @@ def _rel(a, b):
   return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"s{c[6]}p{c[7]}")
+def _case_id(c):
+  return "x".join(map(str, c[:6])) + f"s{c[6]}p{c[7]}"
+
+
+# a 3x3 and a 1x1 case also run in the quick tier
+@pytest.mark.parametrize(
+  "case",
+  [pytest.param(c, id=_case_id(c), marks=() if i in (0, 3) else (pytest.mark.slow,)) for i, c in enumerate(CASES)],
+)
 def test_dots_equal_lax_float32(case):
   x = _inputs(case)
   ref_conv, dots_conv = _conv(case, "lax"), _conv(case, "dots")

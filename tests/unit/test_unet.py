@@ -131,7 +131,7 @@ def test_config_normalises_and_is_static():
   with pytest.raises(dataclasses.FrozenInstanceError):
     c.image_size = 32
   # the config is part of the graph definition, not of the state: jit treats it as static
-  graphdef, state = nnx.split(make())
+  graphdef, state = nnx.split(abstract(UNetConfig(**SMALL)))
   assert not any(isinstance(leaf, UNetConfig) for leaf in jax.tree.leaves(state))
   hash(graphdef)
   # missing keys take the defaults; image_size has none
