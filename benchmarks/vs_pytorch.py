@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 from _cifar_unet import write_fixture
+from _processor import describe as describe_processor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BETAS = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
@@ -525,6 +526,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as d:
     args.dir = d
     n_params = write_fixture(d, args.batch)
+    print(f"processor: {describe_processor()}")
     print(
       f"CIFAR-10 U-Net ({n_params:,} params), batch {args.batch}; {os.cpu_count()} CPUs; "
       f"{args.repeats} ddx/torch pair(s) per dtype, sides alternating; load average {load0:.1f}"

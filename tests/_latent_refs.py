@@ -1,8 +1,5 @@
-"""Helpers for the latent-stack tests: reference imports and allocation-cheap random models.
-
-`numpy_init` builds an NNX module abstractly and fills its parameters from a seeded numpy
-generator: eager ``nnx`` initialisation compiles one XLA program per initializer call, which
-costs tens of seconds on a busy 2-core machine for no benefit to a test.
+"""Helpers for the latent-stack tests: reference imports and allocation-cheap random models
+(`numpy_init`, from tests/_tiny.py).
 
 `refs()` skips the calling test when a library is missing (a torchvision whose compiled ops
 cannot load is handled by tests/_torchvision_compat.py, installed by conftest.py).
@@ -11,9 +8,6 @@ cannot load is handled by tests/_torchvision_compat.py, installed by conftest.py
 import json
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
@@ -39,32 +33,6 @@ def save_perturbed(model, path):
         p.add_(0.2 * torch.randn_like(p))
   model.save_pretrained(str(path), safe_serialization=True)
   return model
-
-
-def numpy_init(make, seed=0, scale=0.2):
-  """``make()`` (a function building an NNX module from ``nnx.Rngs(0)``) with parameters drawn
-  from ``normal(0, scale / sqrt(fan_in))`` (kernels) / ``1 + normal(0, scale)`` (norm scales) /
-  ``normal(0, scale)`` (biases, embeddings), by a seeded numpy generator."""
-  module = nnx.eval_shape(make)
-  graphdef, pstate, rest = nnx.split(module, nnx.Param, ...)
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = str(path[-1])
-    shape = leaf.shape
-    if name == "kernel":
-      fan_in = int(np.prod(shape[:-1]))
-      a = rng.randn(*shape) / np.sqrt(fan_in)
-    elif name == "scale":
-      a = 1.0 + scale * rng.randn(*shape)
-    else:
-      a = scale * rng.randn(*shape)
-    return jnp.asarray(a, leaf.dtype)
-
-  pure = nnx.to_pure_dict(pstate)
-  pure = jax.tree_util.tree_map_with_path(lambda p, l: fill([k.key for k in p], l), pure)
-  nnx.replace_by_pure_dict(pstate, pure)
-  return nnx.merge(graphdef, pstate, rest)
 
 
 def abstract_tiny():

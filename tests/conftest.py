@@ -60,21 +60,20 @@ _GROUPS = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
+def pytest_itemcollected(item):
   """The tiers by directory: tests/multiprocess/ is ``slow`` (left out of the quick tier,
-  ``-m "not slow"``), tests/oracle/ is ``torch`` (the PyTorch references); the xdist groups."""
-  del config
-  for item in items:
-    for fixture, group in _GROUPS.items():
-      if fixture in getattr(item, "fixturenames", ()):
-        item.add_marker(pytest.mark.xdist_group(group))
-        break
-    tier = os.path.relpath(str(item.path), _TIERS).split(os.sep)[0]
-    if tier == "multiprocess":
-      item.add_marker(pytest.mark.slow)
-    elif tier == "oracle":
-      item.add_marker(pytest.mark.torch)
+  ``-m "not slow"``), tests/oracle/ is ``torch`` (the PyTorch references); the xdist groups.
+  Marked as each test is collected, so the marks are there when xdist's worker names each
+  grouped test by its group (in its ``pytest_collection_modifyitems``)."""
+  for fixture, group in _GROUPS.items():
+    if fixture in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.xdist_group(group))
+      break
+  tier = os.path.relpath(str(item.path), _TIERS).split(os.sep)[0]
+  if tier == "multiprocess":
+    item.add_marker(pytest.mark.slow)
+  elif tier == "oracle":
+    item.add_marker(pytest.mark.torch)
 
 
 def pytest_unconfigure(config):

@@ -153,19 +153,20 @@ class _Mixed(nnx.Module):
 
 
 def test_create_state_equals_eager_init():
-  """The jitted construction of a model and its train state gives the eager values, to the
-  last bit but where XLA fuses an initializer's scale into its random draw (1 ulp measured,
-  on the embedding; the convolutions, dense layers and norms agree bitwise)."""
+  """The jitted construction of a model and its train state gives the eager values to 1 ulp
+  (on CPU the program is compiled at LLVM O0, whose arithmetic rounds a few values of the
+  random draws' transforms differently; 2e-7 relative measured), and the same structure."""
   tx = train_lib.make_optimizer(train_lib.OptimizerSpec())
   k0, k1 = jax.random.fold_in(jax.random.key(0), 0), jax.random.fold_in(jax.random.key(0), 1)
   g1, jitted = train_lib.create_state(_Mixed, tx, k0, k1)
   g2, eager = train_lib.init_state(_Mixed(nnx.Rngs(params=k0)), tx, k1)
   assert g1 == g2
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jitted), jax.tree_util.tree_leaves(eager)):
-    if "emb" in jax.tree_util.keystr(path):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-7, atol=0)
-    else:
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+  la, lb = jax.tree_util.tree_leaves_with_path(jitted), jax.tree_util.tree_leaves(eager)
+  assert len(la) == len(lb)
+  for (path, a), b in zip(la, lb):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=3e-7, atol=0, err_msg=jax.tree_util.keystr(path))
 
 
 class _NaNSource:

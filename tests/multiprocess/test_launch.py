@@ -15,8 +15,7 @@ import pytest
 
 from ddx import parallel
 from ddx.training import checkpoint
-from tests._tiny import ROOT, TRAIN_FLAGS, assert_params_close, saved
-from tests.multiprocess.conftest import MULTIHOST_ARGS
+from tests._tiny import ROOT, TRAIN_FLAGS
 
 SBATCH = os.path.join(ROOT, "launch", "slurm_gpu.sbatch")
 
@@ -198,9 +197,10 @@ def test_slurm_one_task_per_gpu_device_report(tmp_path):
   assert rc == 0 and "srun --kill-on-bad-exit=1 python -m ddx info" in dry and "process 0/" not in dry, dry
 
 
-def test_slurm_one_task_per_node_trains_like_one_process(reference_4_devices, tmp_path):
-  """2 nodes x 1 task driving all (2) GPUs of its node: the report says so, and 4 training
-  steps over the 2 x 2 devices match one process with 4 devices."""
+def test_slurm_one_task_per_node_device_report(tmp_path):
+  """2 nodes x 1 task driving all (2) GPUs of its node. (Training over such a job is the
+  SIGTERM test below; that 2 processes x 2 devices train like one process with 4 is
+  tests/multiprocess/test_multihost.py, launched locally: the launch differs, not the run.)"""
   env, port = _slurm_env(
     tmp_path, nodes=2, tasks_per_node=1, gpus_per_node=2, devices_per_task=2, DDX_GPUS_PER_PROCESS="all"
   )
@@ -213,22 +213,16 @@ def test_slurm_one_task_per_node_trains_like_one_process(reference_4_devices, tm
     assert kv["coordinator"] == f"localhost:{port}"
     assert kv["SLURM_NODEID"] == str(i) and kv["SLURM_LOCALID"] == "0" and kv["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert kv["local_device_ids"] == "0,1"  # JAX's own SLURM default would be [SLURM_LOCALID] = 0
-
-  mh = str(tmp_path / "mh")
-  rc, out = _job(env, [f"--workdir={mh}", *MULTIHOST_ARGS], timeout=900)  # no command: train
-  assert rc == 0, out[-3000:]
-  assert "4 devices (2 processes)" in out, out[-3000:]
-  assert not os.path.exists(tmp_path / "scontrol.log")  # finished: no requeue
-  (sa, a), (sb, b) = saved(mh), saved(reference_4_devices)
-  assert sa == sb == 4
-  assert_params_close(a["params"], b["params"])
-  assert_params_close(a["ema_params"], b["ema_params"])
+  assert not os.path.exists(tmp_path / "scontrol.log")  # a job that ends by itself is not requeued
 
 
 def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
-  """SIGTERM to the batch script (--signal=B:TERM) reaches every task through srun: they
-  checkpoint and exit cleanly, and the script requeues the job."""
-  env, _ = _slurm_env(tmp_path, nodes=1, tasks_per_node=2, gpus_per_node=2, devices_per_task=1)
+  """A 2-node job, one task per node driving its 2 GPUs, trains; SIGTERM to the batch script
+  (--signal=B:TERM) reaches every task through srun: they checkpoint and exit cleanly, and
+  the script requeues the job."""
+  env, _ = _slurm_env(
+    tmp_path, nodes=2, tasks_per_node=1, gpus_per_node=2, devices_per_task=2, DDX_GPUS_PER_PROCESS="all"
+  )
   wd = str(tmp_path / "t")
   p = subprocess.Popen(
     [
@@ -261,6 +255,7 @@ def test_slurm_sigterm_checkpoints_and_requeues(tmp_path):
     if p.poll() is None:
       _kill_group(p)
   assert p.returncode == 0, out[-3000:]
+  assert "4 devices (2 processes)" in out, out[-3000:]
   assert "preemption signal" in out and "requeueing job" in out, out[-3000:]
   assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", env["SLURM_JOB_ID"]]
   step = checkpoint.latest_step(wd)

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from ddx.models import AutoencoderKL, DiagonalGaussian, autoencoder_from_diffusers
-from tests._latent_refs import numpy_init, refs, save_perturbed
+from tests._latent_refs import refs, save_perturbed
+from tests._tiny import numpy_init
 
 TINY = dict(
   in_channels=3,

@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from ddx.models import UNetCond, UNetCondConfig, from_diffusers, unet_cond_from_diffusers
-from tests._latent_refs import numpy_init, refs, save_perturbed
+from tests._latent_refs import refs, save_perturbed
+from tests._tiny import numpy_init
 
 # SD 1.x layout (1x1-conv projections, one head count for all levels) with a timestep-type
 # class embedding; SD 2.x layout (linear projections, per-level head counts) with a class table
