@@ -31,6 +31,8 @@ __all__ = [
   "snr_weight",
   "diffusion_loss",
   "training_loss",
+  "draw_noise",
+  "noised_loss",
   "vlb_terms",
   "normal_kl",
   "discretized_gaussian_log_likelihood",
@@ -151,6 +153,31 @@ def diffusion_loss(
   return loss
 
 
+def draw_noise(sched: Schedule, x0: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(t [B] int32, eps like x0)``: t ~ U{0..T-1} and eps ~ N(0, I) for the batch ``x0``.
+
+  The key is split into (t, eps) streams with fold_in, so the draws for a global batch do
+  not depend on how the batch is sharded, or on how a step splits it into micro-batches.
+  """
+  t = jax.random.randint(jax.random.fold_in(key, 0), (x0.shape[0],), 0, sched.num_timesteps)
+  eps = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, jnp.float32).astype(x0.dtype)
+  return t, eps
+
+
+def noised_loss(
+  model_fn: Callable[[jax.Array, jax.Array], jax.Array],
+  sched: Schedule,
+  x0: jax.Array,
+  t: jax.Array,
+  eps: jax.Array,
+  **loss_kwargs,
+) -> jax.Array:
+  """Noise ``x0`` to step ``t`` with ``eps`` and return the per-example loss [B] of
+  ``model_fn(x_t, t) -> output`` (`diffusion_loss`'s keyword arguments)."""
+  x_t = diffusion.q_sample(sched, x0, t, eps)
+  return diffusion_loss(sched, model_fn(x_t, t), x0, x_t, t, eps, **loss_kwargs)
+
+
 def training_loss(
   model_fn: Callable[[jax.Array, jax.Array], jax.Array],
   sched: Schedule,
@@ -158,12 +185,6 @@ def training_loss(
   key: jax.Array,
   **loss_kwargs,
 ) -> jax.Array:
-  """Draw t ~ U{0..T-1} and eps ~ N(0, I) from ``key``, noise x0 and return the per-example loss [B].
-
-  ``model_fn(x_t, t) -> output``. The key is split into (t, eps) streams with fold_in, so the
-  draws for a global batch do not depend on how the batch is sharded.
-  """
-  t = jax.random.randint(jax.random.fold_in(key, 0), (x0.shape[0],), 0, sched.num_timesteps)
-  eps = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, jnp.float32).astype(x0.dtype)
-  x_t = diffusion.q_sample(sched, x0, t, eps)
-  return diffusion_loss(sched, model_fn(x_t, t), x0, x_t, t, eps, **loss_kwargs)
+  """`draw_noise` from ``key``, then `noised_loss`: the per-example loss [B] of one batch."""
+  t, eps = draw_noise(sched, x0, key)
+  return noised_loss(model_fn, sched, x0, t, eps, **loss_kwargs)

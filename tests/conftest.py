@@ -54,7 +54,6 @@ _TIERS = os.path.dirname(os.path.abspath(__file__))
 # the other worker runs other tests instead of waiting for the build.
 _GROUPS = {
   "_trained_run": "trained_tiny",
-  "reference_4_devices": "reference_4_devices",
   "ae_workdir": "digits_latent",
   "sd_folder": "sd_folder",
 }

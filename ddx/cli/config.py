@@ -162,6 +162,11 @@ def validate(config) -> dict:
   _num(cfg, "train.global_batch_size", 1, limits.MAX_BATCH, integer=True)
   _num(cfg, "train.total_steps", 1, limits.MAX_STEP, integer=True)
   _num(cfg, "train.steps_per_call", 1, limits.MAX_STEP, integer=True)
+  _num(cfg, "train.grad_accum", 1, limits.MAX_BATCH, integer=True)
+  if t["global_batch_size"] % t["grad_accum"]:
+    raise ValueError(
+      f"train.grad_accum: must divide train.global_batch_size={t['global_batch_size']}, got {t['grad_accum']}"
+    )
   _num(cfg, "train.ema_decay", 0, 1)
   _num(cfg, "train.label_dropout", 0, 1)
   _num(cfg, "train.log_every_seconds", 0, lo_open=True)
@@ -195,6 +200,8 @@ def validate(config) -> dict:
   _check_model(cfg)
   _check_eval(cfg)
   if cfg["kind"] == "autoencoder":
+    if t["grad_accum"] != 1:
+      raise ValueError("train.grad_accum: gradient accumulation is for diffusion models; use 1 for an autoencoder")
     _check_autoencoder(cfg)
     return cfg  # the model section describes a denoiser: not used
   latent = _check_latent(cfg)

@@ -81,6 +81,7 @@ def get_config():
   c.train.global_batch_size = 128
   c.train.total_steps = 800_000
   c.train.steps_per_call = 1  # train steps per jitted call (lax.scan)
+  c.train.grad_accum = 1  # micro-batches per step: one update from k gradients of global_batch_size / k
   c.train.ema_decay = 0.9999
   c.train.ema_warmup = False  # decay min(ema_decay, (1+n)/(10+n))
   c.train.label_dropout = 0.0  # classifier-free guidance: P(label -> null)

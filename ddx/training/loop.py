@@ -42,6 +42,7 @@ class LoopSpec:
   global_batch_size: int
   total_steps: int
   steps_per_call: int = 1
+  grad_accum: int = 1
   random_flip: bool = False
   num_threads: int = 0
   ema_decay: float = 0.9999
@@ -133,6 +134,11 @@ def run(
     raise ValueError("evaluation: required when loop.eval_every > 0")
   mesh = mesh if mesh is not None else parallel.data_mesh()
   parallel.check_batch(loop.global_batch_size, mesh, "train.global_batch_size")
+  if loop.grad_accum > 1:
+    micro = loop.global_batch_size // loop.grad_accum
+    parallel.check_batch(micro, mesh, f"train.grad_accum: the micro-batch (global_batch_size / {loop.grad_accum})")
+    if isinstance(loss, autoencoder_train.AutoencoderLossSpec):
+      raise ValueError("train.grad_accum: gradient accumulation is for diffusion models; use 1 for an autoencoder")
   writer = MetricWriter(workdir)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
@@ -176,6 +182,7 @@ def run(
       num_classes=num_classes,
       label_dropout=loop.label_dropout,
       use_dropout=use_dropout,
+      grad_accum=loop.grad_accum,
     )
   sample_fn = None
   if loop.sample_every:

@@ -156,6 +156,40 @@ def _select(pred, new, old):
   return jax.tree_util.tree_map(lambda n, o: jnp.where(pred, n, o), new, old)
 
 
+def micro_batches(tree: Any, k: int) -> Any:
+  """Split every leaf [B, ...] of ``tree`` into [k, B / k, ...]; micro-batch j holds rows
+  j, j + k, j + 2k, ... A device holding a contiguous block of the batch then holds its rows
+  of every micro-batch (no data moves), provided its block size is a multiple of k."""
+  return jax.tree_util.tree_map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), tree)
+
+
+def accumulate(value_and_grad: Callable, params: Any, micro: Any, k: int, *, unroll: bool | None = None):
+  """``(mean value, mean gradient)`` of ``value_and_grad(params, micro_j, j)`` over the k
+  micro-batches of ``micro`` (leaves [k, ...]), summed in float32 one micro-batch at a time,
+  so only one micro-batch's activations are alive at once.
+
+  A `lax.scan` on accelerators; unrolled on CPU (``unroll=None`` picks by backend), where XLA
+  runs the convolutions of a backward pass inside a while loop far slower (see
+  `make_train_fn`).
+  """
+  if unroll is None:
+    unroll = jax.default_backend() == "cpu"
+  zero = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+  def add(total, j):
+    v, g = value_and_grad(params, jax.tree_util.tree_map(lambda a: a[j], micro), j)
+    return jax.tree_util.tree_map(lambda s, x: s + x.astype(jnp.float32), total, (v, g)), None
+
+  if unroll:
+    total = zero
+    for j in range(k):
+      total, _ = add(total, j)
+  else:
+    total, _ = jax.lax.scan(add, zero, jnp.arange(k))
+  value, grads = jax.tree_util.tree_map(lambda s: s / k, total)
+  return value, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
 def train_step(
   state: TrainState,
   batch: dict,
@@ -170,8 +204,16 @@ def train_step(
   num_classes: int | None,
   label_dropout: float,
   use_dropout: bool,
+  grad_accum: int = 1,
 ) -> tuple[TrainState, dict]:
-  """One optimisation step on a global batch ``{"image": [B,H,W,C], "label": [B]}`` (pure)."""
+  """One optimisation step on a global batch ``{"image": [B,H,W,C], "label": [B]}`` (pure).
+
+  ``grad_accum`` = k > 1 computes the gradient over k micro-batches of B / k examples
+  (`micro_batches`, `accumulate`) and applies one update: the same step as k = 1 up to
+  float32 summation order, with one micro-batch's activation memory. The draws of t, eps and
+  label dropout are made for the whole batch first, so they are those of k = 1; only dropout
+  inside the network draws per micro-batch (``fold_in(dropout_key, j)``).
+  """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
   x0 = batch["image"]
   y = None
@@ -181,15 +223,17 @@ def train_step(
       drop = jax.random.bernoulli(jax.random.fold_in(key, 2), label_dropout, y.shape)
       y = jnp.where(drop, num_classes, y)
   dropout_key = jax.random.fold_in(key, 3) if use_dropout else None
+  t, eps = losses.draw_noise(sched, x0, jax.random.fold_in(key, 1))
 
-  def loss_fn(params):
+  def loss_fn(params, part, dropout_key):
     model = nnx.merge(graphdef, params)
-    model_fn = lambda x, t: model(x, t, y, dropout_key=dropout_key)
-    per_example = losses.training_loss(
+    model_fn = lambda x, t: model(x, t, part["y"], dropout_key=dropout_key)
+    per_example = losses.noised_loss(
       model_fn,
       sched,
-      x0,
-      jax.random.fold_in(key, 1),
+      part["x0"],
+      part["t"],
+      part["eps"],
       prediction=loss.prediction,
       weighting=loss.weighting,
       min_snr_gamma=loss.min_snr_gamma,
@@ -198,7 +242,16 @@ def train_step(
     )
     return jnp.mean(per_example)
 
-  value, grads = jax.value_and_grad(loss_fn)(state.params)
+  whole = {"x0": x0, "t": t, "eps": eps, "y": y}
+  if grad_accum == 1:
+    value, grads = jax.value_and_grad(loss_fn)(state.params, whole, dropout_key)
+  else:
+
+    def micro_value_and_grad(params, part, j):
+      key_j = None if dropout_key is None else jax.random.fold_in(dropout_key, j)
+      return jax.value_and_grad(loss_fn)(params, part, key_j)
+
+    value, grads = accumulate(micro_value_and_grad, state.params, micro_batches(whole, grad_accum), grad_accum)
   return apply_gradients(state, value, grads, tx=tx, lr_fn=lr_fn, ema_decay=ema_decay, ema_warmup=ema_warmup)
 
 

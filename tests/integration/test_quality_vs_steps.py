@@ -55,7 +55,7 @@ def test_plan_runs_the_full_chain_only_for_ddpm_and_ddim():
 
 
 @pytest.mark.slow
-def test_quality_vs_steps_tiny(workdir, tmp_path, capsys):
+def test_quality_vs_steps_tiny_then_resume_adds_a_column(workdir, tmp_path, capsys):
   mod = _script()
   out = str(tmp_path / "out")
   assert (
@@ -88,6 +88,18 @@ def test_quality_vs_steps_tiny(workdir, tmp_path, capsys):
   assert "| ddim η=0 |" in md and " ± " in md and "| ddim η=0 | 13.36 | 6.84 | 4.67 | 4.16 | 4.04 |" in md
   with open(os.path.join(out, "quality_vs_steps.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # --resume with one more S: the measured cells are kept, only the new column is sampled
+  capsys.readouterr()
+  first = rec["results"]
+  argv = [f"--workdir={workdir}", "--num=8", "--batch=8", "--samplers=ddpm,ddim0", "--seeds=0,1", f"--out={out}"]
+  assert mod.main([*argv, f"--cache_dir={tmp_path / 'cache'}", "--steps=2,3,4", "--resume"]) == 0
+  printed = capsys.readouterr().out
+  assert "--resume: 8 measured cell(s) kept" in printed, printed[-2000:]
+  sampled = re.findall(r"S=(\d+) +seed", printed)
+  assert sampled and set(sampled) == {"4"}, sampled
+  rec = json.load(open(os.path.join(out, "quality_vs_steps.json")))
+  assert [r for r in rec["results"] if r["steps"] in (2, 3)] == first
+  assert {r["steps"] for r in rec["results"]} == {2, 3, 4}
 
 
 def test_quality_vs_steps_bad_input(workdir, tmp_path):
@@ -100,35 +112,3 @@ def test_quality_vs_steps_bad_input(workdir, tmp_path):
     with pytest.raises(SystemExit, match=msg.replace("[", r"\[")):
       mod.main([f"--workdir={workdir}", f"--out={tmp_path / 'o'}", *args])
   assert not os.path.exists(tmp_path / "o")
-
-
-@pytest.mark.slow
-def test_quality_vs_steps_resume_adds_a_column(workdir, tmp_path, capsys):
-  mod = _script()
-  out, cache = str(tmp_path / "out"), f"--cache_dir={tmp_path / 'cache'}"
-  common = [f"--workdir={workdir}", "--num=8", "--batch=8", "--samplers=ddim0", f"--out={out}", cache]
-  assert mod.main([*common, "--steps=2"]) == 0
-  first = json.load(open(os.path.join(out, "quality_vs_steps.json")))["results"]
-  capsys.readouterr()
-  assert mod.main([*common, "--steps=2,3", "--resume"]) == 0
-  printed = capsys.readouterr().out
-  assert "--resume: 1 measured cell(s) kept" in printed
-  sampled = re.findall(r"S=(\d+) +seed", printed)
-  assert sampled == ["3"], sampled  # only the new column is sampled
-  rec = json.load(open(os.path.join(out, "quality_vs_steps.json")))
-  assert [r for r in rec["results"] if r["steps"] == 2] == first
-  assert {r["steps"] for r in rec["results"]} == {2, 3}
-  assert "| ddim η=0 | " + f"{first[0]['fd']:.4g} | " in open(os.path.join(out, "quality_vs_steps.md")).read()
-  with pytest.raises(SystemExit, match="--resume: .* N=8; this run is .* N=9"):
-    mod.main(
-      [
-        f"--workdir={workdir}",
-        "--num=9",
-        "--batch=8",
-        "--samplers=ddim0",
-        "--steps=2",
-        f"--out={out}",
-        cache,
-        "--resume",
-      ]
-    )

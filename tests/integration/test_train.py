@@ -32,7 +32,7 @@ from tests._tiny import (
 # --- the pure step ------------------------------------------------------------------------
 
 
-def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None):
+def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None, grad_accum=1):
   spec = train_lib.OptimizerSpec(learning_rate=1e-3, warmup_steps=2)
   tx = train_lib.make_optimizer(spec)
   graphdef, state = train_lib.create_state(model_factory, tx, jax.random.key(0), jax.random.key(1))
@@ -50,6 +50,7 @@ def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None):
     num_classes=None,
     label_dropout=0.0,
     use_dropout=dropout,
+    grad_accum=grad_accum,
   )
   return fn, train_lib.replicate(state, mesh)
 
@@ -109,6 +110,50 @@ def test_scan_and_unrolled_multistep_agree():
   for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+
+
+def test_grad_accum_equals_one_step_on_the_whole_batch():
+  """k micro-batches and one update equal one step on the whole batch (t, eps drawn for the
+  whole batch): 3 steps of batch 16 on 2 devices, k = 4 (4 examples, 2 per device) vs k = 1."""
+  mesh = parallel.data_mesh(jax.devices()[:2])
+  outs = []
+  for k in (1, 4):
+    fn, state = _setup(mesh, PixelModel, dropout=False, grad_accum=k)
+    initial = jax.tree_util.tree_leaves(jax.device_get(state.params))
+    losses = []
+    for s in range(3):
+      state, m = fn(state, _batches(mesh, s, 1))
+      losses.append(float(m["loss"][0]))
+    outs.append((jax.device_get(state), losses))
+  (a, la), (b, lb) = outs
+  assert int(a.step) == int(b.step) == 3
+  np.testing.assert_allclose(lb, la, rtol=1e-6)
+  la, lb = (jax.tree_util.tree_leaves((s.params, s.ema_params, s.opt_state)) for s in (a, b))
+  assert len(la) == len(lb) > 10
+  for x, y in zip(lb, la):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+  assert max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a.params), initial)) > 1e-4
+
+
+def test_micro_batches_and_accumulate():
+  x = np.arange(12.0).reshape(6, 2)
+  parts = train_lib.micro_batches({"x": x, "none": None}, 3)
+  assert parts["none"] is None
+  for j in range(3):
+    np.testing.assert_array_equal(parts["x"][j], x[j::3])
+  # the mean over micro-batches of a quadratic's value and gradient: closed form
+  w = {"w": jnp.array([1.0, -2.0])}
+
+  def value_and_grad(params, part, j):
+    del j
+    return jax.value_and_grad(lambda p: jnp.mean((part @ p["w"]) ** 2))(params)
+
+  expect_v = np.mean((x @ np.array([1.0, -2.0])) ** 2)
+  expect_g = 2 * x.T @ (x @ np.array([1.0, -2.0])) / len(x)
+  for unroll in (True, False):
+    v, g = train_lib.accumulate(value_and_grad, w, jnp.asarray(parts["x"]), 3, unroll=unroll)
+    np.testing.assert_allclose(float(v), expect_v, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g["w"]), expect_g, rtol=1e-6)
 
 
 def test_nonfinite_step_is_skipped_and_counted():
@@ -226,6 +271,9 @@ def test_cli_bad_inputs(tmp_path, ddx_cli):
     (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.optim.nope=1"], "optim.nope"),
     (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.model.norm_num_groups=3"], "model.norm_num_groups"),
     (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.train.steps_per_call=3"], "steps_per_call"),
+    (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.train.grad_accum=3"], "train.grad_accum"),
+    # 8 / 4 = a micro-batch of 2 over the 8 test devices
+    (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.train.grad_accum=4"], "train.grad_accum: the micro"),
     (["train", f"--workdir={tmp_path}/x", *TRAIN_FLAGS, "--config.diffusion.variance=learned"], "diffusion.variance"),
     (["sample", f"--workdir={tmp_path}/missing"], "workdir does not exist"),
     (["sample", f"--workdir={tmp_path}"], "no config.json"),

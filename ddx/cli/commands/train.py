@@ -193,6 +193,7 @@ def _loop_spec(cfg: dict) -> loop.LoopSpec:
     global_batch_size=t["global_batch_size"],
     total_steps=t["total_steps"],
     steps_per_call=t["steps_per_call"],
+    grad_accum=t["grad_accum"],
     random_flip=d["random_flip"],
     num_threads=d["num_threads"],
     ema_decay=t["ema_decay"],
