@@ -71,13 +71,16 @@ EVAL_MODEL = dict(base_channels=8, channel_mult=(1, 2), attention_resolutions=()
 
 
 def digits_config(**model):
-  """The validated ``configs/digits.py`` config with model fields replaced."""
+  """The validated ``configs/digits.py`` config with model fields replaced (a model
+  ``image_size`` is the data's too)."""
   sys.path.insert(0, ROOT)
   from configs import digits  # noqa: PLC0415 -- configs/ is on sys.path only now
 
   c = digits.get_config()
   for k, v in model.items():
     setattr(c.model, k, v)
+  if "image_size" in model:
+    c.data.image_size = model["image_size"]
   return config_lib.validate(c)
 
 

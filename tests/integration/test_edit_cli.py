@@ -1,6 +1,8 @@
-"""The editing commands end to end on the run's tiny digits workdir (trained once by ``ddx
-train``, tests/conftest.py): invert, interpolate, edit, inpaint read PNGs (and a mask PNG) and write PNG grids and
-.npz files; bad inputs and non-finite outputs stop them with one line and nothing written."""
+"""The editing commands end to end on a tiny 8x8 digits workdir of seeded random weights
+(what is checked holds for any weights: shapes, the stored noise, kept pixels, an edit below
+one step returning its input): invert, interpolate, edit, inpaint read PNGs (and a mask PNG)
+and write PNG grids and .npz files; bad inputs and non-finite outputs stop them with one line
+and nothing written."""
 
 import os
 
@@ -11,14 +13,15 @@ from sklearn.datasets import load_digits
 
 from ddx import guidance
 from ddx.cli import main as cli
+from tests._tiny import TRAIN_MODEL, random_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, trained_workdir):
+def files(tmp_path_factory):
   d = tmp_path_factory.mktemp("edit_cli")
-  wd = trained_workdir(d / "wd")  # the run's tiny digits model, trained once
+  wd = random_workdir(str(d / "wd"), **TRAIN_MODEL)
   digits = load_digits().images
   paths = {}
   for i in range(2):
