@@ -205,6 +205,7 @@ def train_step(
   label_dropout: float,
   use_dropout: bool,
   grad_accum: int = 1,
+  accum_unroll: bool | None = None,
 ) -> tuple[TrainState, dict]:
   """One optimisation step on a global batch ``{"image": [B,H,W,C], "label": [B]}`` (pure).
 
@@ -212,7 +213,10 @@ def train_step(
   (`micro_batches`, `accumulate`) and applies one update: the same step as k = 1 up to
   float32 summation order, with one micro-batch's activation memory. The draws of t, eps and
   label dropout are made for the whole batch first, so they are those of k = 1; only dropout
-  inside the network draws per micro-batch (``fold_in(dropout_key, j)``).
+  inside the network draws per micro-batch (``fold_in(dropout_key, j)``). ``accum_unroll``:
+  see `accumulate` (None: unrolled on CPU, where XLA then keeps every micro-batch's
+  activations alive together, so only the scan saves memory; measured in
+  benchmarks/grad_accum_memory.py).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
   x0 = batch["image"]
@@ -251,7 +255,9 @@ def train_step(
       key_j = None if dropout_key is None else jax.random.fold_in(dropout_key, j)
       return jax.value_and_grad(loss_fn)(params, part, key_j)
 
-    value, grads = accumulate(micro_value_and_grad, state.params, micro_batches(whole, grad_accum), grad_accum)
+    value, grads = accumulate(
+      micro_value_and_grad, state.params, micro_batches(whole, grad_accum), grad_accum, unroll=accum_unroll
+    )
   return apply_gradients(state, value, grads, tx=tx, lr_fn=lr_fn, ema_decay=ema_decay, ema_warmup=ema_warmup)
 
 
