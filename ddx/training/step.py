@@ -165,12 +165,12 @@ def micro_batches(tree: Any, k: int) -> Any:
 
 def accumulate(value_and_grad: Callable, params: Any, micro: Any, k: int, *, unroll: bool | None = None):
   """``(mean value, mean gradient)`` of ``value_and_grad(params, micro_j, j)`` over the k
-  micro-batches of ``micro`` (leaves [k, ...]), summed in float32 one micro-batch at a time,
-  so only one micro-batch's activations are alive at once.
+  micro-batches of ``micro`` (leaves [k, ...]), summed in float32 one micro-batch at a time.
 
-  A `lax.scan` on accelerators; unrolled on CPU (``unroll=None`` picks by backend), where XLA
+  A `lax.scan` on accelerators, which frees each micro-batch's activations before the next
+  (temporaries / k, measured); unrolled on CPU (``unroll=None`` picks by backend), where XLA
   runs the convolutions of a backward pass inside a while loop far slower (see
-  `make_train_fn`).
+  `make_train_fn`) and keeps the unrolled micro-batches' activations alive together.
   """
   if unroll is None:
     unroll = jax.default_backend() == "cpu"
@@ -211,7 +211,7 @@ def train_step(
 
   ``grad_accum`` = k > 1 computes the gradient over k micro-batches of B / k examples
   (`micro_batches`, `accumulate`) and applies one update: the same step as k = 1 up to
-  float32 summation order, with one micro-batch's activation memory. The draws of t, eps and
+  float32 summation order, with one micro-batch's activation memory when scanned. The draws of t, eps and
   label dropout are made for the whole batch first, so they are those of k = 1; only dropout
   inside the network draws per micro-batch (``fold_in(dropout_key, j)``). ``accum_unroll``:
   see `accumulate` (None: unrolled on CPU, where XLA then keeps every micro-batch's
