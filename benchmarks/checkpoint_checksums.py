@@ -52,7 +52,7 @@ def main():
   optim = config_lib.optimizer_spec(cfg)
   tx = train_lib.make_optimizer(optim)
   graphdef, state = train_lib.init_state(model, tx, jax.random.key(1))
-  state = train_lib.replicate(state, mesh)
+  state = parallel.replicate(state, mesh)
   fn = train_lib.make_train_fn(
     mesh,
     1,

@@ -143,7 +143,7 @@ def worker_ddx(args) -> dict:
   spec = train.OptimizerSpec(learning_rate=LR, warmup_steps=0, grad_clip=CLIP)
   tx = train.make_optimizer(spec)
   _, state = train.init_state(model, tx, jax.random.key(1))
-  state = train.replicate(state, mesh)
+  state = parallel.replicate(state, mesh)
   step = train.make_train_fn(
     mesh,
     1,

@@ -1,15 +1,22 @@
-"""Meshes, shardings and multi-host initialisation.
+"""Meshes, sharding rules and multi-host initialisation.
 
-ddx is data parallel: one mesh axis ``"data"`` over every device of every process. Global
-arrays (the batch) are sharded along their leading axis; parameters, optimizer state and EMA
-are replicated. The same jitted program runs on one CPU, 8 fake CPU devices or a TPU pod.
+The training mesh has two axes, ``"data"`` and ``"fsdp"`` (`make_mesh`): the batch is split
+over both; parameters, gradients, optimizer state and EMA are split over ``"fsdp"`` by one
+small rule table (`ShardingRules`, `param_spec`): a leaf of at least ``min_size`` elements is
+split along its largest dimension that the axis divides, anything else is replicated, and
+per-path overrides come first. With ``fsdp = 1`` every leaf is replicated: plain data
+parallelism. The same jitted program runs on one CPU, 8 fake CPU devices or a TPU pod; XLA
+inserts the all-gathers and reduce-scatters the shardings imply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+import re
 import socket
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
+FSDP = "fsdp"
 
 
 def initialize_distributed(
@@ -191,25 +199,150 @@ def data_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA,))
 
 
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+  """The training mesh: ``("data", "fsdp")`` of shape ``(n / fsdp, fsdp)`` over ``devices``
+  (default: all devices of all processes, in the topology-aware order of `jax.make_mesh`, so
+  that an fsdp group is a block of neighbouring chips). Auto axes: the shardings of the jitted
+  step's inputs and outputs decide, and XLA propagates them."""
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
+  if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
+    raise ValueError(f"parallel.fsdp: must be a positive divisor of the {n} devices, got {fsdp!r}")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((n // fsdp, fsdp), (DATA, FSDP), axis_types=(auto, auto), devices=devices)
+
+
+def batch_axes(mesh: Mesh) -> str | tuple[str, ...]:
+  """The mesh axes the batch is split over: ``"data"``, and ``"fsdp"`` where the mesh has it
+  (every device then holds a different slice of the batch)."""
+  axes = tuple(a for a in (DATA, FSDP) if a in mesh.axis_names)
+  return axes[0] if len(axes) == 1 else axes
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading axis split over ``"data"``."""
-  return NamedSharding(mesh, P(DATA))
+  """Leading axis split over `batch_axes`."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def replicate(tree, mesh: Mesh):
-  """Place a host-complete pytree on every device of ``mesh`` (works across processes: each
-  process fills its own devices from its own identical copy)."""
-  repl = replicated(mesh)
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+  """How parameters (and the gradients, Adam moments and EMA that follow them) are split over
+  the ``"fsdp"`` axis.
 
-  def put(x):
+  ``min_size``: leaves with fewer elements stay replicated (biases, norms, small kernels:
+  splitting them saves little and costs a collective each). ``overrides``: ``(regex, dim)``
+  pairs tried in order against a leaf's path (`leaf_path`, e.g. ``"down/0/conv/kernel"``,
+  `re.search`); the first match decides: ``dim`` an int splits that dimension (it must be
+  divisible), None replicates.
+  """
+
+  min_size: int = 2**14
+  overrides: tuple[tuple[str, int | None], ...] = ()
+
+  def __post_init__(self):
+    if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
+      raise ValueError(f"parallel.fsdp_min_size: must be an integer >= 0, got {self.min_size!r}")
+    for pattern, dim in self.overrides:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"parallel.fsdp_overrides: {pattern!r} is not a regular expression ({e})") from None
+      if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise ValueError(f"parallel.fsdp_overrides: the dimension for {pattern!r} must be an int or none, got {dim!r}")
+
+  @classmethod
+  def parse(cls, min_size: int, overrides) -> ShardingRules:
+    """From config strings ``"REGEX=DIM"`` / ``"REGEX=none"`` (split at the last ``=``)."""
+    pairs = []
+    for item in overrides or ():
+      if not isinstance(item, str) or "=" not in item:
+        raise ValueError(f"parallel.fsdp_overrides: entries are 'REGEX=DIM' or 'REGEX=none', got {item!r}")
+      pattern, dim = item.rsplit("=", 1)
+      dim = dim.strip().lower()
+      if dim != "none" and not re.fullmatch(r"-?\d+", dim):
+        raise ValueError(f"parallel.fsdp_overrides: the dimension in {item!r} must be an integer or none")
+      pairs.append((pattern, None if dim == "none" else int(dim)))
+    return cls(min_size=min_size, overrides=tuple(pairs))
+
+
+def leaf_path(path) -> str:
+  """A pytree key path as ``"a/b/0/kernel"`` (dict keys and sequence indices; attribute keys
+  such as an nnx Variable's ``.value`` are left out)."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+  return "/".join(parts)
+
+
+def param_spec(path: str, shape: tuple[int, ...], fsdp: int, rules: ShardingRules = ShardingRules()) -> P:
+  """The `PartitionSpec` of a parameter ``shape`` at ``path`` on an fsdp axis of size ``fsdp``
+  (see `ShardingRules`). Ties between equally large dimensions go to the last (a kernel's
+  output features)."""
+  ndim = len(shape)
+  for pattern, dim in rules.overrides:
+    if re.search(pattern, path):
+      if dim is None or fsdp == 1:
+        return P()
+      if not -ndim <= dim < ndim:
+        raise ValueError(f"parallel.fsdp_overrides: {pattern!r} names dimension {dim} of {path} {tuple(shape)}")
+      dim %= ndim
+      if shape[dim] % fsdp:
+        raise ValueError(
+          f"parallel.fsdp_overrides: {pattern!r} splits dimension {dim} of {path} {tuple(shape)}, which the fsdp "
+          f"axis of size {fsdp} does not divide"
+        )
+      return P(*([None] * dim + [FSDP]))
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < rules.min_size:
+    return P()
+  fits = [d for d in range(ndim) if shape[d] % fsdp == 0]
+  if not fits:
+    return P()
+  dim = max(fits, key=lambda d: (shape[d], d))
+  return P(*([None] * dim + [FSDP]))
+
+
+def param_shardings(params: Any, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:
+  """A pytree of `NamedSharding` like ``params`` (arrays or ShapeDtypeStructs), by `param_spec`
+  on ``mesh``'s ``"fsdp"`` axis (size 1 if it has none)."""
+  fsdp = dict(mesh.shape).get(FSDP, 1)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: NamedSharding(mesh, param_spec(leaf_path(path), tuple(x.shape), fsdp, rules)), params
+  )
+
+
+def place(tree: Any, shardings: Any):
+  """Place a host-complete pytree with the given shardings (a tree like ``tree``, or one
+  sharding for all): works across processes, each filling its own devices from its own
+  identical copy."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree_util.tree_map(lambda _: shardings, tree)
+
+  def put(x, sharding):
     x = np.asarray(jax.device_get(x))
-    return jax.make_array_from_callback(x.shape, repl, lambda idx: x[idx])
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-  return jax.tree_util.tree_map(put, tree)
+  return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def device_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of ``tree`` (arrays or ShapeDtypeStructs) under ``shardings``
+  (the largest shard of each leaf, summed)."""
+  total = 0
+  for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
+    total += int(np.prod(s.shard_shape(tuple(x.shape)), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def replicate(tree, mesh: Mesh):
+  """Place a host-complete pytree on every device of ``mesh`` (see `place`)."""
+  return place(tree, replicated(mesh))
 
 
 def check_batch(global_batch_size: int, mesh: Mesh, what: str = "global_batch_size") -> None:

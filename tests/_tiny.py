@@ -154,8 +154,10 @@ def loop_run(
   sample=None,
   sample_every=0,
   max_nonfinite=10,
+  fsdp_min_size=None,
 ):
-  """`ddx.training.loop.run` of `PixelModel` on 8x8 digits (checkpoints every 2 steps, 2 kept)."""
+  """`ddx.training.loop.run` of `PixelModel` on 8x8 digits (checkpoints every 2 steps, 2 kept;
+  ``fsdp_min_size``: the sharding rules' threshold on a mesh with an fsdp axis)."""
   spec = loop.LoopSpec(
     seed=0,
     global_batch_size=8,
@@ -165,6 +167,7 @@ def loop_run(
     sample_every=sample_every,
     log_every_seconds=100.0,
     max_nonfinite=max_nonfinite,
+    **({} if fsdp_min_size is None else {"sharding_rules": parallel.ShardingRules(min_size=fsdp_min_size)}),
   )
   return loop.run(
     workdir,

@@ -15,7 +15,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from ddx import diffusion, losses, schedules
+from ddx import diffusion, losses, parallel, schedules
 from ddx.cli import defaults as config_defaults
 from ddx.cli import limits
 from ddx.data.sources import DATASETS
@@ -23,7 +23,7 @@ from ddx.eval import inception, quality
 from ddx.models.configs import AutoencoderConfig, UNetConfig
 from ddx.samplers import NAMES as SAMPLER_NAMES
 from ddx.training import autoencoder as autoencoder_train
-from ddx.training import checkpoint
+from ddx.training import checkpoint, loop
 from ddx.training import step as train_lib
 
 
@@ -182,6 +182,11 @@ def validate(config) -> dict:
       raise ValueError(f"train.{key}: {t[key]} must be a multiple of train.steps_per_call={k}")
   if t["label_dropout"] > 0 and not cfg["model"]["num_classes"]:
     raise ValueError("train.label_dropout: needs a class-conditional model (model.num_classes)")
+  _num(cfg, "parallel.fsdp", 1, limits.MAX_DEVICES, integer=True)
+  _num(cfg, "parallel.fsdp_min_size", 0, limits.MAX_STEP, integer=True)
+  sharding_rules(cfg)
+  if cfg["parallel"]["peak_tflops"] is not None:
+    _num(cfg, "parallel.peak_tflops", 0, lo_open=True)
   _choice(cfg, "optim.name", train_lib.OPTIMIZERS)
   _choice(cfg, "optim.decay", train_lib.LR_DECAYS)
   _num(cfg, "optim.learning_rate", 0, lo_open=True)
@@ -353,6 +358,44 @@ def optimizer_spec(cfg: Mapping) -> train_lib.OptimizerSpec:
     weight_decay=o["weight_decay"],
     grad_clip=o["grad_clip"],
   )
+
+
+def loop_spec(cfg: Mapping) -> loop.LoopSpec:
+  """The loop settings of a validated config (`ddx.training.loop.run`)."""
+  t, d = cfg["train"], cfg["data"]
+  return loop.LoopSpec(
+    seed=cfg["seed"],
+    global_batch_size=t["global_batch_size"],
+    total_steps=t["total_steps"],
+    steps_per_call=t["steps_per_call"],
+    grad_accum=t["grad_accum"],
+    random_flip=d["random_flip"],
+    num_threads=d["num_threads"],
+    ema_decay=t["ema_decay"],
+    ema_warmup=t["ema_warmup"],
+    label_dropout=t["label_dropout"],
+    log_every_seconds=t["log_every_seconds"],
+    checkpoint_every=t["checkpoint_every"],
+    keep_checkpoints=t["keep_checkpoints"],
+    keep_period=t["keep_period"],
+    sample_every=t["sample_every"],
+    eval_every=t["eval_every"],
+    max_nonfinite=t["max_nonfinite"],
+    fsdp=cfg["parallel"]["fsdp"],
+    sharding_rules=sharding_rules(cfg),
+    peak_tflops=cfg["parallel"]["peak_tflops"],
+  )
+
+
+def sharding_rules(cfg: Mapping) -> parallel.ShardingRules:
+  """The ``parallel`` section's rule table (`ddx.parallel.ShardingRules`)."""
+  p = cfg["parallel"]
+  overrides = p["fsdp_overrides"]
+  if isinstance(overrides, str):  # a single rule given on the command line
+    overrides = (overrides,)
+  if not isinstance(overrides, (list, tuple)):
+    raise ValueError(f"parallel.fsdp_overrides: must be a tuple of 'REGEX=DIM' strings, got {overrides!r}")
+  return parallel.ShardingRules.parse(p["fsdp_min_size"], overrides)
 
 
 def loss_spec(cfg: Mapping) -> train_lib.LossSpec:

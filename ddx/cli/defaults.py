@@ -93,6 +93,15 @@ def get_config():
   c.train.eval_every = 0  # measure sample quality (the eval section) every M steps (0: never)
   c.train.max_nonfinite = 10  # stop after this many consecutive non-finite steps
 
+  # The mesh: "fsdp" devices share one copy of the parameters, gradients, Adam moments and EMA
+  # (each holds a slice), "data" takes the rest; the batch is split over both
+  # (ddx.parallel.make_mesh, ddx.parallel.param_spec). fsdp=1: plain data parallelism.
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.fsdp = 1
+  c.parallel.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
+  c.parallel.fsdp_overrides = ()  # ("REGEX=DIM" | "REGEX=none", ...) on parameter paths such as "mid/attn/qkv/kernel"
+  c.parallel.peak_tflops = config_dict.placeholder(float)  # per device, for MFU when the device kind is not known
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adam"  # adam | adamw
   c.optim.learning_rate = 2e-4

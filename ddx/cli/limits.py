@@ -23,6 +23,7 @@ MAX_ETA = 1.0
 # classifier-free guidance scale s in eps_u + s (eps_c - eps_u): 0 is unconditional, 1 conditional
 MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 100.0
 MAX_PROCESSES = 1 << 16
+MAX_DEVICES = 1 << 20  # parallel.fsdp
 MAX_THREADS = 1024
 # edits / fills / interpolants per input: one PNG row each, all drawn in one batch
 MAX_PER_INPUT = 4096

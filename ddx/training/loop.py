@@ -27,7 +27,7 @@ from ddx import data, guidance, images, parallel, samplers
 from ddx.eval import quality
 from ddx.sampling import make_sample_fn
 from ddx.training import autoencoder as autoencoder_train
-from ddx.training import checkpoint
+from ddx.training import checkpoint, report
 from ddx.training import step as train_lib
 from ddx.training.run_log import MetricWriter
 
@@ -55,6 +55,9 @@ class LoopSpec:
   sample_every: int = 0
   eval_every: int = 0
   max_nonfinite: int = 10
+  fsdp: int = 1  # the mesh's "fsdp" axis size when `run` makes the mesh
+  sharding_rules: parallel.ShardingRules = parallel.ShardingRules()
+  peak_tflops: float | None = None  # per device, for MFU when the device kind is not in report.PEAK_TFLOPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +135,7 @@ def run(
   """
   if loop.eval_every and evaluation is None:
     raise ValueError("evaluation: required when loop.eval_every > 0")
-  mesh = mesh if mesh is not None else parallel.data_mesh()
+  mesh = mesh if mesh is not None else parallel.make_mesh(loop.fsdp)
   parallel.check_batch(loop.global_batch_size, mesh, "train.global_batch_size")
   if loop.grad_accum > 1:
     micro = loop.global_batch_size // loop.grad_accum
@@ -144,46 +147,40 @@ def run(
     checkpoint.write_config(workdir, config)
   base = jax.random.key(loop.seed)
   tx = train_lib.make_optimizer(optim)
-  graphdef, state = train_lib.create_state(model_factory, tx, jax.random.fold_in(base, 0), jax.random.fold_in(base, 1))
+  _, abstract = train_lib.abstract_state(model_factory, tx)
+  shardings = train_lib.state_shardings(abstract, mesh, tx, loop.sharding_rules)
+  sharded = dict(mesh.shape).get(parallel.FSDP, 1) > 1
+  # fsdp = 1: built on one device and replicated (the program of a data-parallel mesh);
+  # sharded: built straight into its shards (the whole state may not fit one device)
+  graphdef, state = train_lib.create_state(
+    model_factory,
+    tx,
+    jax.random.fold_in(base, 0),
+    jax.random.fold_in(base, 1),
+    shardings=shardings if sharded else None,
+  )
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   ckpt = checkpoint.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
   start, state = _resume(ckpt, state, workdir)
   if start is not None:
     writer.truncate_after(start)
-  state = train_lib.replicate(state, mesh)
+  state = train_lib.place_state(state, shardings)
   step = int(jax.device_get(state.step))
   K = loop.steps_per_call
   if step % K:
     raise ValueError(f"train.steps_per_call: checkpoint step {step} is not a multiple of {K}")
-  lr_fn = train_lib.learning_rate_fn(optim)
-  if isinstance(loss, autoencoder_train.AutoencoderLossSpec):
-    train_fn = train_lib.make_train_fn(
-      mesh,
-      K,
-      step_fn=autoencoder_train.train_step,
-      graphdef=graphdef,
-      tx=tx,
-      lr_fn=lr_fn,
-      loss=loss,
-      ema_decay=loop.ema_decay,
-      ema_warmup=loop.ema_warmup,
-    )
-  else:
-    train_fn = train_lib.make_train_fn(
-      mesh,
-      K,
-      graphdef=graphdef,
-      sched=sched,
-      tx=tx,
-      lr_fn=lr_fn,
-      loss=loss,
-      ema_decay=loop.ema_decay,
-      ema_warmup=loop.ema_warmup,
-      num_classes=num_classes,
-      label_dropout=loop.label_dropout,
-      use_dropout=use_dropout,
-      grad_accum=loop.grad_accum,
-    )
+  train_fn = train_function(
+    mesh,
+    shardings if sharded else None,
+    graphdef,
+    tx=tx,
+    optim=optim,
+    loss=loss,
+    loop=loop,
+    sched=sched,
+    num_classes=num_classes,
+    use_dropout=use_dropout,
+  )
   sample_fn = None
   if loop.sample_every:
     sampler = samplers.make(sample.sampler, sched, sample.steps, **sample.sampler_kwargs)
@@ -203,7 +200,11 @@ def run(
     random_flip=loop.random_flip,
     num_threads=loop.num_threads,
   )
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA))
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.batch_axes(mesh)))
+  kind = jax.devices()[0].device_kind
+  peak = report.peak_tflops(kind, loop.peak_tflops)
+  state_report = report.state_bytes(state, shardings)
+  flops_per_step = None
 
   stop = {"signal": None}
 
@@ -228,6 +229,12 @@ def run(
       glob = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in stacked.items()}
       if train_step is None:  # processes meet after compiling, before the first collective
         train_step = parallel.compile_then_meet(train_fn, state, glob, name="train_step_compiled")
+        stats = report.compiled_stats(train_step)
+        flops_per_step = stats.flops / K
+        for line in report.format_report(
+          state_report, stats, steps_per_call=K, mesh_shape=dict(mesh.shape), device_kind=kind, peak=peak
+        ):
+          _log(line)
       state, metrics = train_step(state, glob)
       step += K
       m = jax.device_get(metrics)
@@ -254,11 +261,14 @@ def run(
           "steps_per_sec": rate,
           "images_per_sec": rate * loop.global_batch_size,
           "skipped": int(jax.device_get(state.skipped)),
+          **report.achieved(flops_per_step, rate, peak),
         }
+        mfu = f" (MFU {vals['mfu']:.1%})" if "mfu" in vals else ""
         eta = (loop.total_steps - step) / max((step - step_at_start) / (now - t_start), 1e-9)
         _log(
           f"step {step:>7d}/{loop.total_steps}  loss {vals['loss']:.4f}  grad {vals['grad_norm']:.3f}  "
-          f"lr {vals['lr']:.2e}  {rate:.2f} steps/s  {vals['images_per_sec']:.0f} img/s  eta {_fmt_time(eta)}"
+          f"lr {vals['lr']:.2e}  {rate:.2f} steps/s  {vals['images_per_sec']:.0f} img/s  "
+          f"{vals['tflops_per_device']:.3g} TFLOP/s/device{mfu}  eta {_fmt_time(eta)}"
         )
         writer.scalars(step, vals)
         acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
@@ -294,6 +304,99 @@ def run(
     "params": n_params,
     "state": state,
   }
+
+
+def train_function(
+  mesh,
+  shardings,
+  graphdef,
+  *,
+  tx,
+  optim: train_lib.OptimizerSpec,
+  loss,
+  loop: LoopSpec,
+  sched=None,
+  num_classes: int | None = None,
+  use_dropout: bool = False,
+):
+  """The jitted train function `run` uses (`ddx.training.step.make_train_fn` of the objective
+  ``loss`` selects), for ``mesh`` and the state's ``shardings`` (None: replicated)."""
+  common = dict(
+    shardings=shardings,
+    graphdef=graphdef,
+    tx=tx,
+    lr_fn=train_lib.learning_rate_fn(optim),
+    loss=loss,
+    ema_decay=loop.ema_decay,
+    ema_warmup=loop.ema_warmup,
+  )
+  if isinstance(loss, autoencoder_train.AutoencoderLossSpec):
+    return train_lib.make_train_fn(mesh, loop.steps_per_call, step_fn=autoencoder_train.train_step, **common)
+  return train_lib.make_train_fn(
+    mesh,
+    loop.steps_per_call,
+    sched=sched,
+    num_classes=num_classes,
+    label_dropout=loop.label_dropout,
+    use_dropout=use_dropout,
+    grad_accum=loop.grad_accum,
+    **common,
+  )
+
+
+def plan(
+  model_factory: Callable[[nnx.Rngs], nnx.Module],
+  *,
+  image_shape: tuple[int, int, int],
+  optim: train_lib.OptimizerSpec,
+  loss,
+  loop: LoopSpec,
+  sched=None,
+  num_classes: int | None = None,
+  use_dropout: bool = False,
+  mesh=None,
+  train_fn=None,
+  batch_extra: dict | None = None,
+) -> tuple[report.StateBytes, report.CompiledStats]:
+  """What `run` would report at its start, without training and without allocating anything:
+  the per-device state bytes and XLA's analysis of the train function compiled for abstract
+  inputs on ``mesh`` (default: ``make_mesh(loop.fsdp)`` over the devices at hand, which may be
+  fake CPU devices). ``train_fn(mesh, shardings, graphdef, tx)`` replaces `train_function` for
+  another step, whose batch also holds ``batch_extra`` (name -> (per-example shape, dtype));
+  benchmarks/scale.py plans a text-conditional step that way."""
+  mesh = mesh if mesh is not None else parallel.make_mesh(loop.fsdp)
+  parallel.check_batch(loop.global_batch_size, mesh, "train.global_batch_size")
+  tx = train_lib.make_optimizer(optim)
+  graphdef, abstract = train_lib.abstract_state(model_factory, tx)
+  shardings = train_lib.state_shardings(abstract, mesh, tx, loop.sharding_rules)
+  if train_fn is not None:
+    fn = train_fn(mesh, shardings, graphdef, tx)
+  else:
+    fn = train_function(
+      mesh,
+      shardings,
+      graphdef,
+      tx=tx,
+      optim=optim,
+      loss=loss,
+      loop=loop,
+      sched=sched,
+      num_classes=num_classes,
+      use_dropout=use_dropout,
+    )
+  state_in = jax.tree_util.tree_map(
+    lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract, shardings
+  )
+  K, B = loop.steps_per_call, loop.global_batch_size
+  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.batch_axes(mesh)))
+  batch = {
+    "image": jax.ShapeDtypeStruct((K, B, *image_shape), np.float32, sharding=batch_sh),
+    "label": jax.ShapeDtypeStruct((K, B), np.int32, sharding=batch_sh),
+  }
+  for name, (shape, dtype) in (batch_extra or {}).items():
+    batch[name] = jax.ShapeDtypeStruct((K, B, *shape), dtype, sharding=batch_sh)
+  compiled = fn.lower(state_in, batch).compile()
+  return report.state_bytes(abstract, shardings), report.compiled_stats(compiled)
 
 
 def _resume(ckpt: checkpoint.Checkpointer, template, workdir: str):

@@ -1,11 +1,12 @@
-"""Training: the train state, optimizer, EMA and the pure, jitted, data-parallel train step.
+"""Training: the train state, optimizer, EMA and the pure, jitted train step.
 
-The step is a pure function ``(state, batches) -> (state, metrics)`` jitted over a 1-D
-``"data"`` mesh: the batch is sharded along its batch axis, everything else is replicated,
-and XLA inserts the gradient all-reduce. Keys come from ``fold_in(base_key, step)``, and all
-random draws (t, eps, dropout, label dropout) are made for the *global* batch, so the same
-seed and global batch give the same trajectory on any number of devices or hosts (up to
-reduction order).
+The step is a pure function ``(state, batches) -> (state, metrics)`` jitted over a
+``("data", "fsdp")`` mesh (`ddx.parallel.make_mesh`): the batch is split over both axes;
+parameters, EMA and Adam's moments are split over ``"fsdp"`` by `state_shardings` (all
+replicated at fsdp = 1), and XLA inserts the all-gathers, reduce-scatters and all-reduces.
+Keys come from ``fold_in(base_key, step)``, and all random draws (t, eps, dropout, label
+dropout) are made for the *global* batch, so the same seed and global batch give the same
+trajectory on any number of devices, hosts or mesh shapes (up to reduction order).
 
 A non-finite loss or gradient norm leaves params, EMA and optimizer state unchanged for
 that step (the step counter still advances, so the data order is unaffected) and increments
@@ -28,7 +29,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddx import losses, parallel
-from ddx.parallel import DATA
 from ddx.schedules import Schedule
 
 
@@ -128,28 +128,60 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, key: jax.Arr
   return graphdef, state
 
 
+def _builder(model_factory, tx, params_key, key) -> Callable[[], TrainState]:
+  return lambda: init_state(model_factory(nnx.Rngs(params=params_key)), tx, key)[1]
+
+
+def abstract_state(
+  model_factory: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation
+) -> tuple[Any, TrainState]:
+  """``(graphdef, TrainState of ShapeDtypeStructs)``: shapes and dtypes only, nothing allocated
+  (for `state_shardings`, memory reports and ahead-of-time compiles)."""
+  key = jax.random.key(0)  # a placeholder: eval_shape draws nothing
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_factory(nnx.Rngs(params=key))))
+  return graphdef, jax.eval_shape(_builder(model_factory, tx, key, key))
+
+
 def create_state(
   model_factory: Callable[[nnx.Rngs], nnx.Module],
   tx: optax.GradientTransformation,
   params_key: jax.Array,
   key: jax.Array,
+  *,
+  shardings: TrainState | None = None,
 ) -> tuple[Any, TrainState]:
-  """`init_state` of ``model_factory(nnx.Rngs(params=params_key))``, built in one jitted program
-  on this process's default device: one compilation (one compilation-cache entry) instead of
-  one per initializer and per optimizer-state leaf (about a hundred small programs for a
-  small U-Net). The values equal an eager build's to 1 ulp (on CPU the program is compiled at
-  LLVM O0, which rounds some random draws' transforms differently); the same program, hence
-  the same values, on every device count and process of one machine.
+  """`init_state` of ``model_factory(nnx.Rngs(params=params_key))``, built in one jitted program:
+  one compilation (one compilation-cache entry) instead of one per initializer and per
+  optimizer-state leaf (about a hundred small programs for a small U-Net).
+
+  ``shardings`` None: built on this process's default device (then `place_state`). Given
+  (`state_shardings`): built straight into those shardings, every device computing only its
+  own shards, so a state larger than one device's memory never exists whole; with
+  partitionable threefry the values do not depend on the sharding.
+
+  The values equal an eager build's to 1 ulp (on CPU the program is compiled at LLVM O0,
+  which rounds some random draws' transforms differently).
   """
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_factory(nnx.Rngs(params=params_key))))
-
-  def build():
-    return init_state(model_factory(nnx.Rngs(params=params_key)), tx, key)[1]
-
+  build = _builder(model_factory, tx, params_key, key)
   # On CPU the program runs once and its LLVM optimisation is most of its compile time: at O0
   # it compiles ~2.8x faster (7.4 s -> 2.7 s for the tiny test U-Net on a Zen 4)
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-  return graphdef, jax.jit(build).lower().compile(compiler_options=options)()
+  jitted = jax.jit(build) if shardings is None else jax.jit(build, out_shardings=shardings)
+  return graphdef, jitted.lower().compile(compiler_options=options)()
+
+
+def place_state(state: TrainState, shardings: TrainState) -> TrainState:
+  """``state`` with every leaf in its sharding from ``shardings``: leaves already there are
+  kept; others (built or restored on one device, the train record's scalars) are copied from
+  this process's host copy (identical on every process)."""
+
+  def put(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    return parallel.place(x, sharding)
+
+  return jax.tree_util.tree_map(put, state, shardings)
 
 
 def _select(pred, new, old):
@@ -292,15 +324,25 @@ def apply_gradients(
 
 
 def make_train_fn(
-  mesh: Mesh, steps_per_call: int, *, unroll: bool | None = None, step_fn: Callable = train_step, **step_kwargs
+  mesh: Mesh,
+  steps_per_call: int,
+  *,
+  unroll: bool | None = None,
+  shardings: TrainState | None = None,
+  step_fn: Callable = train_step,
+  **step_kwargs,
 ):
   """Jit ``steps_per_call`` train steps over ``mesh``; the state buffer is donated.
+
+  ``shardings``: the state's (`state_shardings`), kept from input to output; None replicates
+  the whole state (plain data parallelism, the program of a mesh without an fsdp axis).
 
   ``step_fn(state, batch, **step_kwargs) -> (state, metrics)`` is the objective's step: the
   diffusion `train_step` by default (`ddx.training.autoencoder.train_step` for autoencoders).
 
   Input batches carry a leading step axis: ``{"image": [K, B, H, W, C], "label": [K, B]}``
-  sharded ``P(None, "data")``. Returns ``fn(state, batches) -> (state, metrics [K])``.
+  sharded ``P(None, ("data", "fsdp"))`` (`ddx.parallel.batch_axes`).
+  Returns ``fn(state, batches) -> (state, metrics [K])``.
 
   The K steps are a ``lax.scan`` on accelerators. On CPU they are unrolled in Python
   (``unroll=None`` picks by backend): XLA:CPU leaves the convolutions of a backward pass
@@ -321,13 +363,29 @@ def make_train_fn(
     return state, jax.tree_util.tree_map(lambda *ms: jnp.stack(ms), *metrics)
 
   repl = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P(None, DATA))
-  return jax.jit(many, in_shardings=(repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
+  state_sh = repl if shardings is None else shardings
+  data = NamedSharding(mesh, P(None, parallel.batch_axes(mesh)))
+  return jax.jit(many, in_shardings=(state_sh, data), out_shardings=(state_sh, repl), donate_argnums=(0,))
 
 
-def replicate(state: TrainState, mesh: Mesh) -> TrainState:
-  """Place a host-complete state on every device of ``mesh`` (works across processes)."""
-  return parallel.replicate(state, mesh)
+def state_shardings(state: TrainState, mesh: Mesh, tx: optax.GradientTransformation, rules=None) -> TrainState:
+  """A TrainState of `NamedSharding`: parameters by the rule table (`ddx.parallel.param_spec`
+  on ``mesh``'s ``"fsdp"`` axis), EMA and the optimizer's per-parameter state (Adam's moments)
+  exactly as their parameters, everything else (step, key, counters, Adam's count)
+  replicated. ``state`` may be abstract (`jax.eval_shape`)."""
+  rules = parallel.ShardingRules() if rules is None else rules
+  repl = NamedSharding(mesh, P())
+  params = parallel.param_shardings(state.params, mesh, rules)
+  opt = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    state.opt_state,
+    params,
+    transform_non_params=lambda sub: jax.tree_util.tree_map(lambda _: repl, sub),
+  )
+  return state.replace(
+    step=repl, params=params, ema_params=params, opt_state=opt, key=repl, nonfinite=repl, skipped=repl
+  )
 
 
 def checkpoint_items(state: TrainState) -> dict:

@@ -492,6 +492,10 @@ FLAG_CASES = {
     ),
   ],
   "train": [
+    (["--config.parallel.fsdp=3"], "parallel.fsdp: must be a positive divisor of the 8 devices, got 3"),
+    (["--config.parallel.fsdp_min_size=-1"], "parallel.fsdp_min_size: must be >= 0, got -1"),
+    (["--config.parallel.fsdp_overrides=('x',)"], "parallel.fsdp_overrides: entries are 'REGEX=DIM'"),
+    (["--config.parallel.peak_tflops=0.0"], "parallel.peak_tflops: must be > 0, got 0.0"),
     (["--stop_after_steps=0"], "--stop_after_steps: must be >= 1, got 0"),
     (["--stop_after_steps=-2"], "--stop_after_steps: must be >= 1, got -2"),
     ([f"--stop_after_steps={2**31}"], f"--stop_after_steps: must be <= {2**31 - 1}, got {2**31}"),
@@ -548,6 +552,12 @@ FLAG_CASES = {
     (["--config.model.dropout=0.0", "--config.model.norm_num_groups=3"], "model.norm_num_groups: 3 does not"),
   ],
   "info": [
+    (["--fake_devices=0"], "--fake_devices: must be >= 1, got 0"),
+    (["--fake_devices=-8"], "--fake_devices: must be >= 1, got -8"),
+    ([f"--fake_devices={BIG}"], f"--fake_devices: must be <= 1048576, got {BIG}"),
+    (["--fake_devices=4"], "--fake_devices: asked for 4 CPU devices, JAX has 8"),
+    (["--config.parallel.fsdp=0"], "parallel.fsdp: must be >= 1, got 0"),
+    (["--config.parallel.fsdp=3"], "parallel.fsdp: must be a positive divisor of the 8 devices, got 3"),
     (["--num_processes=0"], "--num_processes: must be >= 1, got 0"),
     (["--num_processes=-4"], "--num_processes: must be >= 1, got -4"),
     ([f"--num_processes={BIG}"], f"--num_processes: must be <= 65536, got {BIG}"),

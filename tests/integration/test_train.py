@@ -32,14 +32,20 @@ from tests._tiny import (
 # --- the pure step ------------------------------------------------------------------------
 
 
-def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None, grad_accum=1):
+def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None, grad_accum=1, rules=None):
+  """``(train fn, placed state)``; with ``rules`` the state is sharded by them over ``mesh``'s
+  fsdp axis and built straight into its shards, as `ddx.training.loop.run` does."""
   spec = train_lib.OptimizerSpec(learning_rate=1e-3, warmup_steps=2)
   tx = train_lib.make_optimizer(spec)
-  graphdef, state = train_lib.create_state(model_factory, tx, jax.random.key(0), jax.random.key(1))
+  sh = None
+  if rules is not None:
+    sh = train_lib.state_shardings(train_lib.abstract_state(model_factory, tx)[1], mesh, tx, rules)
+  graphdef, state = train_lib.create_state(model_factory, tx, jax.random.key(0), jax.random.key(1), shardings=sh)
   fn = train_lib.make_train_fn(
     mesh,
     steps_per_call,
     unroll=unroll,
+    shardings=sh,
     graphdef=graphdef,
     sched=ddx.schedules.make("linear", 1000),
     tx=tx,
@@ -52,7 +58,7 @@ def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None, gra
     use_dropout=dropout,
     grad_accum=grad_accum,
   )
-  return fn, train_lib.replicate(state, mesh)
+  return fn, (parallel.replicate(state, mesh) if sh is None else state)
 
 
 # the tiny U-Net with one residual block per level: convolutions, GroupNorm, attention (mid
@@ -70,26 +76,33 @@ def _batches(mesh, step, k, B=16, poison=False):
   out = {key: np.stack([b[key] for b in bs]) for key in ("image", "label")}
   if poison:
     out["image"][:, 0, 0, 0, 0] = np.nan
-  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.batch_axes(mesh)))
   return {key: jax.device_put(v, sh) for key, v in out.items()}
 
 
 @pytest.mark.slow
 def test_device_count_invariance_1_vs_8_devices():
-  """The U-Net (convolutions, GroupNorm, attention, dropout) trained 3 steps on 1 and on 8
-  devices: the same parameters up to reduction order."""
+  """The U-Net (convolutions, GroupNorm, attention, dropout) trained 3 steps on 1 device, on 8
+  (data parallel) and on 8 as data 2 x fsdp 4 (its kernels sharded): the same parameters up to
+  reduction order."""
   results = []
-  for n in (1, 8):
-    mesh = parallel.data_mesh(jax.devices()[:n])
-    fn, state = _setup(mesh, _unet)
+  for mesh, rules in [
+    (parallel.data_mesh(jax.devices()[:1]), None),
+    (parallel.data_mesh(), None),
+    (parallel.make_mesh(4), parallel.ShardingRules(min_size=0)),
+  ]:
+    fn, state = _setup(mesh, _unet, rules=rules)
     initial = jax.device_get(state.params)
     for s in range(3):
       state, _ = fn(state, _batches(mesh, s, 1))
     results.append(jax.device_get(state))
-  a, b = results
-  assert int(a.step) == int(b.step) == 3
-  assert_params_close(a.params, b.params)
-  assert_params_close(a.ema_params, b.ema_params)
+  a = results[0]
+  sharded = [x for x in jax.tree_util.tree_leaves(state.params) if not x.sharding.is_fully_replicated]
+  assert len(sharded) > 10
+  for b in results[1:]:
+    assert int(a.step) == int(b.step) == 3
+    assert_params_close(a.params, b.params)
+    assert_params_close(a.ema_params, b.ema_params)
   # and training really moved the parameters
   diff = max(
     float(jnp.max(jnp.abs(x - y)))
@@ -133,6 +146,32 @@ def test_grad_accum_equals_one_step_on_the_whole_batch():
   for x, y in zip(lb, la):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
   assert max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a.params), initial)) > 1e-4
+
+
+def test_fsdp_meshes_train_alike():
+  """3 steps on 8 devices as data x fsdp = 8x1, 4x2, 2x4, 1x8 (PixelModel, every leaf but one
+  sharded): fsdp = 1 is the data-parallel program bit for bit; the others equal it up to
+  reduction order, and their state stays sharded."""
+  rules = parallel.ShardingRules(min_size=512)
+  runs = {}
+  for name, mesh in [("data", parallel.data_mesh()), *((f, parallel.make_mesh(f)) for f in (1, 2, 4, 8))]:
+    fn, state = _setup(mesh, PixelModel, dropout=False, rules=None if name == "data" else rules)
+    for s in range(3):
+      state, m = fn(state, _batches(mesh, s, 1))
+    if name == 8:
+      assert state.params["lin"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+      assert state.opt_state[1][0].nu["lin"]["kernel"][...].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+      assert state.params["lin"]["kernel"][...].addressable_shards[0].data.shape == (2, 64)
+    runs[name] = (jax.device_get(state), float(m["loss"][0]))
+  assert_bitwise_equal(runs["data"][0], runs[1][0])
+  base, loss = runs[1]
+  for f in (2, 4, 8):
+    other, other_loss = runs[f]
+    assert int(other.step) == 3 and other_loss == pytest.approx(loss, rel=1e-6)
+    la, lb = (jax.tree_util.tree_leaves((r.params, r.ema_params, r.opt_state)) for r in (base, other))
+    assert len(la) == len(lb) == 18
+    for x, y in zip(la, lb):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
 
 
 def test_micro_batches_and_accumulate():

@@ -1,17 +1,19 @@
 """Real multi-process JAX over 127.0.0.1: the local launcher's 2 processes x 2 devices train
 like one process with 8 (the run's shared tiny workdir); each host's input shards hold its
 rows; processes that resume one workdir agree on the step, and one of them alone sets a bad
-step aside."""
+step aside; their sharded checkpoint resumes on another mesh and process count."""
 
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 
+from ddx import parallel
 from ddx.training import checkpoint
-from tests._tiny import ROOT, TRAIN_FLAGS, assert_params_close, run_processes, saved, subprocess_env
+from tests._tiny import ROOT, TRAIN_FLAGS, assert_params_close, loop_run, run_processes, saved, subprocess_env
 
 
 def test_local_launcher_2x2_trains_like_one_process_with_8_devices(_trained_run, tmp_path, ddx_cli):
@@ -97,9 +99,10 @@ def test_each_process_reads_its_rows_of_the_global_batch():
     assert code == 0 and f"TWO_PROCESS_OK {pid}" in out, out[-3000:]
 
 
-# Two JAX processes sharing one workdir: train to step 4, damage step 4 (process 0), resume;
-# then a step that only process 1 fails to read. Every process verifies, they agree on the
-# step to resume from, process 0 alone moves the bad step, all meet before reloading.
+# Two JAX processes sharing one workdir, on a data 2 x fsdp 4 mesh (the state sharded across
+# both processes): train to step 4, damage step 4 (process 0), resume; then a step that only
+# process 1 fails to read. Every process verifies, they agree on the step to resume from,
+# process 0 alone moves the bad step, all meet before reloading.
 _TWO_PROCESS_RESUME = textwrap.dedent(
   """
     import glob, os, sys
@@ -112,7 +115,7 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
     from tests._tiny import loop_run
 
     def train(total, stop=None):
-      return loop_run(wd, total, mesh=parallel.data_mesh(), stop_after_steps=stop)
+      return loop_run(wd, total, mesh=parallel.make_mesh(4), stop_after_steps=stop, fsdp_min_size=512)
 
     train(6, stop=4)
     multihost_utils.sync_global_devices("trained")
@@ -143,8 +146,10 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
 
 
 def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
-  wd = str(tmp_path)
-  outs = run_processes(_TWO_PROCESS_RESUME, wd, timeout=300)
+  """... and the sharded checkpoint they wrote resumes in one process on another mesh (data 2 x
+  fsdp 2 of 4 devices) to the parameters of a run that trained on that mesh from the start."""
+  wd = str(tmp_path / "wd")
+  outs = run_processes(_TWO_PROCESS_RESUME, wd, devices=4, timeout=300)
   for pid, (out, code) in enumerate(outs):
     assert code == 0 and f"DONE {pid} 6" in out and f"DONE {pid} 8" in out, out[-3000:]
   outs = [out for out, _ in outs]
@@ -165,3 +170,13 @@ def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
   assert sorted(os.listdir(aside)) == ["4", "6"]
   assert checkpoint.all_steps(wd) == [6, 8]
   assert checkpoint.verify(wd, 6)[0] == checkpoint.verify(wd, 8)[0] == "ok"
+  mesh = parallel.make_mesh(2, jax.devices()[:4])
+  resumed = loop_run(wd, 10, mesh=mesh, fsdp_min_size=512)
+  assert resumed["steps"] == 2
+  straight = loop_run(str(tmp_path / "straight"), 10, mesh=mesh, fsdp_min_size=512)
+  la, lb = (
+    jax.tree_util.tree_leaves(jax.device_get((r["state"].params, r["state"].ema_params))) for r in (resumed, straight)
+  )
+  assert len(la) == len(lb) == 8
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

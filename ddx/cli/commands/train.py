@@ -106,7 +106,7 @@ def train_diffusion(workdir: str, cfg: dict, source, stop_after: int | None) -> 
     sched=schedules.make(**config_lib.schedule_kwargs(cfg["diffusion"])),
     optim=config_lib.optimizer_spec(cfg),
     loss=config_lib.loss_spec(cfg),
-    loop=_loop_spec(cfg),
+    loop=config_lib.loop_spec(cfg),
     sample=sample,
     evaluation=evaluation,
     stop_after_steps=stop_after,
@@ -137,7 +137,7 @@ def train_autoencoder(workdir: str, cfg: dict, source, stop_after: int | None) -
     sched=None,
     optim=config_lib.optimizer_spec(cfg),
     loss=config_lib.autoencoder_loss_spec(cfg),
-    loop=_loop_spec(cfg),
+    loop=config_lib.loop_spec(cfg),
     sample=loop.SampleSpec(),
     stop_after_steps=stop_after,
   )
@@ -184,29 +184,6 @@ def print_summary(summary: dict) -> None:
   if shown["preempted"]:
     print(f"stopped at step {shown['step']} after a preemption signal; rerun the same command to resume")
   print("summary: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in shown.items()}))
-
-
-def _loop_spec(cfg: dict) -> loop.LoopSpec:
-  t, d = cfg["train"], cfg["data"]
-  return loop.LoopSpec(
-    seed=cfg["seed"],
-    global_batch_size=t["global_batch_size"],
-    total_steps=t["total_steps"],
-    steps_per_call=t["steps_per_call"],
-    grad_accum=t["grad_accum"],
-    random_flip=d["random_flip"],
-    num_threads=d["num_threads"],
-    ema_decay=t["ema_decay"],
-    ema_warmup=t["ema_warmup"],
-    label_dropout=t["label_dropout"],
-    log_every_seconds=t["log_every_seconds"],
-    checkpoint_every=t["checkpoint_every"],
-    keep_checkpoints=t["keep_checkpoints"],
-    keep_period=t["keep_period"],
-    sample_every=t["sample_every"],
-    eval_every=t["eval_every"],
-    max_nonfinite=t["max_nonfinite"],
-  )
 
 
 def _eval_spec(cfg: dict, source, workdir: str) -> loop.EvalSpec:
