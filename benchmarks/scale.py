@@ -51,7 +51,7 @@ TARGETS = ("TPU v5 lite", "TPU v5p", "H100")  # report.PEAK_TFLOPS keys
 DDPM_V3_8 = {"steps_per_sec": 21.0, "batch": 128, "peak_tflops": 4 * 123.0}  # a v3-8: 4 chips x 123 bf16
 
 
-def _text_step(state, batch, *, graphdef, sched, tx, lr_fn, ema_decay):
+def _text_step(state, batch, *, graphdef, sched, tx, lr_fn, ema_decay, param_shardings=None):
   """eps-prediction loss of a text-conditional U-Net on latents ``batch["image"]`` with context
   ``batch["context"]`` [B, 77, 768]; the same update as every ddx objective."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
@@ -63,7 +63,8 @@ def _text_step(state, batch, *, graphdef, sched, tx, lr_fn, ema_decay):
     per_example = losses.noised_loss(lambda x, tt: model(x, tt, batch["context"]), sched, x0, t, eps)
     return jnp.mean(per_example)
 
-  value, grads = jax.value_and_grad(loss_fn)(state.params)
+  value, grads = jax.value_and_grad(loss_fn)(train_lib.gather_params(state.params, param_shardings))
+  grads = train_lib.scatter_grads(grads, param_shardings)
   return train_lib.apply_gradients(state, value, grads, tx=tx, lr_fn=lr_fn, ema_decay=ema_decay, ema_warmup=False)
 
 
@@ -83,6 +84,7 @@ def _sd15(fsdp: int, optim, spec_kwargs):
       tx=tx,
       lr_fn=train_lib.learning_rate_fn(optim),
       ema_decay=0.9999,
+      param_shardings=None if shardings is None else shardings.params,
     )
 
   return loop.plan(

@@ -16,6 +16,9 @@ import itertools
 import os
 import re
 import socket
+import sys
+import threading
+import time
 from typing import Any
 
 import jax
@@ -371,6 +374,109 @@ def barrier(name: str, timeout_seconds: int = 3600) -> None:
     return
   key = f"ddx/{name}/{next(_BARRIERS)}"
   ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_seconds * 1000)
+
+
+class PeerWatchdog:
+  """While active, exit this process with one line when another process of a multi-process
+  run stops responding, instead of waiting in a collective that will never complete.
+
+  Every process bumps a counter in the coordination service's key-value store every
+  ``interval`` seconds and watches the others' counters by its own clock (no clock skew
+  between hosts matters). A peer whose counter has not moved for ``timeout`` seconds, or a
+  coordinator that cannot be reached for as long, ends this process: one line on stderr naming
+  the lost process, then ``os._exit(1)`` (a thread cannot unwind a main thread blocked in a
+  collective). JAX's own heartbeat would abort the process later (about a minute, with a
+  C++ stack trace). Peers that finished (`__exit__` marks them done) are not waited for.
+  ``timeout`` defaults to ``DDX_PEER_TIMEOUT_SECONDS`` or 30. A no-op in a single process.
+  Every process must start the same watchdogs in the same order (their keys are numbered).
+  """
+
+  def __init__(self, name: str, *, timeout: float | None = None, interval: float = 1.0):
+    self.name = name
+    self.timeout = float(os.environ.get("DDX_PEER_TIMEOUT_SECONDS", 30)) if timeout is None else timeout
+    self.interval = interval
+    self._stop = threading.Event()
+    self._threads: list[threading.Thread] = []
+
+  def __enter__(self) -> PeerWatchdog:
+    return self.start()
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
+
+  def start(self) -> PeerWatchdog:
+    if jax.process_count() == 1:
+      return self
+    self._client = distributed.global_state.client
+    self._me, self._n = jax.process_index(), jax.process_count()
+    self._prefix = f"ddx/watchdog/{self.name}/{next(_BARRIERS)}"
+    self._last_ok = time.monotonic()
+    self._seen = {k: (None, time.monotonic()) for k in range(self._n) if k != self._me}
+    self._threads = [
+      threading.Thread(target=self._beat, daemon=True),
+      threading.Thread(target=self._watch, daemon=True),
+    ]
+    for t in self._threads:
+      t.start()
+    return self
+
+  def stop(self) -> None:
+    """Mark this process done (its peers stop watching it) and end the threads."""
+    if not self._threads:
+      return
+    self._stop.set()
+    try:
+      self._client.key_value_set(f"{self._prefix}/done/{self._me}", "1", allow_overwrite=True)
+    except Exception:  # noqa: BLE001 -- the run is ending; a peer that is gone cannot be told
+      pass
+    for t in self._threads:
+      t.join(timeout=5)
+    self._threads = []
+
+  def _beat(self) -> None:
+    # the only thread that talks to the coordination service (an RPC to a dead coordinator
+    # may block; `_watch` notices that from the clock alone)
+    while not self._stop.is_set():
+      try:
+        self._client.key_value_increment(f"{self._prefix}/beat/{self._me}", 1)
+        beats = dict(self._client.key_value_dir_get(f"{self._prefix}/beat/"))
+        done = {k.rsplit("/", 1)[1] for k, _ in self._client.key_value_dir_get(f"{self._prefix}/done/")}
+      except Exception:  # noqa: BLE001 -- any failure to reach the coordinator counts as silence
+        self._stop.wait(self.interval)
+        continue
+      now = time.monotonic()
+      self._last_ok = now
+      for k in list(self._seen):
+        if str(k) in done:
+          del self._seen[k]
+          continue
+        value = next((v for key, v in beats.items() if key.rsplit("/", 1)[1] == str(k)), None)
+        if value != self._seen[k][0]:
+          self._seen[k] = (value, now)
+      self._stop.wait(self.interval)
+
+  def _watch(self) -> None:
+    while not self._stop.wait(self.interval):
+      now = time.monotonic()
+      if now - self._last_ok > self.timeout:
+        self._exit(
+          f"the coordinator (process 0, {distributed.global_state.coordinator_address}) could not be "
+          f"reached for {self.timeout:.0f} s"
+        )
+      for k, (_, since) in list(self._seen.items()):
+        if now - since > self.timeout:
+          self._exit(f"process {k} of {self._n} stopped responding {self.timeout:.0f} s ago (killed or its host lost)")
+
+  def _exit(self, why: str) -> None:
+    if self._stop.is_set():
+      return
+    sys.stderr.write(
+      f"ddx {self.name}: {why}; process {self._me} exits. Rerun the same command on every host to resume "
+      "from the newest checkpoint that verifies.\n"
+    )
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def compile_then_meet(fn, *args, name: str):

@@ -13,6 +13,7 @@ import importlib
 import logging as py_logging
 import os
 import sys
+import warnings
 
 from absl import flags, logging
 
@@ -126,6 +127,50 @@ def _one_line_warnings(prog: str) -> None:
   logger.propagate = False
 
 
+class _OrbaxBackgroundErrors(py_logging.Filter):
+  """Drops orbax's error records about a failed background read or write (with their
+  tracebacks), and asyncio's "exception was never retrieved" for the futures orbax left
+  behind: the same error reaches ddx in the main thread, which reports it as one line
+  (`ddx.training.checkpoint.CheckpointWriteError`, `CorruptCheckpointError`)."""
+
+  def filter(self, record):
+    if record.levelno < py_logging.ERROR:
+      return True
+    if record.name == "asyncio":  # ddx runs no event loop of its own: these are orbax's futures
+      return "exception was never retrieved" not in record.getMessage()
+    if "orbax" not in record.pathname:
+      return True
+    return not (record.exc_info or "raised an exception" in record.getMessage() or "ailed" in record.getMessage())
+
+
+_ORBAX_FILTER = _OrbaxBackgroundErrors()
+
+
+def _unraisable(hook):
+  """sys.unraisablehook without "Event loop is closed": tensorstore's completion callbacks for
+  an orbax operation that already failed land on the event loop orbax closed (one traceback
+  each, after ddx has reported the failure)."""
+
+  def quiet(u):
+    if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+      return
+    hook(u)
+
+  quiet.ddx = True
+  return quiet
+
+
+def _quiet_background_errors() -> None:
+  for name in ("absl", "asyncio"):
+    logger = py_logging.getLogger(name)
+    if _ORBAX_FILTER not in logger.filters:
+      logger.addFilter(_ORBAX_FILTER)
+  if not getattr(sys.unraisablehook, "ddx", False):
+    sys.unraisablehook = _unraisable(sys.unraisablehook)
+  # and the coroutines of such an operation that never ran, reported at exit
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
 def execute(argv: list[str]) -> int:
   """Run ``argv = ["ddx", command, *flags]`` and return the exit status, every error as one
   line on stderr (``<prog>: error: ...``): 2 for a command line that cannot be run, 1 for bad
@@ -133,6 +178,7 @@ def execute(argv: list[str]) -> int:
   tests call in-process."""
   prog = f"ddx {argv[1]}" if len(argv) > 1 and argv[1] in COMMANDS else "ddx"
   _one_line_warnings(prog)
+  _quiet_background_errors()
   try:
     return main(argv)
   except UsageError as e:

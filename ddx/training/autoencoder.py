@@ -61,8 +61,10 @@ def train_step(
   loss: AutoencoderLossSpec,
   ema_decay: float,
   ema_warmup: bool,
+  param_shardings=None,
 ) -> tuple[train_lib.TrainState, dict]:
   """One step on ``{"image": [B, H, W, C] in [-1, 1], ...}`` (labels unused); pure.
+  ``param_shardings``: as for `ddx.training.step.train_step` (FSDP).
 
   The posterior sample's noise comes from ``fold_in(fold_in(key, step), 1)``.
   """
@@ -75,7 +77,8 @@ def train_step(
     x_hat = vae.decode(post.sample(jax.random.fold_in(key, 1)), scaled=False)
     return jnp.mean(autoencoder_loss(x, x_hat, post.kl(), loss))
 
-  value, grads = jax.value_and_grad(loss_fn)(state.params)
+  value, grads = jax.value_and_grad(loss_fn)(train_lib.gather_params(state.params, param_shardings))
+  grads = train_lib.scatter_grads(grads, param_shardings)
   return train_lib.apply_gradients(state, value, grads, tx=tx, lr_fn=lr_fn, ema_decay=ema_decay, ema_warmup=ema_warmup)
 
 

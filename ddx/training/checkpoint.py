@@ -69,6 +69,16 @@ class CorruptCheckpointError(ValueError):
     self.step = step
 
 
+class CheckpointWriteError(ValueError):
+  """A checkpoint step could not be written (a full disk, say); the earlier steps are intact
+  and the unfinished one is not counted as a step (orbax commits by renaming a temporary
+  directory, which never happened)."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
   return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
 
@@ -549,6 +559,8 @@ class Checkpointer:
     )
     self.workdir = os.path.abspath(os.fspath(workdir))
     self.mngr = ocp.CheckpointManager(checkpoint_dir(self.workdir), options=opts)
+    self._pending: int | None = None  # the step being written in the background
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
@@ -561,13 +573,34 @@ class Checkpointer:
 
     Refuses (ValueError) to write non-finite floating values: a checkpoint never holds NaN.
     The checksums of every leaf are computed from host copies before this returns (the
-    arrays may be donated afterwards) and written with the step.
+    arrays may be donated afterwards) and written with the step. A write that fails, here or
+    in the background (reported by the next `save` or `close`), raises
+    `CheckpointWriteError` naming the step.
     """
     step = int(step)
     arrays = {n: v for n, v in items.items() if n not in JSON_ITEMS}
     if not all_finite(arrays):
       raise ValueError(f"state: non-finite values at step {step}; refusing to write a checkpoint")
-    self.mngr.save(step, args=ocp.args.Composite(**_save_args(items)), force=True)
+    self.wait()  # the previous step's background write, and its error, first
+    args = _save_args(items)
+    self._pending = step
+    try:
+      self.mngr.save(step, args=ocp.args.Composite(**args), force=True)
+    except Exception as e:  # orbax / tensorstore raise many types for a failed write
+      raise self._write_error(e) from e
+
+  def _write_error(self, e: Exception) -> CheckpointWriteError:
+    step, self._pending, self._failed = self._pending, None, True
+    try:
+      last = max((s for s in self.mngr.all_steps() if s != step), default=None)
+    except Exception:  # noqa: BLE001 -- only for the message
+      last = None
+    kept = f"the newest complete checkpoint, step {last}, is intact" if last is not None else "no earlier checkpoint"
+    return CheckpointWriteError(
+      f"checkpoint step {step} could not be written to {checkpoint_dir(self.workdir)}: {_error_line(e)}; it does "
+      f"not count as a step ({kept}). Free space and rerun the same command to resume.",
+      step,
+    )
 
   def restore(self, step: int, targets: Mapping[str, Any]) -> dict:
     """Restore items shaped (and sharded) like ``targets`` (name -> pytree; None for JSON items).
@@ -587,8 +620,21 @@ class Checkpointer:
     self.mngr.reload()
 
   def wait(self) -> None:
-    self.mngr.wait_until_finished()
+    """Until the background write is committed (`CheckpointWriteError` if it failed)."""
+    try:
+      self.mngr.wait_until_finished()
+    except Exception as e:  # orbax re-raises the background write's error
+      if self._failed:
+        return  # already reported
+      raise self._write_error(e) from e
+    self._pending = None
 
   def close(self) -> None:
-    self.mngr.wait_until_finished()
-    self.mngr.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self.mngr.close()
+      except Exception:  # noqa: BLE001 -- a failed write was reported by wait (or is being raised)
+        if not self._failed:
+          raise

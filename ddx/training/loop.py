@@ -27,7 +27,7 @@ from ddx import data, guidance, images, parallel, samplers
 from ddx.eval import quality
 from ddx.sampling import make_sample_fn
 from ddx.training import autoencoder as autoencoder_train
-from ddx.training import checkpoint, report
+from ddx.training import checkpoint, report, workdir_lock
 from ddx.training import step as train_lib
 from ddx.training.run_log import MetricWriter
 
@@ -142,6 +142,57 @@ def run(
     parallel.check_batch(micro, mesh, f"train.grad_accum: the micro-batch (global_batch_size / {loop.grad_accum})")
     if isinstance(loss, autoencoder_train.AutoencoderLossSpec):
       raise ValueError("train.grad_accum: gradient accumulation is for diffusion models; use 1 for an autoencoder")
+  # one run per workdir: a second trainer is refused before it writes anything
+  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  busy = None
+  if lock is not None:
+    try:
+      lock.acquire()
+    except workdir_lock.WorkdirBusy as e:
+      busy = e
+  if _agree(busy is not None):  # every process refuses, not just process 0
+    raise busy or workdir_lock.WorkdirBusy(f"workdir {workdir}: another training run is using it (see process 0)")
+  try:
+    return _run(
+      workdir,
+      config,
+      model_factory=model_factory,
+      num_classes=num_classes,
+      use_dropout=use_dropout,
+      source=source,
+      sched=sched,
+      optim=optim,
+      loss=loss,
+      loop=loop,
+      sample=sample,
+      evaluation=evaluation,
+      mesh=mesh,
+      stop_after_steps=stop_after_steps,
+      decode=decode,
+    )
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run(
+  workdir: str,
+  config: dict,
+  *,
+  model_factory: Callable[[nnx.Rngs], nnx.Module],
+  num_classes: int | None,
+  use_dropout: bool,
+  source: Any,
+  sched,
+  optim: train_lib.OptimizerSpec,
+  loss: train_lib.LossSpec | autoencoder_train.AutoencoderLossSpec,
+  loop: LoopSpec,
+  sample: SampleSpec,
+  evaluation: EvalSpec | None = None,
+  mesh,
+  stop_after_steps: int | None = None,
+  decode: Callable[[Any], np.ndarray] | None = None,
+) -> dict:
   writer = MetricWriter(workdir)
   if jax.process_index() == 0:
     checkpoint.write_config(workdir, config)
@@ -222,6 +273,8 @@ def run(
   end = loop.total_steps if stop_after_steps is None else min(loop.total_steps, step + stop_after_steps)
   preempted = False
   train_step = None
+  # from here on a process that dies must not leave the others waiting in a collective
+  watchdog = parallel.PeerWatchdog("train").start()
   try:
     while step < end:
       local = [next(batches) for _ in range(K)]
@@ -288,6 +341,7 @@ def run(
         break
   finally:
     ckpt.close()
+    watchdog.stop()
     writer.close()
     if old_handler is not None:
       signal.signal(signal.SIGTERM, old_handler)
@@ -323,6 +377,7 @@ def train_function(
   ``loss`` selects), for ``mesh`` and the state's ``shardings`` (None: replicated)."""
   common = dict(
     shardings=shardings,
+    param_shardings=None if shardings is None else shardings.params,
     graphdef=graphdef,
     tx=tx,
     lr_fn=train_lib.learning_rate_fn(optim),
@@ -361,7 +416,7 @@ def plan(
   """What `run` would report at its start, without training and without allocating anything:
   the per-device state bytes and XLA's analysis of the train function compiled for abstract
   inputs on ``mesh`` (default: ``make_mesh(loop.fsdp)`` over the devices at hand, which may be
-  fake CPU devices). ``train_fn(mesh, shardings, graphdef, tx)`` replaces `train_function` for
+  fake CPU devices). ``train_fn(mesh, shardings or None, graphdef, tx)`` replaces `train_function` for
   another step, whose batch also holds ``batch_extra`` (name -> (per-example shape, dtype));
   benchmarks/scale.py plans a text-conditional step that way."""
   mesh = mesh if mesh is not None else parallel.make_mesh(loop.fsdp)
@@ -369,12 +424,13 @@ def plan(
   tx = train_lib.make_optimizer(optim)
   graphdef, abstract = train_lib.abstract_state(model_factory, tx)
   shardings = train_lib.state_shardings(abstract, mesh, tx, loop.sharding_rules)
+  given = shardings if dict(mesh.shape).get(parallel.FSDP, 1) > 1 else None  # as `run` does
   if train_fn is not None:
-    fn = train_fn(mesh, shardings, graphdef, tx)
+    fn = train_fn(mesh, given, graphdef, tx)
   else:
     fn = train_function(
       mesh,
-      shardings,
+      given,
       graphdef,
       tx=tx,
       optim=optim,

@@ -18,7 +18,7 @@ from flax import nnx
 import ddx
 from ddx import data, parallel
 from ddx.models import UNet
-from ddx.training import checkpoint
+from ddx.training import checkpoint, workdir_lock
 from ddx.training import step as train_lib
 from tests._tiny import (
   TRAIN_FLAGS,
@@ -322,3 +322,21 @@ def test_cli_bad_inputs(tmp_path, ddx_cli):
     assert code != 0, args
     assert err.count("\n") == 1 and needle in err and "Traceback" not in err, (args, err[-800:])
   assert not os.path.exists(f"{tmp_path}/x/checkpoints")
+
+
+def test_a_second_trainer_on_a_workdir_is_refused(tmp_path, ddx_cli):
+  """While a run holds the workdir (its lock is taken here as a running trainer takes it), a
+  second ``ddx train`` on it stops with one line naming the holder and writes nothing; once the
+  lock is free, the same command trains."""
+  wd = str(tmp_path / "wd")
+  held = workdir_lock.WorkdirLock(wd)
+  held.acquire()
+  try:
+    code, _, err = ddx_cli("train", f"--workdir={wd}", *TRAIN_FLAGS, "--config.train.total_steps=2")
+  finally:
+    held.release()
+  assert code == 1 and err.count("\n") == 1, err[-800:]
+  assert err.startswith(f"ddx train: error: workdir {wd}: another training run is using it (pid {os.getpid()} on host")
+  assert os.listdir(wd) == [workdir_lock.LOCK_NAME]
+  code, out, err = ddx_cli("train", f"--workdir={wd}", *TRAIN_FLAGS, "--config.train.total_steps=2")
+  assert code == 0 and checkpoint.latest_step(wd) == 2, err[-800:]
