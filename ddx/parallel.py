@@ -376,6 +376,10 @@ def barrier(name: str, timeout_seconds: int = 3600) -> None:
   ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_seconds * 1000)
 
 
+# what a collective or a coordination call says when its peer has gone
+_PEER_ERRORS = ("gloo", "connection reset", "socket closed", "broken pipe", "unavailable", "heartbeat")
+
+
 class PeerWatchdog:
   """While active, exit this process with one line when another process of a multi-process
   run stops responding, instead of waiting in a collective that will never complete.
@@ -466,6 +470,24 @@ class PeerWatchdog:
       for k, (_, since) in list(self._seen.items()):
         if now - since > self.timeout:
           self._exit(f"process {k} of {self._n} stopped responding {self.timeout:.0f} s ago (killed or its host lost)")
+
+  def on_error(self, error: BaseException) -> None:
+    """Call with an error about to leave the watched section. A collective whose peer died
+    can fail at once ("Connection reset by peer") rather than wait; if the error reads like a
+    lost connection, this waits for the watchdog to name the lost process and end this one
+    (up to ``timeout`` and a margin), so that the report is the one line. Returns if no peer
+    turns out lost: the error is then the report."""
+    if not self._threads:
+      return
+    chain, x = [], error
+    while x is not None and len(chain) < 10:
+      chain.append(str(x).lower())
+      x = x.__cause__ or x.__context__
+    if not any(p in text for p in _PEER_ERRORS for text in chain):
+      return
+    deadline = time.monotonic() + self.timeout + 3 * self.interval + 5
+    while time.monotonic() < deadline and not self._stop.is_set():
+      time.sleep(0.2)
 
   def _exit(self, why: str) -> None:
     if self._stop.is_set():

@@ -596,9 +596,11 @@ class Checkpointer:
     except Exception:  # noqa: BLE001 -- only for the message
       last = None
     kept = f"the newest complete checkpoint, step {last}, is intact" if last is not None else "no earlier checkpoint"
+    line = _error_line(e)
+    space = any(m in line for m in ("No space left", "File too large", "Disk quota"))
     return CheckpointWriteError(
-      f"checkpoint step {step} could not be written to {checkpoint_dir(self.workdir)}: {_error_line(e)}; it does "
-      f"not count as a step ({kept}). Free space and rerun the same command to resume.",
+      f"checkpoint step {step} could not be written to {checkpoint_dir(self.workdir)}: {line}; it does "
+      f"not count as a step ({kept}). {'Free space and rerun' if space else 'Rerun'} the same command to resume.",
       step,
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -339,10 +340,11 @@ def _run(
         preempted = True
         _log(f"preemption signal: checkpoint at step {step} written, exiting")
         break
+  except Exception as e:
+    watchdog.on_error(e)  # a lost peer is reported as such, not as the collective that noticed
+    raise
   finally:
-    ckpt.close()
-    watchdog.stop()
-    writer.close()
+    _close_all(ckpt.close, watchdog.stop, writer.close)
     if old_handler is not None:
       signal.signal(signal.SIGTERM, old_handler)
   elapsed = time.time() - t_start
@@ -509,6 +511,22 @@ def _resume(ckpt: checkpoint.Checkpointer, template, workdir: str):
       bad[0],
     )
   return None, template
+
+
+def _close_all(*closers: Callable[[], None]) -> None:
+  """Run every closer. While an exception is already on its way out (called from a
+  ``finally``), their errors are dropped: on a full disk the checkpoint's error is the one to
+  report, not the log file's that follows it. Otherwise the first error is raised, after all
+  have run."""
+  in_flight = sys.exc_info()[1] is not None
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # noqa: BLE001 -- re-raised below unless another error is being reported
+      first = first or e
+  if first is not None and not in_flight:
+    raise first
 
 
 def _main_thread() -> bool:

@@ -119,7 +119,7 @@ def achieved(flops_per_step: float, steps_per_sec: float, peak: float | None) ->
 
 
 def _gib(n: float) -> str:
-  return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+  return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.3g} MiB"
 
 
 def format_report(

@@ -10,6 +10,25 @@ import jax
 import numpy as np
 
 
+class RunLogError(ValueError):
+  """metrics.jsonl or the TensorBoard events could not be written (a full disk, say)."""
+
+
+def _abandon(tb) -> None:
+  """Stop a tensorboardX writer whose flush failed without writing again: its close() flushes
+  first (and would fail again, here and in the atexit hook tensorboardX registers), so its
+  worker thread is stopped and its writers marked closed directly."""
+  for w in getattr(tb, "all_writers", {}).values():
+    ev = w.event_writer
+    try:
+      if ev._worker is not None:
+        ev._worker.stop()
+      ev._ev_writer.close()
+    except (OSError, ValueError):
+      pass
+    ev._closed = True
+
+
 class MetricWriter:
   def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -36,8 +55,11 @@ class MetricWriter:
     if not self.enabled:
       return
     row = {"step": int(step), **{k: float(v) for k, v in values.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    except OSError as e:
+      raise RunLogError(f"{self.path}: cannot be written ({e.strerror or e})") from None
     if self._tb is not None:
       for k, v in values.items():
         self._tb.add_scalar(k, float(v), int(step))
@@ -47,6 +69,13 @@ class MetricWriter:
       self._tb.add_image(name, np.asarray(grid_uint8), int(step), dataformats="HWC")
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    tb, self._tb = self._tb, None
+    if tb is None:
+      return
+    try:
+      tb.close()
+    except OSError as e:
+      _abandon(tb)
+      raise RunLogError(
+        f"the TensorBoard events in {os.path.dirname(self.path)}: cannot be written ({e.strerror or e})"
+      ) from None

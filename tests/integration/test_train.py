@@ -7,7 +7,9 @@ tests/multiprocess/.
 """
 
 import glob
+import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -82,13 +84,12 @@ def _batches(mesh, step, k, B=16, poison=False):
 
 @pytest.mark.slow
 def test_device_count_invariance_1_vs_8_devices():
-  """The U-Net (convolutions, GroupNorm, attention, dropout) trained 3 steps on 1 device, on 8
-  (data parallel) and on 8 as data 2 x fsdp 4 (its kernels sharded): the same parameters up to
-  reduction order."""
+  """The U-Net (convolutions, GroupNorm, attention, dropout) trained 3 steps on 1 device and on
+  8 as data 2 x fsdp 4 (every leaf it can split sharded): the same parameters up to reduction
+  order. (Data-parallel meshes against fsdp ones: `test_fsdp_meshes_train_alike`.)"""
   results = []
   for mesh, rules in [
     (parallel.data_mesh(jax.devices()[:1]), None),
-    (parallel.data_mesh(), None),
     (parallel.make_mesh(4), parallel.ShardingRules(min_size=0)),
   ]:
     fn, state = _setup(mesh, _unet, rules=rules)
@@ -295,6 +296,10 @@ def test_cli_resumes_past_a_half_written_step_and_refuses_a_damaged_one(trained_
   code, out, err = ddx_cli("train", f"--workdir={wd}", *TRAIN_FLAGS, "--config.train.total_steps=16")
   assert code == 0, err[-2000:]
   assert "resumed from" in out and checkpoint.latest_step(wd) == 16
+  # the start-of-run report, and the achieved rate in the log
+  assert "mesh {'data': 8, 'fsdp': 1}; state per device: params " in out and "compiled step per device: memory" in out
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  assert rows[-1]["step"] == 16 and rows[-1]["tflops_per_device"] > 0 and "mfu" not in rows[-1]
   # a committed checkpoint with a damaged file: a one-line error naming the checkpoint
   for f in glob.glob(os.path.join(wd, "checkpoints", "16", "*params", "**", "*"), recursive=True):
     if os.path.isfile(f) and os.path.getsize(f) > 0:
@@ -326,8 +331,7 @@ def test_cli_bad_inputs(tmp_path, ddx_cli):
 
 def test_a_second_trainer_on_a_workdir_is_refused(tmp_path, ddx_cli):
   """While a run holds the workdir (its lock is taken here as a running trainer takes it), a
-  second ``ddx train`` on it stops with one line naming the holder and writes nothing; once the
-  lock is free, the same command trains."""
+  second ``ddx train`` on it stops with one line naming the holder and writes nothing."""
   wd = str(tmp_path / "wd")
   held = workdir_lock.WorkdirLock(wd)
   held.acquire()
@@ -338,5 +342,53 @@ def test_a_second_trainer_on_a_workdir_is_refused(tmp_path, ddx_cli):
   assert code == 1 and err.count("\n") == 1, err[-800:]
   assert err.startswith(f"ddx train: error: workdir {wd}: another training run is using it (pid {os.getpid()} on host")
   assert os.listdir(wd) == [workdir_lock.LOCK_NAME]
-  code, out, err = ddx_cli("train", f"--workdir={wd}", *TRAIN_FLAGS, "--config.train.total_steps=2")
-  assert code == 0 and checkpoint.latest_step(wd) == 2, err[-800:]
+  again = workdir_lock.WorkdirLock(wd)  # released: the next run takes it
+  again.acquire()
+  again.release()
+
+
+def test_info_plans_a_sharded_run_without_training(tmp_path, ddx_cli):
+  """``ddx info --config`` compiles the step for abstract inputs: the per-device state at
+  fsdp 8 is the sharded one, and nothing is written."""
+  model = [f for f in TRAIN_FLAGS if f.startswith("--config.model") or f.startswith("--config.data")]
+  outs = {}
+  for fsdp in (1, 8):
+    code, out, err = ddx_cli(
+      "info",
+      f"--config={TRAIN_FLAGS[0].split('=', 1)[1]}",
+      *model,
+      f"--config.parallel.fsdp={fsdp}",
+      "--config.parallel.fsdp_min_size=64",
+      "--config.parallel.peak_tflops=2.0",
+    )
+    assert code == 0, err[-800:]
+    outs[fsdp] = out
+  assert "mesh {'data': 1, 'fsdp': 8}; state per device:" in outs[8] and "2 TFLOP/s peak" in outs[8]
+  per = [float(re.search(r"= ([\d.e-]+) MiB \(unsharded", outs[f]).group(1)) for f in (1, 8)]
+  assert per[1] < per[0] / 4, per
+  assert re.search(r"compiled step per device: memory [\d.]+ MiB \(temporaries [\d.]+ MiB\), [\d.e-]+ GFLOP", outs[8])
+
+
+def test_a_full_disk_under_the_run_log_is_one_line(tmp_path):
+  """/dev/full fails every write with ENOSPC: the run log says so in one line; and closing
+  everything in a ``finally`` keeps the error already being reported."""
+  from ddx.training import loop, run_log
+
+  writer = run_log.MetricWriter(str(tmp_path), tensorboard=False)
+  writer.path = "/dev/full"
+  with pytest.raises(run_log.RunLogError, match=r"^/dev/full: cannot be written \(No space left on device\)$"):
+    writer.scalars(1, {"loss": 1.0})
+
+  def fail():
+    raise run_log.RunLogError("second")
+
+  closed = []
+  with pytest.raises(ValueError, match="^first$"):
+    try:
+      raise ValueError("first")
+    finally:
+      loop._close_all(fail, lambda: closed.append(1))
+  assert closed == [1]
+  with pytest.raises(run_log.RunLogError, match="^second$"):
+    loop._close_all(fail, lambda: closed.append(2))
+  assert closed == [1, 2]

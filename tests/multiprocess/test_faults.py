@@ -3,6 +3,7 @@ two processes killed (the other stops by itself with one line), SIGTERM while a 
 being written, the disk filling during a save. (A second trainer on one workdir:
 tests/integration/test_train.py; kill -9 and resume: test_preemption.py.)"""
 
+import os
 import re
 import signal
 import subprocess
@@ -121,8 +122,8 @@ def test_sigterm_during_a_save_commits_and_resumes(tmp_path):
 
 # The disk fills while step 8 is written (RLIMIT_FSIZE: writes past 16 KiB fail with EFBIG, as
 # on a full disk they fail with ENOSPC; the checkpoint's data files are larger, config.json and
-# the logs are not): one line, step 4 intact, step 8 not counted; with space again, the rerun
-# resumes from step 4.
+# the logs are not): one line, step 4 intact, step 8 not counted. (Resuming past the temporary
+# directory a failed write leaves: test_train.py's half-written step.)
 _DISK_FULL = textwrap.dedent(
   """
     import resource, signal, sys
@@ -139,9 +140,6 @@ _DISK_FULL = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_FSIZE, (16384, resource.RLIM_INFINITY))
     sys.stderr.write("FULL\\n")
     print("FULL", train(), flush=True)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-    sys.stderr.write("SPACE\\n")
-    print("SPACE", train(), flush=True)
     """
 )
 
@@ -156,8 +154,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_nothing_is_lost(tmp_path):
     text=True,
     timeout=300,
   )
-  assert "FULL 1" in p.stdout and "SPACE 0" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
-  full = p.stderr.split("FULL\n", 1)[1].split("SPACE\n", 1)[0]
+  assert "FULL 1" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+  full = p.stderr.split("FULL\n", 1)[1]
   # (XLA's own C++ warnings, "W1203 12:00:00.000 ...", are not ddx's to silence)
   lines = [line for line in full.splitlines() if not re.match(r"[IW]\d{4} \d\d:", line)]
   assert lines == [
@@ -165,5 +163,5 @@ def test_a_full_disk_during_a_save_is_one_line_and_nothing_is_lost(tmp_path):
     "does not count as a step (the newest complete checkpoint, step 4, is intact). Free space and rerun the same "
     "command to resume."
   ], full[-3000:]
-  assert p.stdout.count(f"resumed from {wd}/checkpoints/4") == 2, p.stdout[-2000:]
-  assert checkpoint.all_steps(wd) == [8, 12] and checkpoint.verify(wd, 12)[0] == "ok"
+  assert checkpoint.all_steps(wd) == [4] and checkpoint.verify(wd, 4)[0] == "ok"
+  assert os.path.isdir(f"{wd}/checkpoints/8.orbax-checkpoint-tmp")  # what was written of step 8, not a step

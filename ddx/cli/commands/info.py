@@ -12,6 +12,7 @@ XLA:CPU's compile of the same program).
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 
@@ -54,8 +55,14 @@ def main(argv: list[str]) -> int:
 
   # one write() per line: every process shares the launcher's stdout, and a pipe keeps a
   # write of under 4 KiB whole, so lines of different processes never interleave
-  sys.stdout.flush()
-  os.write(sys.stdout.fileno(), (parallel.format_device_report(parallel.device_report()) + "\n").encode())
+  line = parallel.format_device_report(parallel.device_report()) + "\n"
+  try:
+    fd = sys.stdout.fileno()
+  except (AttributeError, OSError, io.UnsupportedOperation):  # a captured stdout (tests, notebooks)
+    sys.stdout.write(line)
+  else:
+    sys.stdout.flush()
+    os.write(fd, line.encode())
   if cfg is None:
     return 0
   if fake is not None and jax.device_count() != fake:
