@@ -512,6 +512,28 @@ def _error_line(e: Exception) -> str:
   return msg[:300]
 
 
+_OS_ERROR = re.compile(r"\[Errno \d+\] [^\]\[\n;]+")
+# tensorstore: '... Failed to write 5999 bytes to file 35: File too large [os_error_code='27']'
+_TS_OS_ERROR = re.compile(r":\s*([^:\[\n]+?)\s*\[os_error_code='(\d+)'\]")
+
+
+def _write_reason(e: Exception) -> str:
+  """The operating system's reason for a failed write (``[Errno 28] No space left on device``)
+  from anywhere in the chain of ``e`` (tensorstore buries it at the end of a long message),
+  else the first line of ``e``."""
+  x, seen = e, 0
+  while x is not None and seen < 10:
+    text = str(x)
+    m = _OS_ERROR.search(text)
+    if m:
+      return m.group(0).strip()
+    m = _TS_OS_ERROR.search(text)
+    if m:
+      return f"[Errno {m.group(2)}] {m.group(1).strip()}"
+    x, seen = x.__cause__ or x.__context__, seen + 1
+  return _error_line(e)
+
+
 # tensorstore: 'Error reading "<a.b.kernel>/0.0" in OCDBT database at local file "<step>/<item>/": <why>'
 _TS_READ_ERROR = re.compile(r'Error reading "([^"]+?)/[^"/]*" in OCDBT database at [^"]*"([^"]+?)/?"\s*:\s*(.*)')
 
@@ -596,7 +618,7 @@ class Checkpointer:
     except Exception:  # noqa: BLE001 -- only for the message
       last = None
     kept = f"the newest complete checkpoint, step {last}, is intact" if last is not None else "no earlier checkpoint"
-    line = _error_line(e)
+    line = _write_reason(e)
     space = any(m in line for m in ("No space left", "File too large", "Disk quota"))
     return CheckpointWriteError(
       f"checkpoint step {step} could not be written to {checkpoint_dir(self.workdir)}: {line}; it does "

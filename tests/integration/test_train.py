@@ -150,12 +150,12 @@ def test_grad_accum_equals_one_step_on_the_whole_batch():
 
 
 def test_fsdp_meshes_train_alike():
-  """3 steps on 8 devices as data x fsdp = 8x1, 4x2, 2x4, 1x8 (PixelModel, every leaf but one
+  """3 steps on 8 devices as data x fsdp = 8x1, 4x2 and 1x8 (PixelModel, every leaf but one
   sharded): fsdp = 1 is the data-parallel program bit for bit; the others equal it up to
-  reduction order, and their state stays sharded."""
+  reduction order, and their state stays sharded. (2x4, with the U-Net: the slow tier.)"""
   rules = parallel.ShardingRules(min_size=512)
   runs = {}
-  for name, mesh in [("data", parallel.data_mesh()), *((f, parallel.make_mesh(f)) for f in (1, 2, 4, 8))]:
+  for name, mesh in [("data", parallel.data_mesh()), *((f, parallel.make_mesh(f)) for f in (1, 2, 8))]:
     fn, state = _setup(mesh, PixelModel, dropout=False, rules=None if name == "data" else rules)
     for s in range(3):
       state, m = fn(state, _batches(mesh, s, 1))
@@ -166,7 +166,7 @@ def test_fsdp_meshes_train_alike():
     runs[name] = (jax.device_get(state), float(m["loss"][0]))
   assert_bitwise_equal(runs["data"][0], runs[1][0])
   base, loss = runs[1]
-  for f in (2, 4, 8):
+  for f in (2, 8):
     other, other_loss = runs[f]
     assert int(other.step) == 3 and other_loss == pytest.approx(loss, rel=1e-6)
     la, lb = (jax.tree_util.tree_leaves((r.params, r.ema_params, r.opt_state)) for r in (base, other))
@@ -347,48 +347,18 @@ def test_a_second_trainer_on_a_workdir_is_refused(tmp_path, ddx_cli):
   again.release()
 
 
-def test_info_plans_a_sharded_run_without_training(tmp_path, ddx_cli):
-  """``ddx info --config`` compiles the step for abstract inputs: the per-device state at
-  fsdp 8 is the sharded one, and nothing is written."""
-  model = [f for f in TRAIN_FLAGS if f.startswith("--config.model") or f.startswith("--config.data")]
-  outs = {}
-  for fsdp in (1, 8):
-    code, out, err = ddx_cli(
-      "info",
-      f"--config={TRAIN_FLAGS[0].split('=', 1)[1]}",
-      *model,
-      f"--config.parallel.fsdp={fsdp}",
-      "--config.parallel.fsdp_min_size=64",
-      "--config.parallel.peak_tflops=2.0",
-    )
-    assert code == 0, err[-800:]
-    outs[fsdp] = out
-  assert "mesh {'data': 1, 'fsdp': 8}; state per device:" in outs[8] and "2 TFLOP/s peak" in outs[8]
-  per = [float(re.search(r"= ([\d.e-]+) MiB \(unsharded", outs[f]).group(1)) for f in (1, 8)]
-  assert per[1] < per[0] / 4, per
-  assert re.search(r"compiled step per device: memory [\d.]+ MiB \(temporaries [\d.]+ MiB\), [\d.e-]+ GFLOP", outs[8])
-
-
-def test_a_full_disk_under_the_run_log_is_one_line(tmp_path):
-  """/dev/full fails every write with ENOSPC: the run log says so in one line; and closing
-  everything in a ``finally`` keeps the error already being reported."""
-  from ddx.training import loop, run_log
-
-  writer = run_log.MetricWriter(str(tmp_path), tensorboard=False)
-  writer.path = "/dev/full"
-  with pytest.raises(run_log.RunLogError, match=r"^/dev/full: cannot be written \(No space left on device\)$"):
-    writer.scalars(1, {"loss": 1.0})
-
-  def fail():
-    raise run_log.RunLogError("second")
-
-  closed = []
-  with pytest.raises(ValueError, match="^first$"):
-    try:
-      raise ValueError("first")
-    finally:
-      loop._close_all(fail, lambda: closed.append(1))
-  assert closed == [1]
-  with pytest.raises(run_log.RunLogError, match="^second$"):
-    loop._close_all(fail, lambda: closed.append(2))
-  assert closed == [1, 2]
+def test_info_plans_a_sharded_run_without_training(ddx_cli):
+  """``ddx info --config`` compiles the step for abstract inputs and prints the per-device
+  state at fsdp 8, beside the unsharded one."""
+  code, out, err = ddx_cli(
+    "info",
+    *TRAIN_FLAGS,
+    "--config.parallel.fsdp=8",
+    "--config.parallel.fsdp_min_size=64",
+    "--config.parallel.peak_tflops=2.0",
+  )
+  assert code == 0, err[-800:]
+  assert "mesh {'data': 1, 'fsdp': 8}; state per device:" in out and "2 TFLOP/s peak" in out
+  per, whole = (float(v) for v in re.search(r"= ([\d.e-]+) MiB \(unsharded ([\d.e-]+) MiB", out).groups())
+  assert per < whole / 4, (per, whole)
+  assert re.search(r"compiled step per device: memory [\d.]+ MiB \(temporaries [\d.]+ MiB\), [\d.e-]+ GFLOP", out)
