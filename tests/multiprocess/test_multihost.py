@@ -17,11 +17,15 @@ from tests._tiny import ROOT, TRAIN_FLAGS, assert_params_close, loop_run, run_pr
 
 
 def test_local_launcher_2x2_trains_like_one_process_with_8_devices(_trained_run, tmp_path, ddx_cli):
-  """The 12 steps of the run's shared tiny workdir (one process, 8 devices), trained again by
-  2 processes x 2 devices: the same parameters and EMA up to reduction order."""
+  """The 12 steps of the run's shared tiny workdir (one process, 8 devices, data parallel),
+  trained again by 2 processes x 2 devices as data 2 x fsdp 2 with every U-Net leaf it can
+  split sharded (convolutions, GroupNorm, dropout): the same parameters and EMA up to
+  reduction order. One process then restores the sharded multi-host checkpoint and samples."""
   mh = str(tmp_path / "mh")
   argv = [
     *TRAIN_FLAGS,
+    "--config.parallel.fsdp=2",
+    "--config.parallel.fsdp_min_size=0",
     "--config.train.total_steps=12",
     "--config.train.sample_every=4",
     "--config.sample.num=8",
@@ -49,6 +53,7 @@ def test_local_launcher_2x2_trains_like_one_process_with_8_devices(_trained_run,
   )
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   assert "2 processes" in p.stdout and "4 devices" in p.stdout, p.stdout[-2000:]
+  assert "mesh {'data': 2, 'fsdp': 2}; state per device" in p.stdout, p.stdout[-2000:]
   # the sample grid, sharded over both processes, is gathered and written once by process 0
   assert os.path.exists(os.path.join(mh, "samples", "step_00000004.png"))
   assert np.load(os.path.join(mh, "samples", "step_00000004.npz"))["samples"].shape == (8, 8, 8, 1)
