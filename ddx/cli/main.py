@@ -140,7 +140,8 @@ class _OrbaxBackgroundErrors(py_logging.Filter):
       return "exception was never retrieved" not in record.getMessage()
     if "orbax" not in record.pathname:
       return True
-    return not (record.exc_info or "raised an exception" in record.getMessage() or "ailed" in record.getMessage())
+    message = record.getMessage()
+    return not (record.exc_info or "raised an exception" in message or "failed" in message.lower())
 
 
 _ORBAX_FILTER = _OrbaxBackgroundErrors()

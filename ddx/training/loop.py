@@ -154,212 +154,172 @@ def run(
   if _agree(busy is not None):  # every process refuses, not just process 0
     raise busy or workdir_lock.WorkdirBusy(f"workdir {workdir}: another training run is using it (see process 0)")
   try:
-    return _run(
-      workdir,
-      config,
-      model_factory=model_factory,
-      num_classes=num_classes,
-      use_dropout=use_dropout,
-      source=source,
-      sched=sched,
+    writer = MetricWriter(workdir)
+    if jax.process_index() == 0:
+      checkpoint.write_config(workdir, config)
+    base = jax.random.key(loop.seed)
+    tx = train_lib.make_optimizer(optim)
+    params_key, state_key = jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+    _, abstract = train_lib.abstract_state(model_factory, tx, params_key, state_key)
+    shardings = train_lib.state_shardings(abstract, mesh, tx, loop.sharding_rules)
+    sharded = dict(mesh.shape).get(parallel.FSDP, 1) > 1
+    # fsdp = 1: built on one device and replicated (the program of a data-parallel mesh);
+    # sharded: built straight into its shards (the whole state may not fit one device)
+    graphdef, state = train_lib.create_state(
+      model_factory, tx, params_key, state_key, shardings=shardings if sharded else None
+    )
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
+    start, state = _resume(ckpt, state, workdir)
+    if start is not None:
+      writer.truncate_after(start)
+    state = train_lib.place_state(state, shardings)
+    step = int(jax.device_get(state.step))
+    K = loop.steps_per_call
+    if step % K:
+      raise ValueError(f"train.steps_per_call: checkpoint step {step} is not a multiple of {K}")
+    train_fn = train_function(
+      mesh,
+      shardings if sharded else None,
+      graphdef,
+      tx=tx,
       optim=optim,
       loss=loss,
       loop=loop,
-      sample=sample,
-      evaluation=evaluation,
-      mesh=mesh,
-      stop_after_steps=stop_after_steps,
-      decode=decode,
+      sched=sched,
+      num_classes=num_classes,
+      use_dropout=use_dropout,
     )
+    sample_fn = None
+    if loop.sample_every:
+      sampler = samplers.make(sample.sampler, sched, sample.steps, **sample.sampler_kwargs)
+      sample_fn = make_sample_fn(graphdef, sampler, num_classes, mesh, sample.guidance)
+    eval_fn = None
+    if loop.eval_every:
+      eval_sampler = samplers.make(evaluation.sampler, sched, evaluation.steps, **evaluation.sampler_kwargs)
+      eval_fn = make_sample_fn(graphdef, eval_sampler, num_classes, mesh)
+    p_index, p_count = data.process_slice(mesh, loop.global_batch_size)
+    batches = data.make_batches(
+      source,
+      seed=loop.seed,
+      global_batch_size=loop.global_batch_size,
+      start_step=step,
+      process_index=p_index,
+      process_count=p_count,
+      random_flip=loop.random_flip,
+      num_threads=loop.num_threads,
+    )
+    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.batch_axes(mesh)))
+    kind = jax.devices()[0].device_kind
+    peak = report.peak_tflops(kind, loop.peak_tflops)
+    state_report = report.state_bytes(state, shardings)
+    flops_per_step = None
+
+    stop = {"signal": None}
+
+    def on_term(signum, _frame):
+      stop["signal"] = signum
+
+    old_handler = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    _log(
+      f"ddx train: {n_params:,} parameters, {jax.device_count()} devices ({jax.process_count()} processes), "
+      f"global batch {loop.global_batch_size}, steps {step} -> {loop.total_steps}, workdir {workdir}"
+    )
+    t_start = t_log = time.time()
+    step_at_log, step_at_start = step, step
+    acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+    end = loop.total_steps if stop_after_steps is None else min(loop.total_steps, step + stop_after_steps)
+    preempted = False
+    train_step = None
+    # from here on a process that dies must not leave the others waiting in a collective
+    watchdog = parallel.PeerWatchdog("train").start()
+    try:
+      while step < end:
+        local = [next(batches) for _ in range(K)]
+        stacked = {k: np.stack([b[k] for b in local]) for k in ("image", "label")}
+        glob = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in stacked.items()}
+        if train_step is None:  # processes meet after compiling, before the first collective
+          train_step = parallel.compile_then_meet(train_fn, state, glob, name="train_step_compiled")
+          stats = report.compiled_stats(train_step)
+          flops_per_step = stats.flops / K
+          for line in report.format_report(
+            state_report, stats, steps_per_call=K, mesh_shape=dict(mesh.shape), device_kind=kind, peak=peak
+          ):
+            _log(line)
+        state, metrics = train_step(state, glob)
+        step += K
+        m = jax.device_get(metrics)
+        finite = m["finite"]
+        if finite.any():
+          acc["loss"] += float(np.sum(m["loss"][finite]))
+          acc["grad_norm"] += float(np.sum(m["grad_norm"][finite]))
+          acc["n"] += int(finite.sum())
+        nonfinite = int(jax.device_get(state.nonfinite))
+        if nonfinite >= loop.max_nonfinite:
+          last = ckpt.latest_step()
+          raise TrainingDiverged(
+            f"training diverged: {nonfinite} consecutive non-finite steps at step {step} (updates were skipped; "
+            f"the last checkpoint, step {last}, is intact)"
+          )
+        now = time.time()
+        if now - t_log >= loop.log_every_seconds or step >= end:
+          rate = (step - step_at_log) / max(now - t_log, 1e-9)
+          n = max(acc["n"], 1)
+          vals = {
+            "loss": acc["loss"] / n,
+            "grad_norm": acc["grad_norm"] / n,
+            "lr": float(m["lr"][-1]),
+            "steps_per_sec": rate,
+            "images_per_sec": rate * loop.global_batch_size,
+            "skipped": int(jax.device_get(state.skipped)),
+            **report.achieved(flops_per_step, rate, peak),
+          }
+          mfu = f" (MFU {vals['mfu']:.1%})" if "mfu" in vals else ""
+          eta = (loop.total_steps - step) / max((step - step_at_start) / (now - t_start), 1e-9)
+          _log(
+            f"step {step:>7d}/{loop.total_steps}  loss {vals['loss']:.4f}  grad {vals['grad_norm']:.3f}  "
+            f"lr {vals['lr']:.2e}  {rate:.2f} steps/s  {vals['images_per_sec']:.0f} img/s  "
+            f"{vals['tflops_per_device']:.3g} TFLOP/s/device{mfu}  eta {_fmt_time(eta)}"
+          )
+          writer.scalars(step, vals)
+          acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
+          t_log, step_at_log = now, step
+        if sample_fn is not None and step % loop.sample_every == 0:
+          _write_samples(sample_fn, state, step, workdir, writer, sample, num_classes, base, source.image_shape, decode)
+        if eval_fn is not None and step % loop.eval_every == 0:
+          t_eval = time.time()
+          _evaluate(eval_fn, state, step, writer, evaluation, num_classes, base, source.image_shape)
+          t_log += time.time() - t_eval  # keep the evaluation out of the next steps/s
+        preempt = _agree(stop["signal"] is not None) or ckpt.reached_preemption(step)
+        if step % loop.checkpoint_every == 0 or step >= end or preempt:
+          ckpt.save(step, train_lib.checkpoint_items(state))
+        if preempt:
+          preempted = True
+          _log(f"preemption signal: checkpoint at step {step} written, exiting")
+          break
+    except Exception as e:
+      watchdog.on_error(e)  # a lost peer is reported as such, not as the collective that noticed
+      raise
+    finally:
+      _close_all(ckpt.close, watchdog.stop, writer.close)
+      if old_handler is not None:
+        signal.signal(signal.SIGTERM, old_handler)
+    elapsed = time.time() - t_start
+    done = step - step_at_start
+    return {
+      "step": step,
+      "steps": done,
+      "seconds": elapsed,
+      "steps_per_sec": done / max(elapsed, 1e-9),
+      "images_per_sec": done * loop.global_batch_size / max(elapsed, 1e-9),
+      "preempted": preempted,
+      "skipped": int(jax.device_get(state.skipped)),
+      "params": n_params,
+      "state": state,
+    }
   finally:
     if lock is not None:
       lock.release()
-
-
-def _run(
-  workdir: str,
-  config: dict,
-  *,
-  model_factory: Callable[[nnx.Rngs], nnx.Module],
-  num_classes: int | None,
-  use_dropout: bool,
-  source: Any,
-  sched,
-  optim: train_lib.OptimizerSpec,
-  loss: train_lib.LossSpec | autoencoder_train.AutoencoderLossSpec,
-  loop: LoopSpec,
-  sample: SampleSpec,
-  evaluation: EvalSpec | None = None,
-  mesh,
-  stop_after_steps: int | None = None,
-  decode: Callable[[Any], np.ndarray] | None = None,
-) -> dict:
-  writer = MetricWriter(workdir)
-  if jax.process_index() == 0:
-    checkpoint.write_config(workdir, config)
-  base = jax.random.key(loop.seed)
-  tx = train_lib.make_optimizer(optim)
-  _, abstract = train_lib.abstract_state(model_factory, tx)
-  shardings = train_lib.state_shardings(abstract, mesh, tx, loop.sharding_rules)
-  sharded = dict(mesh.shape).get(parallel.FSDP, 1) > 1
-  # fsdp = 1: built on one device and replicated (the program of a data-parallel mesh);
-  # sharded: built straight into its shards (the whole state may not fit one device)
-  graphdef, state = train_lib.create_state(
-    model_factory,
-    tx,
-    jax.random.fold_in(base, 0),
-    jax.random.fold_in(base, 1),
-    shardings=shardings if sharded else None,
-  )
-  n_params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
-  ckpt = checkpoint.Checkpointer(workdir, max_to_keep=loop.keep_checkpoints, keep_period=loop.keep_period)
-  start, state = _resume(ckpt, state, workdir)
-  if start is not None:
-    writer.truncate_after(start)
-  state = train_lib.place_state(state, shardings)
-  step = int(jax.device_get(state.step))
-  K = loop.steps_per_call
-  if step % K:
-    raise ValueError(f"train.steps_per_call: checkpoint step {step} is not a multiple of {K}")
-  train_fn = train_function(
-    mesh,
-    shardings if sharded else None,
-    graphdef,
-    tx=tx,
-    optim=optim,
-    loss=loss,
-    loop=loop,
-    sched=sched,
-    num_classes=num_classes,
-    use_dropout=use_dropout,
-  )
-  sample_fn = None
-  if loop.sample_every:
-    sampler = samplers.make(sample.sampler, sched, sample.steps, **sample.sampler_kwargs)
-    sample_fn = make_sample_fn(graphdef, sampler, num_classes, mesh, sample.guidance)
-  eval_fn = None
-  if loop.eval_every:
-    eval_sampler = samplers.make(evaluation.sampler, sched, evaluation.steps, **evaluation.sampler_kwargs)
-    eval_fn = make_sample_fn(graphdef, eval_sampler, num_classes, mesh)
-  p_index, p_count = data.process_slice(mesh, loop.global_batch_size)
-  batches = data.make_batches(
-    source,
-    seed=loop.seed,
-    global_batch_size=loop.global_batch_size,
-    start_step=step,
-    process_index=p_index,
-    process_count=p_count,
-    random_flip=loop.random_flip,
-    num_threads=loop.num_threads,
-  )
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.batch_axes(mesh)))
-  kind = jax.devices()[0].device_kind
-  peak = report.peak_tflops(kind, loop.peak_tflops)
-  state_report = report.state_bytes(state, shardings)
-  flops_per_step = None
-
-  stop = {"signal": None}
-
-  def on_term(signum, _frame):
-    stop["signal"] = signum
-
-  old_handler = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-  _log(
-    f"ddx train: {n_params:,} parameters, {jax.device_count()} devices ({jax.process_count()} processes), "
-    f"global batch {loop.global_batch_size}, steps {step} -> {loop.total_steps}, workdir {workdir}"
-  )
-  t_start = t_log = time.time()
-  step_at_log, step_at_start = step, step
-  acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
-  end = loop.total_steps if stop_after_steps is None else min(loop.total_steps, step + stop_after_steps)
-  preempted = False
-  train_step = None
-  # from here on a process that dies must not leave the others waiting in a collective
-  watchdog = parallel.PeerWatchdog("train").start()
-  try:
-    while step < end:
-      local = [next(batches) for _ in range(K)]
-      stacked = {k: np.stack([b[k] for b in local]) for k in ("image", "label")}
-      glob = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in stacked.items()}
-      if train_step is None:  # processes meet after compiling, before the first collective
-        train_step = parallel.compile_then_meet(train_fn, state, glob, name="train_step_compiled")
-        stats = report.compiled_stats(train_step)
-        flops_per_step = stats.flops / K
-        for line in report.format_report(
-          state_report, stats, steps_per_call=K, mesh_shape=dict(mesh.shape), device_kind=kind, peak=peak
-        ):
-          _log(line)
-      state, metrics = train_step(state, glob)
-      step += K
-      m = jax.device_get(metrics)
-      finite = m["finite"]
-      if finite.any():
-        acc["loss"] += float(np.sum(m["loss"][finite]))
-        acc["grad_norm"] += float(np.sum(m["grad_norm"][finite]))
-        acc["n"] += int(finite.sum())
-      nonfinite = int(jax.device_get(state.nonfinite))
-      if nonfinite >= loop.max_nonfinite:
-        last = ckpt.latest_step()
-        raise TrainingDiverged(
-          f"training diverged: {nonfinite} consecutive non-finite steps at step {step} (updates were skipped; "
-          f"the last checkpoint, step {last}, is intact)"
-        )
-      now = time.time()
-      if now - t_log >= loop.log_every_seconds or step >= end:
-        rate = (step - step_at_log) / max(now - t_log, 1e-9)
-        n = max(acc["n"], 1)
-        vals = {
-          "loss": acc["loss"] / n,
-          "grad_norm": acc["grad_norm"] / n,
-          "lr": float(m["lr"][-1]),
-          "steps_per_sec": rate,
-          "images_per_sec": rate * loop.global_batch_size,
-          "skipped": int(jax.device_get(state.skipped)),
-          **report.achieved(flops_per_step, rate, peak),
-        }
-        mfu = f" (MFU {vals['mfu']:.1%})" if "mfu" in vals else ""
-        eta = (loop.total_steps - step) / max((step - step_at_start) / (now - t_start), 1e-9)
-        _log(
-          f"step {step:>7d}/{loop.total_steps}  loss {vals['loss']:.4f}  grad {vals['grad_norm']:.3f}  "
-          f"lr {vals['lr']:.2e}  {rate:.2f} steps/s  {vals['images_per_sec']:.0f} img/s  "
-          f"{vals['tflops_per_device']:.3g} TFLOP/s/device{mfu}  eta {_fmt_time(eta)}"
-        )
-        writer.scalars(step, vals)
-        acc = {"loss": 0.0, "grad_norm": 0.0, "n": 0}
-        t_log, step_at_log = now, step
-      if sample_fn is not None and step % loop.sample_every == 0:
-        _write_samples(sample_fn, state, step, workdir, writer, sample, num_classes, base, source.image_shape, decode)
-      if eval_fn is not None and step % loop.eval_every == 0:
-        t_eval = time.time()
-        _evaluate(eval_fn, state, step, writer, evaluation, num_classes, base, source.image_shape)
-        t_log += time.time() - t_eval  # keep the evaluation out of the next steps/s
-      preempt = _agree(stop["signal"] is not None) or ckpt.reached_preemption(step)
-      if step % loop.checkpoint_every == 0 or step >= end or preempt:
-        ckpt.save(step, train_lib.checkpoint_items(state))
-      if preempt:
-        preempted = True
-        _log(f"preemption signal: checkpoint at step {step} written, exiting")
-        break
-  except Exception as e:
-    watchdog.on_error(e)  # a lost peer is reported as such, not as the collective that noticed
-    raise
-  finally:
-    _close_all(ckpt.close, watchdog.stop, writer.close)
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
-  elapsed = time.time() - t_start
-  done = step - step_at_start
-  return {
-    "step": step,
-    "steps": done,
-    "seconds": elapsed,
-    "steps_per_sec": done / max(elapsed, 1e-9),
-    "images_per_sec": done * loop.global_batch_size / max(elapsed, 1e-9),
-    "preempted": preempted,
-    "skipped": int(jax.device_get(state.skipped)),
-    "params": n_params,
-    "state": state,
-  }
 
 
 def train_function(
@@ -424,7 +384,10 @@ def plan(
   mesh = mesh if mesh is not None else parallel.make_mesh(loop.fsdp)
   parallel.check_batch(loop.global_batch_size, mesh, "train.global_batch_size")
   tx = train_lib.make_optimizer(optim)
-  graphdef, abstract = train_lib.abstract_state(model_factory, tx)
+  base = jax.random.key(loop.seed)  # the run's keys, as `run` derives them
+  graphdef, abstract = train_lib.abstract_state(
+    model_factory, tx, jax.random.fold_in(base, 0), jax.random.fold_in(base, 1)
+  )
   shardings = train_lib.state_shardings(abstract, mesh, tx, loop.sharding_rules)
   given = shardings if dict(mesh.shape).get(parallel.FSDP, 1) > 1 else None  # as `run` does
   if train_fn is not None:

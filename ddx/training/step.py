@@ -133,13 +133,16 @@ def _builder(model_factory, tx, params_key, key) -> Callable[[], TrainState]:
 
 
 def abstract_state(
-  model_factory: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation
+  model_factory: Callable[[nnx.Rngs], nnx.Module],
+  tx: optax.GradientTransformation,
+  params_key: jax.Array,
+  key: jax.Array,
 ) -> tuple[Any, TrainState]:
-  """``(graphdef, TrainState of ShapeDtypeStructs)``: shapes and dtypes only, nothing allocated
-  (for `state_shardings`, memory reports and ahead-of-time compiles)."""
-  key = jax.random.key(0)  # a placeholder: eval_shape draws nothing
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_factory(nnx.Rngs(params=key))))
-  return graphdef, jax.eval_shape(_builder(model_factory, tx, key, key))
+  """``(graphdef, TrainState of ShapeDtypeStructs)`` of `create_state` with the same arguments:
+  shapes and dtypes only, nothing drawn or allocated (for `state_shardings`, memory reports
+  and ahead-of-time compiles)."""
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: model_factory(nnx.Rngs(params=params_key))))
+  return graphdef, jax.eval_shape(_builder(model_factory, tx, params_key, key))
 
 
 def create_state(

@@ -38,7 +38,8 @@ def _setup(mesh, model_factory, steps_per_call=1, dropout=True, unroll=None, gra
   tx = train_lib.make_optimizer(spec)
   sh = None
   if rules is not None:
-    sh = train_lib.state_shardings(train_lib.abstract_state(model_factory, tx)[1], mesh, tx, rules)
+    abstract = train_lib.abstract_state(model_factory, tx, jax.random.key(0), jax.random.key(1))[1]
+    sh = train_lib.state_shardings(abstract, mesh, tx, rules)
   graphdef, state = train_lib.create_state(model_factory, tx, jax.random.key(0), jax.random.key(1), shardings=sh)
   fn = train_lib.make_train_fn(
     mesh,

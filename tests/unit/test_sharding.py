@@ -73,7 +73,7 @@ def test_make_mesh():
 
 def _pixel_state():
   tx = train_lib.make_optimizer(train_lib.OptimizerSpec())
-  return tx, train_lib.abstract_state(PixelModel, tx)[1]
+  return tx, train_lib.abstract_state(PixelModel, tx, jax.random.key(0), jax.random.key(1))[1]
 
 
 def test_state_shardings_follow_the_parameters():

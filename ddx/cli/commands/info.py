@@ -46,7 +46,7 @@ def main(argv: list[str]) -> int:
   if FLAGS.config is not None:
     cfg = config_lib.validate(FLAGS.config)
   if fake is not None:
-    if FLAGS.coordinator or FLAGS.num_processes:
+    if FLAGS.coordinator is not None or FLAGS.num_processes is not None:
       raise ValueError("--fake_devices: plans on this process's CPU; drop --coordinator / --num_processes")
     # before the first JAX call creates the backends
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={fake}"
