@@ -7,6 +7,7 @@
 # Process 0's output goes to stdout; process i's to $DDX_LOG_DIR/process_i.log (default: a
 # temporary directory). If any process fails, the others are stopped and the exit code is
 # the first failure's.
+# The processes keep any XLA_FLAGS of the caller, with the device count set to K.
 set -euo pipefail
 if [ $# -lt 4 ] || [ "$3" != "--" ]; then
   echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS -- COMMAND..." >&2; exit 2
@@ -19,7 +20,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup INT TERM
 for ((i = 0; i < N; i++)); do
-  env JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$K" \
+  env JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$K" \
       DDX_COORDINATOR="127.0.0.1:$PORT" DDX_COORDINATOR_BIND="127.0.0.1:$PORT" \
       DDX_NUM_PROCESSES="$N" DDX_PROCESS_ID="$i" \
       "$@" > >(if [ "$i" = 0 ]; then cat; else cat > "$LOG_DIR/process_$i.log"; fi) 2>&1 &

@@ -189,12 +189,20 @@ def loop_run(
 # --- subprocesses ---------------------------------------------------------------------------
 
 
+def xla_flags(devices: int) -> str:
+  """This process's ``XLA_FLAGS`` (the suite's, tests/conftest.py) with ``devices`` fake CPU
+  devices instead of its own count."""
+  count = "--xla_force_host_platform_device_count"
+  keep = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(count)]
+  return " ".join([*keep, f"{count}={devices}"])
+
+
 def subprocess_env(devices: int = 1, **extra) -> dict:
   """This environment for a child process with ``devices`` fake CPU devices and this checkout
   first on the path (the run's compilation cache is inherited)."""
   env = dict(os.environ)
   env.update(
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=xla_flags(devices),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=os.pathsep.join([ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
   )

@@ -23,7 +23,7 @@ from ddx.models import UNetConfig, abstract, param_shapes, with_params
 from ddx.models.io import diffusers as convert
 from ddx.training import checkpoint, loop
 from ddx.training import step as train_lib
-from tests._tiny import DIFFUSION, loop_run
+from tests._tiny import DIFFUSION, loop_run, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(
@@ -34,7 +34,7 @@ TINY = dict(
 def _env():
   env = dict(os.environ)
   env.update(
-    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    XLA_FLAGS=xla_flags(1),
     JAX_PLATFORMS="cpu",
     PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
   )
