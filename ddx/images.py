@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from ddx import storage
 
 
 def to_uint8(x) -> np.ndarray:
@@ -31,14 +33,15 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.
 
 
 def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
-  """Write a uint8 [H, W, C] (C = 1 or 3) grid as PNG, optionally upscaled (nearest)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  """Write a uint8 [H, W, C] (C = 1 or 3) grid as PNG, optionally upscaled (nearest), to a
+  local or object-store path (atomically); returns the path."""
   img = grid[..., 0] if grid.shape[-1] == 1 else grid
   im = Image.fromarray(img)
   if scale > 1:
     im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-  im.save(path)
-  return path
+  buf = io.BytesIO()
+  im.save(buf, format="PNG")
+  return storage.write_bytes(path, buf.getvalue())
 
 
 def save_samples(path_prefix: str, samples, labels=None, ncols: int | None = None, scale: int = 1) -> tuple[str, str]:
@@ -55,8 +58,21 @@ def save_samples(path_prefix: str, samples, labels=None, ncols: int | None = Non
   arrays = {"samples": samples}
   if labels is not None:
     arrays["labels"] = np.asarray(labels)
-  np.savez_compressed(path_prefix + ".npz", **arrays)
-  return png, path_prefix + ".npz"
+  return png, storage.save_npz(path_prefix + ".npz", **arrays)
+
+
+def _open(path: str, what: str) -> Image.Image:
+  """A lazily decoded PIL image of a local or object-store file (ValueError naming ``what``)."""
+  try:
+    if not storage.isfile(path):
+      raise ValueError(f"{what}: no such file {path!r}")
+    data = storage.read_bytes(path)
+  except OSError as e:
+    raise ValueError(f"{what}: cannot read {path!r} ({e.strerror or type(e).__name__})") from None
+  try:
+    return Image.open(io.BytesIO(data))
+  except Exception as e:  # PIL raises several types for a bad file; one line with the cause
+    raise ValueError(f"{what}: cannot read {path!r} as an image ({type(e).__name__})") from None
 
 
 def load_png(path: str, size: int | tuple[int, int], channels: int, what: str = "--input") -> np.ndarray:
@@ -66,10 +82,8 @@ def load_png(path: str, size: int | tuple[int, int], channels: int, what: str = 
   ``channels`` 1 takes a greyscale PNG (mode L), 3 an RGB one. A file of another size or
   colour mode is an error naming ``what`` (no silent resize or conversion).
   """
-  if not os.path.isfile(path):
-    raise ValueError(f"{what}: no such file {path!r}")
+  im = _open(path, what)
   try:
-    im = Image.open(path)
     im.load()
   except Exception as e:  # PIL raises several types for a bad file; one line with the cause
     raise ValueError(f"{what}: cannot read {path!r} as an image ({type(e).__name__})") from None
@@ -90,10 +104,9 @@ def load_png(path: str, size: int | tuple[int, int], channels: int, what: str = 
 
 def png_size(path: str, what: str = "--input") -> tuple[int, int]:
   """``(height, width)`` of an image file, read from its header."""
-  if not os.path.isfile(path):
-    raise ValueError(f"{what}: no such file {path!r}")
+  im = _open(path, what)
   try:
-    with Image.open(path) as im:
+    with im:
       return im.size[1], im.size[0]
   except Exception as e:  # PIL raises several types for a bad file; one line with the cause
     raise ValueError(f"{what}: cannot read {path!r} as an image ({type(e).__name__})") from None

@@ -10,8 +10,8 @@
 #   1. copy:    the tracked files of this checkout as they are on disk (uncommitted edits
 #               included; untracked files are not, the script names how many) packed with
 #               git archive into one tarball, sent with `gcloud compute tpus tpu-vm scp`;
-#   2. install: unpack into ~/ddx (replacing what was there), pip install 'jax[tpu]' and ddx
-#               into ~/ddx-venv;
+#   2. install: unpack into ~/ddx (replacing what was there), pip install 'jax[tpu]' and ddx with
+#               its gs:// client (the [gcs] extra) into ~/ddx-venv;
 #   3. run:     cd ~/ddx && DDX_DISTRIBUTED=auto python -m ddx COMMAND FLAGS, on every worker
 #               at once. jax.distributed auto-detects the pod; each worker drives its own
 #               TPU chips (JAX never restricts local devices on a TPU VM).
@@ -85,6 +85,6 @@ if [ -z "$REPO" ]; then
 else
   FETCH="rm -rf ~/ddx && git clone -q $(q "$REPO") ~/ddx && git -C ~/ddx checkout -q $(q "$REF")"
 fi
-run "${VM[@]}" ssh "$TPU" "${WHERE[@]}" --command "set -e; $FETCH; $VENV; pip install -q \"jax[tpu]\" -e ~/ddx"
+run "${VM[@]}" ssh "$TPU" "${WHERE[@]}" --command "set -e; $FETCH; $VENV; pip install -q \"jax[tpu]\" -e \"\$HOME/ddx[gcs]\""
 ARGS=$(printf ' %q' "$command" "$@")
 run "${VM[@]}" ssh "$TPU" "${WHERE[@]}" --command "set -e; cd ~/ddx && . ~/ddx-venv/bin/activate && DDX_DISTRIBUTED=auto python -m ddx$ARGS"

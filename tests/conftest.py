@@ -154,3 +154,23 @@ def sd_folder(tmp_path_factory):
 
   return build_sd_pipeline(tmp_path_factory.mktemp("sd_pipe"))
 
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A Google Cloud Storage emulator on 127.0.0.1 for this test process (`tests._storage`),
+  its environment set here (inherited by child processes): yields the `Emulator`
+  (``gcs.root(name)`` -> ``gs://ddx-test/<name>``)."""
+  from tests._storage import Emulator
+
+  emu = Emulator("gs").start()
+  saved_env = {k: os.environ.get(k) for k in emu.env}
+  os.environ.update(emu.env)
+  try:
+    yield emu
+  finally:
+    for k, v in saved_env.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    emu.stop()

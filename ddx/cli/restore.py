@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddx import guidance, parallel, samplers, schedules
+from ddx import guidance, parallel, samplers, schedules, storage
 from ddx.cli import config as config_lib
 from ddx.latent import generation
 from ddx.models import AutoencoderConfig, AutoencoderKL, UNet, UNetConfig, abstract, param_shapes, with_params
@@ -63,7 +63,7 @@ def load_model(
     ``(model, config, step)``: the model, the parsed config.json and the step restored.
   """
   _check_which(which)
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = storage.normalize(workdir, "workdir")
   config = checkpoint.read_config(workdir)
   if config.get("kind", "diffusion") != "diffusion":
     raise ValueError(f"{workdir}: holds an {config['kind']} (config.json kind), not a diffusion model")
@@ -80,7 +80,7 @@ def load_autoencoder(
   ``scaling_factor`` a latent model estimated for these latents.
   """
   _check_which(which)
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = storage.normalize(workdir, "workdir")
   config = checkpoint.read_trained_config(workdir, "autoencoder")
   vae, step = _restore(workdir, AutoencoderConfig, config["model"], overrides, which, step)
   return vae, config, step

@@ -9,9 +9,9 @@ comparable between runs that used the same name, so it is part of every cache ke
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
-import uuid
 from typing import Any, Callable, Iterable
 
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ddx import storage
 from ddx.eval.frechet import feature_stats
 
 
@@ -127,13 +128,13 @@ def reference_stats(
     batch_size: feature-extraction batch.
     keep_features: also store the features (KID and precision/recall need them; FD does not).
 
-  The file is written atomically (a uniquely named temporary file + rename); a cached file written without
+  The file is written atomically (`ddx.storage.write_bytes`); a cached file written without
   features is recomputed when ``keep_features`` asks for them.
   """
   path = reference_path(cache_dir, net.name, dataset, split, image_size)
   key = f"{net.name}|{dataset}|{split}|{int(image_size)}"
-  if os.path.isfile(path):
-    with np.load(path) as z:
+  if storage.isfile(path):
+    with np.load(io.BytesIO(storage.read_bytes(path))) as z:
       if str(z["key"]) != key:
         raise ValueError(f"cache_dir: {path} holds statistics for {str(z['key'])!r}, expected {key!r}")
       if not keep_features or "features" in z:
@@ -143,12 +144,10 @@ def reference_stats(
   if feats.shape[0] < 2:
     raise ValueError(f"images_fn: need at least 2 images for a covariance, got {feats.shape[0]}")
   mu, sigma = feature_stats(feats)
-  os.makedirs(cache_dir, exist_ok=True)
   arrays = dict(mu=mu, sigma=sigma, num=np.int64(feats.shape[0]), key=np.asarray(key))
   if keep_features:
     arrays["features"] = feats
-  # a unique temporary name: several processes of one run may miss the cache at once
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  # atomic (a unique temporary file renamed, or one upload): several processes of one run
+  # may miss the cache at once
+  storage.save_npz(path, compressed=False, **arrays)
   return Reference(mu, sigma, int(feats.shape[0]), feats if keep_features else None, path)

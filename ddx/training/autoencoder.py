@@ -29,6 +29,7 @@ import optax
 from flax import nnx
 
 from ddx import images as images_lib
+from ddx import storage
 from ddx.training import step as train_lib
 
 RECONSTRUCTIONS = ("l1", "l2")
@@ -131,10 +132,7 @@ def report_reconstruction(vae, held_out: np.ndarray, workdir: str, step: int) ->
     posterior_std_mean=float(np.mean(std)),
   )
   path = os.path.join(workdir, RECONSTRUCTION_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(rec, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  storage.write_text(path, json.dumps(rec, indent=2, sort_keys=True) + "\n")
   n = min(len(x), 32)
   rows = []
   for i in range(0, n, 16):

@@ -46,10 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
-from ddx import parallel
+from ddx import parallel, storage
 
 CONFIG_NAME = "config.json"
 KINDS = ("diffusion", "autoencoder")  # config.json "kind": what a workdir's checkpoints hold
@@ -58,6 +57,8 @@ JSON_ITEMS = ("train",)  # items saved with JsonSave; everything else uses Stand
 PARAM_ITEMS = ("params", "ema_params")
 CHECKSUMS_ITEM = "checksums"
 CORRUPT_SUBDIR = "checkpoints_corrupt"  # where `set_aside` moves steps that failed verification
+# orbax commits a step on an object store (no rename there) by writing this file into it last
+_COMMIT_MARKER = "commit_success.txt"
 _LOG = logging.getLogger(__name__)
 
 
@@ -80,7 +81,16 @@ class CheckpointWriteError(ValueError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-  return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINT_SUBDIR)
+  """``<workdir>/checkpoints``; ValueError for a workdir where orbax cannot write checkpoints."""
+  workdir = storage.normalize(workdir, "workdir")
+  if storage.scheme(workdir) == "s3":
+    # orbax 0.12 gives tensorstore a local-file spec for an s3:// directory (and would commit
+    # steps by renaming, which S3 cannot do atomically): refused here, before any work
+    raise ValueError(
+      f"workdir: {workdir}: checkpoints cannot be written to s3:// yet (orbax writes arrays to local "
+      "paths and gs:// only); use a gs:// bucket or a shared filesystem"
+    )
+  return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
 def _to_jsonable(obj: Any, where: str) -> Any:
@@ -112,32 +122,26 @@ def write_config(workdir: str | os.PathLike, config: Mapping[str, Any]) -> dict:
     if not isinstance(config.get(section), Mapping):
       raise ValueError(f"config: missing the {section!r} section")
   cfg = _to_jsonable(dict(config), "config")
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = storage.normalize(workdir, "workdir")
   fname = os.path.join(workdir, CONFIG_NAME)
-  if os.path.isfile(fname):
+  if storage.isfile(fname):
     old = read_config(workdir)
     if old.get("model") != cfg["model"]:
       raise ValueError(f"{fname}: holds a different model config; use a fresh workdir")
-  os.makedirs(workdir, exist_ok=True)
-  tmp = fname + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, fname)
+  storage.write_text(fname, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
   return cfg
 
 
 def read_config(workdir: str | os.PathLike) -> dict:
   """Read ``<workdir>/config.json`` (FileNotFoundError / ValueError naming the path)."""
-  workdir = os.path.abspath(os.fspath(workdir))
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir does not exist: {workdir}")
+  workdir = storage.normalize(workdir, "workdir")
   fname = os.path.join(workdir, CONFIG_NAME)
-  if not os.path.isfile(fname):
+  if not storage.isfile(fname):
+    if not storage.isdir(workdir):
+      raise FileNotFoundError(f"workdir does not exist: {workdir}")
     raise FileNotFoundError(f"no {CONFIG_NAME} in workdir {workdir}")
   try:
-    with open(fname) as f:
-      cfg = json.load(f)
+    cfg = json.loads(storage.read_text(fname))
   except json.JSONDecodeError as e:
     raise ValueError(f"{fname}: invalid JSON ({e.msg} at line {e.lineno})") from None
   if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
@@ -172,7 +176,7 @@ def read_trained_config(workdir: str, kind: str, name: str = "workdir") -> dict:
 def _manager(workdir, *, read_only: bool, max_to_keep: int | None = None):
   # (orbax's own read_only mode only adds warnings; we simply never save when reading)
   opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=opts)
+  return ocp.CheckpointManager(storage.path(checkpoint_dir(workdir)), options=opts)
 
 
 def _pure(item: Any) -> Any:
@@ -203,10 +207,10 @@ def save(
       if the workdir has no config.json yet).
     max_to_keep: keep only the newest checkpoints (None keeps all).
   """
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = storage.normalize(workdir, "workdir")
   if config is not None:
     write_config(workdir, config)
-  elif not os.path.isfile(os.path.join(workdir, CONFIG_NAME)):
+  elif not storage.isfile(os.path.join(workdir, CONFIG_NAME)):
     raise ValueError(f"config: required, {workdir} has no {CONFIG_NAME} yet")
   args = _save_args(items)
   mngr = _manager(workdir, read_only=False, max_to_keep=max_to_keep)
@@ -221,7 +225,7 @@ def save(
 def all_steps(workdir: str | os.PathLike) -> list[int]:
   """Committed checkpoint steps in the workdir (sorted; [] if none)."""
   cdir = checkpoint_dir(workdir)
-  if not os.path.isdir(cdir):
+  if not storage.isdir(cdir):
     return []
   mngr = _manager(workdir, read_only=True)
   try:
@@ -237,13 +241,13 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
 
 def resolve_step(workdir: str | os.PathLike, step: int | None = None) -> int:
   """The checkpoint step to read (default: the latest); FileNotFoundError naming the path if none."""
-  workdir = os.path.abspath(os.fspath(workdir))
-  if not os.path.isdir(workdir):
-    raise FileNotFoundError(f"workdir does not exist: {workdir}")
+  workdir = storage.normalize(workdir, "workdir")
   cdir = checkpoint_dir(workdir)
   steps = all_steps(workdir)
+  if not steps and not storage.isdir(workdir):
+    raise FileNotFoundError(f"workdir does not exist: {workdir}")
   if not steps:
-    partial = sorted(os.listdir(cdir)) if os.path.isdir(cdir) else []
+    partial = storage.listdir(cdir)
     extra = f" (only incomplete entries: {', '.join(partial)})" if partial else ""
     raise FileNotFoundError(f"no checkpoint in {cdir}{extra}")
   if step is None:
@@ -280,14 +284,14 @@ def restore(
 def _restore_checked(workdir, step, targets, warn: bool = True) -> tuple[int, dict, int | None]:
   """`restore`, also returning how many leaves were verified (None: the step has no checksums;
   a one-line warning is logged if ``warn``)."""
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = storage.normalize(workdir, "workdir")
   step = resolve_step(workdir, step)
   sdir = os.path.join(checkpoint_dir(workdir), str(step))
   targets = dict(targets) if targets is not None else {n: None for n in PARAM_ITEMS}
   for name in targets:
     if name == CHECKSUMS_ITEM:
       raise ValueError(f"targets: {CHECKSUMS_ITEM!r} is read and checked by restore itself")
-    if not os.path.isdir(os.path.join(sdir, name)):
+    if not storage.isdir(os.path.join(sdir, name)):
       raise ValueError(f"checkpoint {sdir} has no item {name!r}")
   # a target of None restores the item as saved onto this process (whatever topology wrote it)
   try:
@@ -342,7 +346,7 @@ def _with_local_sharding(target):
 def _abstract_from_metadata(step_dir: str, name: str):
   """Abstract single-device target for an item, from its saved metadata: restoring without a
   target fails when the checkpoint was written by another topology (e.g. a multi-host run)."""
-  meta = ocp.StandardCheckpointHandler().metadata(epath.Path(os.path.join(step_dir, name)))
+  meta = ocp.StandardCheckpointHandler().metadata(storage.path(os.path.join(step_dir, name)))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
 
@@ -459,11 +463,11 @@ def check_items(
 def _has_checksums(step_dir: str, step: int) -> bool:
   """Whether the step has a checksums item (CorruptCheckpointError if its metadata lists one
   that is gone)."""
-  if os.path.isdir(os.path.join(step_dir, CHECKSUMS_ITEM)):
+  if storage.isdir(os.path.join(step_dir, CHECKSUMS_ITEM)):
     return True
   try:
-    with open(os.path.join(step_dir, "_CHECKPOINT_METADATA")) as f:
-      listed = CHECKSUMS_ITEM in json.load(f).get("item_handlers", {})
+    meta = json.loads(storage.read_text(os.path.join(step_dir, "_CHECKPOINT_METADATA")))
+    listed = CHECKSUMS_ITEM in meta.get("item_handlers", {})
   except (OSError, ValueError, AttributeError):
     listed = False
   if listed:
@@ -476,10 +480,10 @@ def _has_checksums(step_dir: str, step: int) -> bool:
 def verify(workdir: str | os.PathLike, step: int) -> tuple[str, str]:
   """Read every item of one step and check it: ``(status, detail)`` with status "ok", "bad"
   (detail: the one-line error) or "unverified" (no checksums; the step is readable)."""
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = storage.normalize(workdir, "workdir")
   step = resolve_step(workdir, step)
   sdir = os.path.join(checkpoint_dir(workdir), str(step))
-  names = sorted(n for n in os.listdir(sdir) if os.path.isdir(os.path.join(sdir, n)) and n != CHECKSUMS_ITEM)
+  names = [n for n in storage.listdir(sdir) if n != CHECKSUMS_ITEM and storage.isdir(os.path.join(sdir, n))]
   try:
     _, _, n = _restore_checked(workdir, step, {n: None for n in names}, warn=False)
   except ValueError as e:
@@ -493,14 +497,15 @@ def set_aside(workdir: str | os.PathLike, step: int) -> str:
   """Move a step that failed verification to ``<workdir>/checkpoints_corrupt/<step>`` (never
   deleted: kept for inspection, and out of the way of the next save of that step and of
   orbax's max_to_keep garbage collection). Returns the new path."""
-  workdir = os.path.abspath(os.fspath(workdir))
+  workdir = storage.normalize(workdir, "workdir")
   src = os.path.join(checkpoint_dir(workdir), str(int(step)))
   dst_root = os.path.join(workdir, CORRUPT_SUBDIR)
-  os.makedirs(dst_root, exist_ok=True)
   dst, i = os.path.join(dst_root, str(int(step))), 1
-  while os.path.exists(dst):
+  while storage.exists(dst):
     dst, i = os.path.join(dst_root, f"{int(step)}.{i}"), i + 1
-  os.replace(src, dst)
+  # on an object store the step's commit marker goes first: a move cut short leaves a step
+  # orbax no longer lists, never a listed one with objects missing
+  storage.move_tree(src, dst, first=(_COMMIT_MARKER,))
   return dst
 
 
@@ -576,11 +581,18 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int, keep_period: int = 0):
+    self.workdir = storage.normalize(workdir, "workdir")
     opts = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, keep_period=keep_period or None, create=True, enable_async_checkpointing=True
+      max_to_keep=max_to_keep,
+      keep_period=keep_period or None,
+      create=True,
+      enable_async_checkpointing=True,
+      # on an object store a step is written at its final name and committed by a marker
+      # object: a run killed mid-save leaves an uncommitted step there, which would be
+      # written into again; orbax deletes such steps when the run starts
+      cleanup_tmp_directories=storage.is_remote(self.workdir),
     )
-    self.workdir = os.path.abspath(os.fspath(workdir))
-    self.mngr = ocp.CheckpointManager(checkpoint_dir(self.workdir), options=opts)
+    self.mngr = ocp.CheckpointManager(storage.path(checkpoint_dir(self.workdir)), options=opts)
     self._pending: int | None = None  # the step being written in the background
     self._failed = False
 

@@ -15,7 +15,7 @@ import pytest
 
 from ddx import parallel
 from ddx.training import checkpoint
-from tests._tiny import ROOT, TRAIN_FLAGS
+from tests._tiny import ROOT, TRAIN_FLAGS, xla_flags
 
 SBATCH = os.path.join(ROOT, "launch", "slurm_gpu.sbatch")
 
@@ -89,7 +89,7 @@ def _slurm_env(tmp_path, nodes, tasks_per_node, gpus_per_node, devices_per_task,
     PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
     DDX_VENV="",
     JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_task}",
+    XLA_FLAGS=xla_flags(devices_per_task),
     # the coordinator (process 0) listens on loopback only; JAX's default is every interface
     JAX_COORDINATOR_BIND_ADDRESS=f"127.0.0.1:{port}",
     SLURM_JOB_ID=str(job_id),
@@ -300,7 +300,7 @@ def test_tpu_pod_dry_run_ships_this_checkout():
   remote = os.path.basename(tarball)
   assert f"my-pod:{remote}" in copy
   assert install.startswith("gcloud compute tpus tpu-vm ssh my-pod ") and f"tar -xzf ~/{remote}" in install
-  assert "jax[tpu]" in install and "-e ~/ddx" in install
+  assert "jax[tpu]" in install and '-e "$HOME/ddx[gcs]"' in install
   assert run.startswith("gcloud compute tpus tpu-vm ssh my-pod ")
   assert "cd ~/ddx" in run and "DDX_DISTRIBUTED=auto python -m ddx train --config=configs/cifar10.py" in run
   assert "gs://bucket/run" in run

@@ -11,7 +11,7 @@ import textwrap
 import jax
 import numpy as np
 
-from ddx import parallel
+from ddx import parallel, storage
 from ddx.training import checkpoint
 from tests._tiny import ROOT, TRAIN_FLAGS, assert_params_close, loop_run, run_processes, saved, subprocess_env
 
@@ -104,14 +104,14 @@ def test_each_process_reads_its_rows_of_the_global_batch():
     assert code == 0 and f"TWO_PROCESS_OK {pid}" in out, out[-3000:]
 
 
-# Two JAX processes sharing one workdir, on a data 2 x fsdp 4 mesh (the state sharded across
-# both processes): train to step 4, damage step 4 (process 0), resume; then a step that only
-# process 1 fails to read. Every process verifies, they agree on the step to resume from,
-# process 0 alone moves the bad step, all meet before reloading.
+# Two JAX processes sharing one workdir on a bucket (the GCS emulator), on a data 2 x fsdp 4
+# mesh (the state sharded across both processes): train to step 4, damage step 4 (process 0),
+# resume; then a step that only process 1 fails to read. Every process verifies, they agree on
+# the step to resume from, process 0 alone moves the bad step, all meet before reloading.
 _TWO_PROCESS_RESUME = textwrap.dedent(
   """
-    import glob, os, sys
-    import jax
+    import os, sys
+    import fsspec, jax
     pid, port, wd = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     from jax.experimental import multihost_utils
@@ -124,13 +124,13 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
 
     train(6, stop=4)
     multihost_utils.sync_global_devices("trained")
-    if pid == 0:  # every data file of the item (after the processes' writes are merged, the root's are read)
-      item = os.path.join(wd, "checkpoints", "4", "params")
-      for f in glob.glob(os.path.join(item, "d", "*")) + glob.glob(os.path.join(item, "ocdbt.process_*", "d", "*")):
-        data = bytearray(open(f, "rb").read())
+    if pid == 0:  # every data object of the item (after the processes' writes are merged, the root's are read)
+      fs, item = fsspec.core.url_to_fs(os.path.join(wd, "checkpoints", "4", "params"))
+      for f in [f for f in fs.find(item) if "/d/" in f]:
+        data = bytearray(fs.cat_file(f))
         for i in range(len(data) // 2, len(data) // 2 + min(64, len(data) // 2)):
           data[i] ^= 0xFF
-        open(f, "wb").write(bytes(data))
+        fs.pipe_file(f, bytes(data))
     multihost_utils.sync_global_devices("damaged")
     print("DONE", pid, train(6)["step"], flush=True)
     # step 6 fails its checksums on process 1 alone (injected after the real read: the disk is
@@ -150,10 +150,11 @@ _TWO_PROCESS_RESUME = textwrap.dedent(
 )
 
 
-def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
+def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path, gcs):
   """... and the sharded checkpoint they wrote resumes in one process on another mesh (data 2 x
-  fsdp 2 of 4 devices) to the parameters of a run that trained on that mesh from the start."""
-  wd = str(tmp_path / "wd")
+  fsdp 2 of 4 devices) to the parameters of a run that trained on that mesh from the start.
+  (The launcher test above has two processes write a local workdir.)"""
+  wd = gcs.root(f"two-processes-{tmp_path.name}")
   outs = run_processes(_TWO_PROCESS_RESUME, wd, devices=4, timeout=300)
   for pid, (out, code) in enumerate(outs):
     assert code == 0 and f"DONE {pid} 6" in out and f"DONE {pid} 8" in out, out[-3000:]
@@ -172,7 +173,7 @@ def test_two_processes_set_aside_a_bad_step_once_and_resume(tmp_path):
     f"moved to {aside}/6, not deleted)"
   ) in outs[0], outs[0][-3000:]
   # moved once (not once per process), kept, and the steps written anew verify
-  assert sorted(os.listdir(aside)) == ["4", "6"]
+  assert storage.listdir(aside) == ["4", "6"]
   assert checkpoint.all_steps(wd) == [6, 8]
   assert checkpoint.verify(wd, 6)[0] == checkpoint.verify(wd, 8)[0] == "ok"
   mesh = parallel.make_mesh(2, jax.devices()[:4])

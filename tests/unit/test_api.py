@@ -215,6 +215,7 @@ LAYERS = {
   "ddx.edit": 0,
   "ddx.parallel": 0,
   "ddx.images": 0,
+  "ddx.storage": 0,
   "ddx.__main__": 3,
   "ddx.models": 1,
   "ddx.data": 1,
@@ -257,6 +258,7 @@ def test_the_top_level_holds_the_core_only():
     "parallel",
     "sampling",
     "schedules",
+    "storage",
   ], loose
 
 

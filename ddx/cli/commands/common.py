@@ -14,7 +14,7 @@ import time
 import numpy as np
 from absl import flags
 
-from ddx import guidance, images, parallel
+from ddx import guidance, images, parallel, storage
 from ddx.cli import limits, restore
 from ddx.training import checkpoint
 
@@ -49,7 +49,13 @@ def require(fv: flags.FlagValues, *names: str) -> None:
 
 def workdir(fv: flags.FlagValues) -> str:
   require(fv, "workdir")
-  return os.path.abspath(fv.workdir)
+  wd = storage.normalize(fv.workdir, "--workdir")
+  try:
+    checkpoint.checkpoint_dir(wd)  # refuses a store that checkpoints cannot be written to
+  except ValueError as e:
+    raise ValueError(f"--{e}") from None
+  storage.check_reachable(wd, "--workdir")
+  return wd
 
 
 def check_int(fv: flags.FlagValues, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
@@ -85,6 +91,8 @@ def check_out(fv: flags.FlagValues, name: str = "out") -> str | None:
   v = fv[name].value
   if v is not None and not v.strip():
     raise ValueError(f"--{name}: must be a non-empty path prefix")
+  if v is not None:
+    storage.normalize(v, f"--{name}")  # a scheme ddx cannot write, or its client missing: one line now
   return v
 
 
@@ -128,7 +136,7 @@ def check_paths(fv: flags.FlagValues, name: str, count: int | None = None) -> li
   if count is not None and len(paths) != count:
     raise ValueError(f"--{name}: expected {count} comma-separated files, got {len(paths)}")
   for p in paths:
-    if not os.path.isfile(p):
+    if not storage.isfile(storage.normalize(p, f"--{name}")):
       raise ValueError(f"--{name}: no such file {p!r}")
   return paths
 
@@ -207,5 +215,4 @@ def write_outputs(prefix: str, rows, ncols: int, scale: int, **arrays) -> tuple[
   """A PNG grid of ``rows`` ([N, H, W, C] in [-1, 1], row-major with ``ncols``) and an .npz."""
   refuse_nonfinite(**arrays)
   png = images.save_png(prefix + ".png", images.make_grid(images.to_uint8(rows), ncols), scale=scale)
-  np.savez_compressed(prefix + ".npz", **{k: np.asarray(v) for k, v in arrays.items()})
-  return png, prefix + ".npz"
+  return png, storage.save_npz(prefix + ".npz", **{k: np.asarray(v) for k, v in arrays.items()})

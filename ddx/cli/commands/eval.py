@@ -23,7 +23,7 @@ import time
 import jax
 from absl import flags
 
-from ddx import data, samplers
+from ddx import data, samplers, storage
 from ddx.cli import limits, restore
 from ddx.cli.commands import common
 from ddx.eval import quality
@@ -90,7 +90,9 @@ def main(argv: list[str]) -> int:
     raise ValueError(
       f"{os.path.join(workdir, 'config.json')}: data.image_size {data_size} differs from model.image_size {size}"
     )
-  cache_dir = os.path.abspath(FLAGS.cache_dir) if FLAGS.cache_dir is not None else os.path.join(workdir, "eval_cache")
+  cache_dir = os.path.join(workdir, "eval_cache")
+  if FLAGS.cache_dir is not None:
+    cache_dir = storage.normalize(FLAGS.cache_dir, "--cache_dir")
 
   try:
     net = quality.feature_net(FLAGS.features, FLAGS.inception_weights)
@@ -151,6 +153,5 @@ def main(argv: list[str]) -> int:
       f"step {s.step} {sampler_name} S={steps} N={num} [{net.name}]: {label} {result['fd']:.4g}  "
       f"KID {result['kid_mean']:.4g} ± {result['kid_std']:.2g}{pr}"
     )
-    with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-      f.write(json.dumps(result) + "\n")
+    storage.append_text(os.path.join(workdir, "eval.jsonl"), json.dumps(result) + "\n")
   return 0

@@ -24,7 +24,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from ddx import data, schedules
+from ddx import data, schedules, storage
 from ddx.cli import config as config_lib
 from ddx.cli import limits, restore
 from ddx.cli.commands import common
@@ -151,7 +151,7 @@ def train_autoencoder(workdir: str, cfg: dict, source, stop_after: int | None) -
 def _latent_source(workdir: str, cfg: dict, source):
   """``(latent source, decode)`` for a latent diffusion config; fills ``cfg["latent"]``."""
   lat = dict(cfg["latent"])
-  lat["autoencoder_workdir"] = os.path.abspath(lat["autoencoder_workdir"])
+  lat["autoencoder_workdir"] = storage.normalize(lat["autoencoder_workdir"], "latent.autoencoder_workdir")
   try:  # a resumed run keeps the autoencoder step and scaling factor it started with
     previous = checkpoint.read_config(workdir).get("latent") or {}
   except (FileNotFoundError, ValueError):
@@ -195,7 +195,9 @@ def _eval_spec(cfg: dict, source, workdir: str) -> loop.EvalSpec:
   except ValueError as err:
     raise ValueError(f"eval.{err}") from None
   cache_dir = (
-    os.path.abspath(e["cache_dir"]) if e["cache_dir"] else os.path.join(os.path.abspath(workdir), "eval_cache")
+    storage.normalize(e["cache_dir"], "eval.cache_dir")
+    if e["cache_dir"]
+    else os.path.join(storage.normalize(workdir, "--workdir"), "eval_cache")
   )
   ref = quality.reference_for_source(
     net, source, cache_dir=cache_dir, dataset=d["name"], split=d["split"], batch=e["batch"]

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from ddx import images, latent, samplers
+from ddx import images, latent, samplers, storage
 from ddx.cli import limits
 from ddx.cli.commands import common
 from ddx.latent import pipeline
@@ -174,8 +174,7 @@ def main(argv: list[str]) -> int:
   prefix = out_prefix if out_prefix is not None else os.path.abspath(f"{kind}_{label.replace('+', 'p')}{steps}")
   ncols = num if len(FLAGS.prompt) > 1 else None  # one row per prompt
   png = images.save_png(prefix + ".png", images.make_grid(images.to_uint8(out), ncols))
-  npz = prefix + ".npz"
-  np.savez_compressed(npz, samples=out, prompts=np.asarray(prompts), **extra)
+  npz = storage.save_npz(prefix + ".npz", samples=out, prompts=np.asarray(prompts), **extra)
   print(
     f"wrote {png} and {npz} ({kind}, {len(prompts)} images {out.shape[1]}x{out.shape[2]}, "
     f"{label} {steps} steps, guidance {guidance}, {dt:.1f}s incl. compile)"

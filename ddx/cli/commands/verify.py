@@ -14,6 +14,7 @@ import os
 
 from absl import flags
 
+from ddx import storage
 from ddx.cli import limits
 from ddx.cli.commands import common
 from ddx.training import checkpoint
@@ -40,8 +41,8 @@ def main(argv: list[str]) -> int:
     counts[status] += 1
     print(f"step {step}: {status.upper() if status == 'bad' else status}: {detail}", flush=True)
   aside = os.path.join(workdir, checkpoint.CORRUPT_SUBDIR)
-  if only is None and os.path.isdir(aside):
-    for name in sorted(os.listdir(aside)):
+  if only is None:
+    for name in storage.listdir(aside):
       print(f"{os.path.join(aside, name)}: set aside by train after failing verification (kept; not counted)")
   print(
     f"{len(steps)} checkpoint{'s' if len(steps) != 1 else ''} in {checkpoint.checkpoint_dir(workdir)}: "
