@@ -292,6 +292,12 @@ def run(
           t_log += time.time() - t_eval  # keep the evaluation out of the next steps/s
         preempt = _agree(stop["signal"] is not None) or ckpt.reached_preemption(step)
         if step % loop.checkpoint_every == 0 or step >= end or preempt:
+          lost = getattr(lock, "lost", None)  # a bucket workdir's lease taken over by another run
+          if _agree(lost is not None):
+            raise workdir_lock.WorkdirBusy(
+              f"workdir {workdir}: another training run took it over ({lost or 'see process 0'}); "
+              f"stopped before writing step {step}, nothing of it written"
+            )
           ckpt.save(step, train_lib.checkpoint_items(state))
         if preempt:
           preempted = True

@@ -221,7 +221,13 @@ def test_the_lease_refuses_a_second_trainer_and_takes_over_a_dead_one(gcs, monke
   fourth = workdir_lock.WorkdirLock(wd)
   fourth.acquire()
   assert json.loads(fs.cat_file(key))["pid"] == os.getpid()
+  # taken over under a live holder (its host's clock far behind, say): the holder notices at
+  # its next renewal (the loop then stops before its next checkpoint) and leaves the new lease
+  fs.pipe_file(key, json.dumps(other).encode())
+  time.sleep(1.2)
+  assert fourth.lost == "pid 1 on host elsewhere"
   fourth.release()
+  assert json.loads(fs.cat_file(key))["host"] == "elsewhere"
 
 
 def test_lease_time_is_checked(monkeypatch, gcs):
