@@ -220,6 +220,27 @@ def move_tree(src: str, dst: str, first: tuple[str, ...] = ()) -> None:
 
 
 @contextlib.contextmanager
+def local_dir(p: str, what: str = "folder") -> Iterator[str]:
+  """A local directory holding the tree under ``p`` (every object below the prefix, copied to
+  a temporary directory that is removed afterwards), for readers of local folders only
+  (safetensors' memory map, transformers' tokenizer); ``p`` itself when it is local."""
+  p = normalize(p, what)
+  if not is_remote(p):
+    yield p
+    return
+  fs, key = fsspec.core.url_to_fs(p)
+  names = fs.find(key)
+  if not names:
+    raise FileNotFoundError(f"{what}: folder not found: {p}")
+  with tempfile.TemporaryDirectory(prefix="ddx-") as tmp:
+    for name in names:
+      local = os.path.join(tmp, os.path.relpath(name, key))
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      fs.get_file(name, local)
+    yield tmp
+
+
+@contextlib.contextmanager
 def local_copy(p: str) -> Iterator[str]:
   """A local file holding ``p``'s bytes, for libraries that only open local files
   (safetensors' memory map); ``p`` itself when it is local."""

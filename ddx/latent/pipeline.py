@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddx import edit, latent, samplers, schedules
+from ddx import edit, latent, samplers, schedules, storage
 from ddx.models.io import diffusers as convert
 from ddx.models.io import latent as convert_latent
 from ddx.models.io import torch_state as torch_import
@@ -270,8 +270,12 @@ def load_tokenizer(folder: str):
 
 
 def load(path: str | os.PathLike, *, dtype: Any = None) -> Pipeline:
-  """Load a pipeline folder (see the module docstring); ``dtype="bfloat16"`` for bf16 compute."""
+  """Load a pipeline folder (see the module docstring); ``dtype="bfloat16"`` for bf16 compute.
+  A folder on a bucket (``gs://...``) is copied to a temporary local folder first."""
   path = os.fspath(path)
+  if storage.is_remote(path):
+    with storage.local_dir(path, "pipeline") as local:
+      return dataclasses.replace(load(local, dtype=dtype), path=storage.normalize(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"pipeline: folder not found: {path}")
   read_model_index(path)

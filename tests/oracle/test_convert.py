@@ -464,3 +464,24 @@ def test_corrupt_checkpoint(tiny_model, tmp_path):
   assert "\n" not in str(e.value)
   model, _, _ = restore.load_model(workdir, which="params")  # the other item is intact
   chex.assert_trees_all_equal(nnx.state(model, nnx.Param), nnx.state(tiny_model, nnx.Param))
+
+
+def test_convert_from_and_into_a_bucket(small_ddpm, gcs, ddx_cli):
+  """A diffusers folder read from a bucket, the workdir written to one: the same weights and
+  settings as from the local folder."""
+  import fsspec  # noqa: PLC0415
+
+  path, _ = small_ddpm
+  src, workdir = gcs.root("diffusers/small-ddpm"), gcs.root("converted/small-ddpm")
+  fs, key = fsspec.core.url_to_fs(src)
+  for root, _, names in os.walk(path):
+    for n in names:
+      fs.pipe_file(f"{key}/{os.path.relpath(os.path.join(root, n), path)}", open(os.path.join(root, n), "rb").read())
+  code, out, err = ddx_cli("convert", f"--diffusers={src}", f"--workdir={workdir}")
+  assert code == 0 and f"wrote {workdir}/config.json" in out, err[-2000:]
+  config = checkpoint.read_config(workdir)
+  assert config["source"] == {"format": "diffusers", "path": src}
+  assert config["diffusion"]["prediction"] == "v" and config["diffusion"]["beta_schedule"] == "linear"
+  model, _, step = restore.load_model(workdir)
+  assert step == 0
+  chex.assert_trees_all_equal(nnx.state(model, nnx.Param), nnx.state(from_diffusers(path), nnx.Param))

@@ -9,10 +9,33 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from ddx.cli import main as cli
 from ddx.latent import pipeline
 from tests._latent_refs import PROMPTS, STEPS
+
+
+@pytest.mark.torch
+def test_a_pipeline_folder_on_a_bucket_loads_like_the_local_one(sd_folder, gcs):
+  import fsspec  # noqa: PLC0415
+
+  path, _ = sd_folder
+  remote = gcs.root("pipelines/tiny-sd")
+  fs, key = fsspec.core.url_to_fs(remote)
+  for root, _, names in os.walk(path):
+    for n in names:
+      fs.pipe_file(f"{key}/{os.path.relpath(os.path.join(root, n), path)}", open(os.path.join(root, n), "rb").read())
+  a, b = pipeline.load(path), pipeline.load(remote)
+  assert b.path == remote and a.scheduler == b.scheduler and a.diffusion == b.diffusion
+  for name in ("unet", "vae", "text_encoder"):
+    la, lb = (jax.tree_util.tree_leaves(nnx.state(getattr(p, name), nnx.Param)) for p in (a, b))
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert a.tokenizer(PROMPTS).input_ids == b.tokenizer(PROMPTS).input_ids
+  with pytest.raises(FileNotFoundError, match=r"^pipeline: folder not found: gs://ddx-test/pipelines/none$"):
+    pipeline.load(gcs.root("pipelines/none"))
 
 
 @pytest.mark.slow

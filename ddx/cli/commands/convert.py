@@ -11,6 +11,7 @@ import os
 
 from absl import flags
 
+from ddx import storage
 from ddx.cli.commands import common
 from ddx.models.io import diffusers as convert
 from ddx.training import checkpoint
@@ -34,12 +35,14 @@ def main(argv: list[str]) -> int:
 
   if checkpoint.all_steps(workdir) and not FLAGS.overwrite:
     raise ValueError(f"--workdir: {workdir} already has checkpoints; pass --overwrite or a new --workdir")
-  model = convert.from_diffusers(FLAGS.diffusers)
-  diffusion = convert.diffusers_scheduler_to_diffusion(convert.load_scheduler_config(FLAGS.diffusers))
+  source = storage.normalize(FLAGS.diffusers, "--diffusers")
+  with storage.local_dir(source, "--diffusers") as folder:  # a bucket folder is copied locally first
+    model = convert.from_diffusers(folder)
+    diffusion = convert.diffusers_scheduler_to_diffusion(convert.load_scheduler_config(folder))
   config = {
     "model": model.config.to_json(),
     "diffusion": diffusion,
-    "source": {"format": "diffusers", "path": os.path.abspath(FLAGS.diffusers)},
+    "source": {"format": "diffusers", "path": source},
   }
   path = checkpoint.save(workdir, 0, {"params": model, "ema_params": model}, config)
   print(f"wrote {os.path.join(workdir, checkpoint.CONFIG_NAME)} and {path}")
