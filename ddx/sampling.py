@@ -2,8 +2,10 @@
 
     x0 = ddx.sample(model_fn, sampler, x_T, key)
 
-* ``model_fn(x, t) -> output``: x float32 [B, ...], t int32 [B] (the sampler's timestep for
-  this call, broadcast over the batch). Its output is eps / x0 / v as the sampler was built
+* ``model_fn(x, t) -> output``: x float32 [B, ...], t [B] (the sampler's timestep for this
+  call, broadcast over the batch: int32 for DDPM / DDIM / PLMS / DPM-Solver++, float32 for the
+  σ-space samplers, whose x is the σ-space sample rescaled to the variance the model was
+  trained on, ``x_σ / sqrt(σ² + 1)``; see ``Sampler.model_input``). Its output is eps / x0 / v as the sampler was built
   for, of x's shape (or twice its channels for a learned variance, channels-last).
   ``model_fn`` may be a plain function, a ``jax.tree_util.Partial`` or an ``nnx.Module``:
   its array leaves (e.g. parameters) are passed to the compiled program as arguments, not
@@ -154,9 +156,9 @@ def _run(
   total = int(plan[0].shape[0])
 
   def call(state, i, e):
-    t = jnp.broadcast_to(sampler.timesteps[i], (batch,))
-    out = model_fn(state.x, t)
     noise = jax.random.normal(jax.random.fold_in(key, e), state.x.shape, jnp.float32) if sampler.stochastic else None
+    x_in, t = sampler.model_input(state, i, noise)
+    out = model_fn(x_in, jnp.broadcast_to(t, (batch,)))
     state = sampler.step(state, out, i, noise)
     if hook is not None:
       state = state._replace(x=hook(state.x, i, e))
@@ -242,8 +244,9 @@ def sample(
   Args:
     model_fn: ``(x, t) -> output``; see the module docstring.
     sampler: a `ddx.samplers.Sampler`, e.g. from `ddx.samplers.make`.
-    x_T: the initial sample, [B, ...] (may be a sharded jax.Array); with ``start=k`` it is the
-      sample at the level of model call k.
+    x_T: the initial sample, [B, ...] (may be a sharded jax.Array): standard normal for every
+      sampler (a σ-space sampler scales it to its first noise level itself); with ``start=k``
+      it is the sample at the level of model call k.
     key: PRNG key for the per-entry noise (required iff the sampler is stochastic or the plan
       has undo entries).
     return_x0_at: model-call indices (0 <= i < len(sampler.timesteps)) at which to also return
@@ -290,7 +293,9 @@ def sample(
   # instead of an XLA shape error deep inside the scan.
   try:
     out = jax.eval_shape(
-      model_fn, jax.ShapeDtypeStruct(x_T.shape, jnp.float32), jax.ShapeDtypeStruct((x_T.shape[0],), jnp.int32)
+      model_fn,
+      jax.ShapeDtypeStruct(x_T.shape, jnp.float32),
+      jax.ShapeDtypeStruct((x_T.shape[0],), sampler.timesteps.dtype),
     )
   except Exception as e:  # re-raised with context; the original is chained
     raise ValueError(f"model_fn: failed on x of shape {x_T.shape} and t of shape ({x_T.shape[0]},): {e}") from e

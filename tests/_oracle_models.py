@@ -34,8 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
-from diffusers.schedulers import scheduling_ddpm
+from diffusers import (
+  DDIMScheduler,
+  DDPMScheduler,
+  DPMSolverMultistepScheduler,
+  EulerAncestralDiscreteScheduler,
+  EulerDiscreteScheduler,
+  HeunDiscreteScheduler,
+  LMSDiscreteScheduler,
+  PNDMScheduler,
+)
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 
 import ddx
 
@@ -130,12 +139,13 @@ def ddx_noise(key, i: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def patched_ddpm_noise():
-  """Replace ``scheduling_ddpm.randn_tensor`` (called as ``randn_tensor(model_output.shape,
+def patched_ddpm_noise(module=scheduling_ddpm):
+  """Replace ``module.randn_tensor`` (called as ``randn_tensor(model_output.shape,
   generator=..., device=..., dtype=model_output.dtype)`` in DDPMScheduler.step, only when
-  t > 0) by a function returning ``box[0]``; the caller sets ``box[0]`` before each step."""
+  t > 0, and in EulerAncestralDiscreteScheduler.step) by a function returning ``box[0]``;
+  the caller sets ``box[0]`` before each step."""
   box: list[Any] = [None]
-  orig = scheduling_ddpm.randn_tensor
+  orig = module.randn_tensor
 
   def fake(shape, generator=None, device=None, dtype=None, layout=None):
     z = box[0]
@@ -143,11 +153,11 @@ def patched_ddpm_noise():
     box[0] = None  # each queued draw is consumed at most once
     return z.to(dtype=dtype)
 
-  scheduling_ddpm.randn_tensor = fake
+  module.randn_tensor = fake
   try:
     yield box
   finally:
-    scheduling_ddpm.randn_tensor = orig
+    module.randn_tensor = orig
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +185,7 @@ def ddx_schedule(schedule: str, zero_snr: bool = False) -> ddx.Schedule:
 
 _jit_models = {False: jax.jit(jax_model), True: jax.jit(jax_model_learned)}
 _jit_step = jax.jit(lambda smp, state, out, i, z: smp.step(state, out, i, z))
+_jit_input = jax.jit(lambda smp, state, i, z: smp.model_input(state, i, z))
 
 
 def run_ddx(sampler, key, learned: bool = False) -> dict:
@@ -187,9 +198,9 @@ def run_ddx(sampler, key, learned: bool = False) -> dict:
   state = sampler.init(x_T())
   traj = []
   for i in range(sampler.num_calls):
-    t = jnp.broadcast_to(sampler.timesteps[i], (SHAPE[0],))
-    out = _jit_models[learned](state.x, t)
     z = jnp.asarray(ddx_noise(key, i)) if sampler.stochastic else None
+    x_in, t = _jit_input(sampler, state, jnp.int32(i), z)
+    out = _jit_models[learned](x_in, jnp.broadcast_to(t, (SHAPE[0],)))
     state = _jit_step(sampler, state, out, jnp.int32(i), z)
     traj.append(np.asarray(state.x))
   return dict(final=final, traj=traj)
@@ -491,11 +502,86 @@ def dpm_ddx(c: dict, key=None) -> dict:
   return run_ddx(dpm_sampler(c), None)
 
 
+# --------------------------------------------------------------------------------------------
+# σ-space samplers = EulerDiscrete / EulerAncestralDiscrete / HeunDiscrete / LMSDiscrete
+# --------------------------------------------------------------------------------------------
+
+SIGMA_DEFAULTS = dict(
+  schedule="scaled_linear",
+  spacing="linspace",
+  steps_offset=0,
+  S=20,
+  sigmas=None,
+  final_sigma="zero",
+  prediction="eps",
+  zero_snr=False,
+)
+SIGMA_SCHEDULERS = {
+  "euler": EulerDiscreteScheduler,
+  "euler_ancestral": EulerAncestralDiscreteScheduler,
+  "heun": HeunDiscreteScheduler,
+  "lms": LMSDiscreteScheduler,
+}
+_SIGMA_GRID_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+
+
+def sigma_case(**kw) -> dict:
+  return _case(SIGMA_DEFAULTS, kw)
+
+
+def sigma_reference(kind: str, c: dict, key, dtype=torch.float32) -> list:
+  """The diffusers scheduler driven as its pipelines do (scale_model_input, then step), from
+  x_T scaled by sqrt(σ_max² + 1) (ddx's choice; diffusers' init_noise_sigma is σ_max for
+  linspace / trailing spacing, docs/samplers.md §7), with ddx's noise injected.
+
+  ``dtype=torch.float64`` (Heun and LMS only: Euler's step casts to float32) runs the same
+  code in float64 on ddx's exact alphas; its σ tables stay float32-rounded, as ddx's are."""
+  assert dtype == torch.float32 or kind in ("heun", "lms")
+  kw = diffusers_sched_kwargs(c["schedule"], c["zero_snr"])
+  if c["schedule"] == "linear":  # HeunDiscreteScheduler's own defaults are SD's endpoints
+    kw.update(beta_start=1e-4, beta_end=0.02)
+  kw.update(timestep_spacing=c["spacing"], steps_offset=c["steps_offset"])
+  kw["prediction_type"] = DIFFUSERS_PREDICTION[c["prediction"]]
+  if c["sigmas"] is not None:
+    kw[_SIGMA_GRID_FLAGS[c["sigmas"]]] = True
+  if c["final_sigma"] != "zero":
+    kw["final_sigmas_type"] = c["final_sigma"]
+  sch = SIGMA_SCHEDULERS[kind](**kw)
+  if dtype == torch.float64:
+    ab = ddx_schedule(c["schedule"], c["zero_snr"]).f64.alphas_cumprod
+    sch.alphas_cumprod = torch.from_numpy(np.where(ab <= 0, 2.0**-24, ab))
+  sch.set_timesteps(c["S"])
+  sch.sigmas = sch.sigmas.to(dtype)
+  x = _ref_inputs(dtype) * float(np.sqrt(float(sch.sigmas.max()) ** 2 + 1.0))
+  traj = []
+  with patched_ddpm_noise(scheduling_euler_ancestral_discrete) as box:
+    for i, t in enumerate(sch.timesteps):
+      box[0] = to_torch(ddx_noise(key, i)).to(dtype) if kind == "euler_ancestral" else None
+      out = torch_model(sch.scale_model_input(x, t), t).to(dtype)
+      x = sch.step(out, t, x).prev_sample
+      traj.append(from_torch(x))
+  return traj
+
+
+def sigma_sampler(kind: str, c: dict):
+  kw = dict(spacing=c["spacing"], steps_offset=c["steps_offset"], prediction=c["prediction"])
+  kw.update(sigmas=c["sigmas"], final_sigma=c["final_sigma"])
+  return ddx.samplers.make(kind, ddx_schedule(c["schedule"], c["zero_snr"]), c["S"], **kw)
+
+
+def _sigma_runners(kind):
+  return (
+    lambda c, key=None: run_ddx(sigma_sampler(kind, c), key),
+    lambda c, key=None, dtype=torch.float32: sigma_reference(kind, c, key, dtype),
+  )
+
+
 RUNNERS = {
   "ddim": (ddim_ddx, ddim_reference),
   "ddpm": (ddpm_ddx, ddpm_reference),
   "plms": (plms_ddx, plms_reference),
   "dpm_solver++": (dpm_ddx, dpm_reference),
+  **{kind: _sigma_runners(kind) for kind in SIGMA_SCHEDULERS},
 }
 
 
@@ -542,6 +628,26 @@ def case_id(case: dict, defaults: dict) -> str:
 # T = S = 1000), while ddx (float64 host coefficients) stays within 1.5e-6 of the float64
 # evaluation. Hence 2e-4 against float32 diffusers for the full chains (1e-5 against float64).
 TOL_DDPM_FULL_CHAIN_F32 = 2e-4
+
+
+# The σ-space samplers carry x_σ = x0 + σ eps, of magnitude σ_max at the start: in float32 that
+# costs ~σ_max 2^-24 absolute on every sample, in ddx and in diffusers alike. The cosine
+# schedule has σ_max ≈ 2.0e4: with x0 / v prediction, Heun there is 3e-2 / 9e-3 (ddx) and
+# 5e-2 / 1e-2 (diffusers) from the float64 evaluation of the same diffusers code, LMS 3e-4
+# (both); so cosine is compared with eps prediction only. Zero-SNR's clamp gives σ_max = 4096:
+# Euler there differs from diffusers by 6e-5 (tolerance 1e-4). Measured 2026-12-08.
+# Where diffusers divides a difference by a small σ (Heun's second call at σ(t=0) = 0.029,
+# x0 prediction in Heun / LMS), its float32 result is 2e-5..4e-5 from its own float64
+# evaluation while ddx stays within 2e-6 of it (test_sigma_samplers_closer_to_float64): ddx
+# writes the derivative without that cancellation (ddx/samplers/sigmas.py, ``derivative``).
+TOL_SIGMA_DIFFUSERS_F32 = 5e-5
+SIGMA_F64_CASES = [
+  ("heun", sigma_case(S=2)),
+  ("heun", sigma_case(schedule="linear", prediction="x0", S=10)),
+  ("lms", sigma_case(schedule="linear", prediction="x0", S=10)),
+  ("heun", sigma_case(sigmas="karras", prediction="v", S=10)),
+  ("lms", sigma_case(sigmas="exponential", spacing="leading", steps_offset=1, S=10)),
+]
 
 
 def _cases():
@@ -681,10 +787,43 @@ def _cases():
   for schedule in ("linear", "cosine"):
     for final in ("zero", "sigma_min"):
       add("dpm_solver++", g, dpm_case(schedule=schedule, final_sigmas_type=final))
+
+  # ---- σ-space samplers (diffusers supports: final_sigmas_type and zero-SNR only in Euler,
+  # zero-SNR in Euler ancestral, the re-spaced grids in all but Euler ancestral; Euler
+  # ancestral has no x0 prediction) ----
+  for kind in SIGMA_SCHEDULERS:
+    g = "spacing x grid x S"
+    for spacing, off in (("linspace", 0), ("leading", 1), ("trailing", 0)):
+      for grid in (None, "karras", "exponential", "beta"):
+        if grid and kind == "euler_ancestral":
+          continue
+        for S in (4, 20) if grid in (None, "karras") else (10,):
+          add(kind, g, sigma_case(spacing=spacing, steps_offset=off, sigmas=grid, S=S))
+    g = "prediction x schedule (cosine: eps only, see TOL_SIGMA_DIFFUSERS_F32)"
+    for pred in ("eps", "v") if kind == "euler_ancestral" else ("eps", "x0", "v"):
+      for schedule in ("scaled_linear", "linear"):
+        tol = TOL_SIGMA_DIFFUSERS_F32 if (kind in ("heun", "lms") and pred == "x0" and schedule == "linear") else TOL
+        add(kind, g, sigma_case(prediction=pred, schedule=schedule, S=10), tol)
+    add(kind, g, sigma_case(schedule="cosine", S=10), 2e-5)
+    g = "S = 1, 2"
+    for S in (1, 2):
+      add(kind, g, sigma_case(S=S), TOL_SIGMA_DIFFUSERS_F32 if kind == "heun" else TOL)
+  for kind in ("euler", "euler_ancestral"):
+    g = "zero-SNR rescale, v, trailing (tol 1e-4: σ_max = 4096, see TOL_SIGMA_DIFFUSERS_F32)"
+    add(kind, g, sigma_case(zero_snr=True, prediction="v", spacing="trailing", S=10), 1e-4)
+  g = "final sigma_min"
+  for grid in (None, "karras"):
+    add("euler", g, sigma_case(final_sigma="sigma_min", sigmas=grid, S=10))
   return out
 
 
-DEFAULTS = {"ddim": DDIM_DEFAULTS, "ddpm": DDPM_DEFAULTS, "plms": PLMS_DEFAULTS, "dpm_solver++": DPM_DEFAULTS}
+DEFAULTS = {
+  "ddim": DDIM_DEFAULTS,
+  "ddpm": DDPM_DEFAULTS,
+  "plms": PLMS_DEFAULTS,
+  "dpm_solver++": DPM_DEFAULTS,
+  **{kind: SIGMA_DEFAULTS for kind in SIGMA_SCHEDULERS},
+}
 CASES = _cases()
 HAS_F64 = ("ddim", "ddpm", "plms")  # DPMSolverMultistepScheduler computes in float32 only
 

@@ -22,6 +22,7 @@ from ddx.data.sources import DATASETS
 from ddx.eval import inception, quality
 from ddx.models.configs import AutoencoderConfig, UNetConfig
 from ddx.samplers import NAMES as SAMPLER_NAMES
+from ddx.samplers import SIGMA_NAMES as SIGMA_SAMPLERS
 from ddx.training import autoencoder as autoencoder_train
 from ddx.training import checkpoint, loop
 from ddx.training import step as train_lib
@@ -409,9 +410,16 @@ def loss_spec(cfg: Mapping) -> train_lib.LossSpec:
   )
 
 
-def sampler_kwargs(diffusion: Mapping, *, sampler: str, eta: float, clip_sample: bool) -> dict:
-  """Keyword arguments of `ddx.samplers.make` for a trained model's diffusion section."""
+def sampler_kwargs(
+  diffusion: Mapping, *, sampler: str, eta: float, clip_sample: bool, sigmas: str | None = None
+) -> dict:
+  """Keyword arguments of `ddx.samplers.make` for a trained model's diffusion section;
+  ``sigmas`` (a noise-level grid) only for the σ-space samplers."""
   kw: dict[str, Any] = {"prediction": diffusion["prediction"]}
+  if sigmas is not None:
+    if sampler not in SIGMA_SAMPLERS:
+      raise ValueError(f"--sigmas: only the σ-space samplers {SIGMA_SAMPLERS} take a noise-level grid, got {sampler}")
+    kw["sigmas"] = sigmas
   if sampler == "ddpm":
     kw["variance"] = diffusion.get("variance", "fixed_large")
   if sampler in ("ddpm", "ddim"):

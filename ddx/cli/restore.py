@@ -104,11 +104,13 @@ def decode_latents(vae: AutoencoderKL, latents) -> np.ndarray:
   return np.clip(np.asarray(jax.device_get(generation.decode(vae, jnp.asarray(latents)))), -1.0, 1.0)
 
 
-def make_sampler(config: dict, name: str, steps: int, *, eta: float = 0.0, clip_sample: bool = True):
+def make_sampler(
+  config: dict, name: str, steps: int, *, eta: float = 0.0, clip_sample: bool = True, sigmas: str | None = None
+):
   """The schedule and a sampler for a trained model's ``config`` (its diffusion section)."""
   diffusion = config["diffusion"]
   sched = schedules.make(**config_lib.schedule_kwargs(diffusion))
-  kwargs = config_lib.sampler_kwargs(diffusion, sampler=name, eta=eta, clip_sample=clip_sample)
+  kwargs = config_lib.sampler_kwargs(diffusion, sampler=name, eta=eta, clip_sample=clip_sample, sigmas=sigmas)
   return sched, samplers.make(name, sched, steps, **kwargs)
 
 
@@ -157,13 +159,14 @@ def for_sampling(
   guidance_scale: float = 1.0,
   config: dict | None = None,
   mesh: jax.sharding.Mesh | None = None,
+  sigmas: str | None = None,
 ) -> Sampling:
   """Restore the workdir's weights ``which`` at ``step`` (default: the latest), build its
   sampler (x0 clipping from the config's ``sample.clip_sample``) and a sharded sample function
   over ``mesh`` (default: every device); decode with the autoencoder the config names."""
   config = checkpoint.read_config(workdir) if config is None else config
   clip = (config.get("sample") or {}).get("clip_sample", True)
-  _, sampler = make_sampler(config, sampler_name, steps, eta=eta, clip_sample=clip)
+  _, sampler = make_sampler(config, sampler_name, steps, eta=eta, clip_sample=clip, sigmas=sigmas)
   model, _, step = load_model(workdir, which=which, step=step)
   graphdef, params = nnx.split(model, nnx.Param)
   mesh = parallel.data_mesh() if mesh is None else mesh

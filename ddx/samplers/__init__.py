@@ -2,7 +2,8 @@
 
     sampler = ddx.samplers.make("ddim", sched, num_steps=50, eta=0.0)
 
-Names: "ddpm", "ddim", "plms", "dpm_solver++" (alias "dpmpp_2m"). Keyword arguments go to
+Names: "ddpm", "ddim", "plms", "dpm_solver++" (alias "dpmpp_2m"), and the σ-space samplers
+"euler", "euler_ancestral", "heun", "lms" (`sigmas`). Keyword arguments go to
 the sampler's own ``make``; unknown ones raise a ValueError naming them.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import inspect
 
-from ddx.samplers import base, ddim, ddpm, dpm_solver, grids, plms  # noqa: F401 -- ddx.samplers.<module>
+from ddx.samplers import base, ddim, ddpm, dpm_solver, euler, grids, heun, lms, plms, sigmas  # noqa: F401 -- ddx.samplers.<module>
 from ddx.samplers.base import Sampler, X0Processing
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
 from ddx.samplers.dpm_solver import DPMSolverPP
+from ddx.samplers.euler import Euler
+from ddx.samplers.heun import Heun
+from ddx.samplers.lms import LMS
 from ddx.samplers.plms import PLMS
 
 # name -> (maker, sampler class)
@@ -23,11 +27,17 @@ _SAMPLERS = {
   "ddim": (ddim.make, DDIM),
   "plms": (plms.make, PLMS),
   "dpm_solver++": (dpm_solver.make, DPMSolverPP),
+  "euler": (euler.make, Euler),
+  "euler_ancestral": (euler.make_ancestral, Euler),
+  "heun": (heun.make, Heun),
+  "lms": (lms.make, LMS),
 }
-_ALIASES = {"dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++", "pndm": "plms"}
+_ALIASES = {"dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++", "pndm": "plms", "euler_a": "euler_ancestral"}
 NAMES = tuple(_SAMPLERS)
 # the samplers a run may start mid-grid with or revisit calls of (the editors' choices)
 SINGLE_STEP_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if cls.single_step)
+# the samplers that integrate in σ space and take a noise-level grid (``sigmas=``)
+SIGMA_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if issubclass(cls, sigmas.SigmaCommon))
 
 
 def canonical(name: str) -> str:
@@ -59,10 +69,14 @@ __all__ = [
   "canonical",
   "NAMES",
   "SINGLE_STEP_NAMES",
+  "SIGMA_NAMES",
   "Sampler",
   "X0Processing",
   "DDPM",
   "DDIM",
   "PLMS",
   "DPMSolverPP",
+  "Euler",
+  "Heun",
+  "LMS",
 ]

@@ -29,7 +29,11 @@ class Sampler(Protocol):
     history), so that a run may start at any call or revisit calls (SDEdit, inpainting,
     RePaint); such a sampler also tells its ``noise_levels()``, what the editors need;
   * ``init(x_T) -> state`` and ``step(state, model_output, i, noise) -> state``, pure; ``i`` is
-    the model-call index, ``noise`` a standard normal array of x's shape or None;
+    the model-call index, ``noise`` a standard normal array of x's shape or None (one draw per
+    model call, shared by ``model_input`` and ``step``);
+  * ``model_input(state, i, noise) -> (x, t)``: what the model is called with (the sample and
+    the scalar timestep: ``(state.x, timesteps[i])`` for the variance-preserving samplers, a
+    rescaled sample for the σ-space ones);
   * the state has ``x`` (the current sample) and ``x0`` (the latest x0 prediction).
   """
 
@@ -40,6 +44,8 @@ class Sampler(Protocol):
   def init(self, x_T: jax.Array) -> Any: ...
 
   def step(self, state: Any, model_output: jax.Array, i, noise: jax.Array | None) -> Any: ...
+
+  def model_input(self, state: Any, i, noise: jax.Array | None) -> tuple[jax.Array, jax.Array]: ...
 
 
 class State(NamedTuple):
@@ -66,6 +72,10 @@ class Common:
   def init(self, x_T: jax.Array) -> State:
     x = x_T.astype(jnp.float32)
     return State(x=x, x0=jnp.zeros_like(x))
+
+  def model_input(self, state, i, noise):
+    del noise
+    return state.x, self.timesteps[i]
 
 
 def split_output(output: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:

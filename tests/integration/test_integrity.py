@@ -468,6 +468,8 @@ FLAG_CASES = {
     *_num_cases(1, 1048576),
     *_eta_cases("ddpm"),
     (["--eta=1.5"], "--eta: must be <= 1.0, got 1.5"),
+    (["--sigmas=polyexponential"], "--sigmas: must be one of ('karras', 'exponential', 'beta'), got 'polyexponential'"),
+    (["--sigmas=karras", "--sampler=ddim"], "--sigmas: only the σ-space samplers"),
     (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
     (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
     (["--guidance=nan"], "--guidance: must be a finite number, got nan"),
@@ -487,7 +489,7 @@ FLAG_CASES = {
     (["--num_processes=2", "--process_id=2"], "--process_id: must be <= 1, got 2"),
     # 0 is in range for these: the next flag's error shows they passed
     (
-      ["--eta=0", "--guidance=0", "--seed=0", "--label=0", "--checkpoint_step=0", "--process_id=0", "--sampler=euler"],
+      ["--eta=0", "--guidance=0", "--seed=0", "--label=0", "--checkpoint_step=0", "--process_id=0", "--sampler=k1"],
       "--sampler: must be one of",
     ),
   ],

@@ -123,6 +123,14 @@ def test_latent_model_trains_and_sample_decodes(ae_workdir, latent_workdir, tmp_
   assert x.min() >= -1.0 and x.max() <= 1.0 and x.std() > 0.05  # images, not a constant
   png = np.asarray(Image.open(out + ".png"))
   assert png.dtype == np.uint8 and png.ndim == 2 and png.shape[0] > 16
+  # a σ-space sampler on a Karras grid through the same command (float timesteps, scaled input)
+  code, _, err = ddx_cli(
+    "sample", f"--workdir={latent_workdir}", "--num=8", "--steps=3", "--sampler=heun", "--sigmas=karras", "--label=3"
+  )
+  assert code == 0, err[-2000:]
+  (name,) = [n for n in os.listdir(os.path.join(latent_workdir, "samples")) if n.endswith("_heun3_karras.npz")]
+  y = np.load(os.path.join(latent_workdir, "samples", name))["samples"]
+  assert y.shape == x.shape and np.all(np.isfinite(y)) and y.std() > 0.05
 
 
 def _error(argv):

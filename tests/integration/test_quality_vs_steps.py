@@ -106,7 +106,7 @@ def test_quality_vs_steps_bad_input(workdir, tmp_path):
   mod = _script()
   for args, msg in (
     (["--steps=0"], "--steps: every S must be in [1, 1000]"),
-    (["--samplers=euler"], "--samplers: must be among"),
+    (["--samplers=k_euler"], "--samplers: must be among"),
     (["--features=inception"], "--inception_weights: required"),
   ):
     with pytest.raises(SystemExit, match=msg.replace("[", r"\[")):

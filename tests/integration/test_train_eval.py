@@ -168,7 +168,7 @@ def _config(**overrides):
       "train.eval_every: 3 must be a multiple of train.steps_per_call=2",
     ),
     (dict(eval__features="clip"), "eval.features: must be one of ('digits', 'inception'), got 'clip'"),
-    (dict(eval__sampler="euler"), "eval.sampler: must be one of"),
+    (dict(eval__sampler="k_euler"), "eval.sampler: must be one of"),
     (dict(eval__num=1), "eval.num: must be >= 2, got 1"),
     (dict(eval__steps=1001), "eval.steps: must be <= 1000, got 1001"),
     (dict(eval__eta=-0.5), "eval.eta: must be >= 0, got -0.5"),

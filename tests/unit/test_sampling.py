@@ -126,7 +126,7 @@ def test_nnx_module_and_partial_are_traced_arguments():
 @pytest.mark.parametrize(
   "args,kwargs,field",
   [
-    (("euler", SCHED, 10), {}, "name"),
+    (("k_euler", SCHED, 10), {}, "name"),
     (("ddim", SCHED, 0), {}, "num_steps"),
     (("ddim", SCHED, 1001), {}, "num_steps"),
     (("ddim", SCHED, 10), {"eta": -0.1}, "eta"),

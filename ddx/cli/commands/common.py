@@ -14,7 +14,8 @@ import time
 import numpy as np
 from absl import flags
 
-from ddx import guidance, images, parallel, storage
+from ddx import guidance, images, parallel, samplers, storage
+from ddx.cli import config as config_lib
 from ddx.cli import limits, restore
 from ddx.training import checkpoint
 
@@ -104,6 +105,28 @@ def check_steps(
   if v is not None and v > num_timesteps:
     raise ValueError(f"--{name}: must be <= {num_timesteps} ({source}), got {v}")
   return v
+
+
+def define_sigmas(fv) -> None:
+  flags.DEFINE_string(
+    "sigmas",
+    None,
+    "Noise-level grid of the σ-space samplers (euler, euler_ancestral, heun, lms): karras | exponential | beta "
+    "(default: the timestep spacing's own).",
+    flag_values=fv,
+  )
+
+
+def check_sigmas(fv, sampler: str) -> str | None:
+  """--sigmas: a known grid, and a σ-space sampler to take it (one line, before anything is read)."""
+  value = fv.sigmas
+  if value is None:
+    return None
+  if value not in samplers.sigmas.GRIDS:
+    raise ValueError(f"--sigmas: must be one of {samplers.sigmas.GRIDS}, got {value!r}")
+  if sampler not in config_lib.SIGMA_SAMPLERS:
+    raise ValueError(f"--sigmas: only the σ-space samplers {config_lib.SIGMA_SAMPLERS} take it, got {sampler}")
+  return value
 
 
 def check_eta_sampler(eta: float | None, sampler: str) -> None:

@@ -33,11 +33,15 @@ HELP = "sample-quality metrics (FD/KID/precision/recall) of a checkpoint: --work
 FLAGS = flags.FlagValues()
 common.define_workdir(FLAGS)
 flags.DEFINE_string(
-  "sampler", None, "ddpm | ddim | plms | dpm_solver++ (default: the config's sample.sampler).", flag_values=FLAGS
+  "sampler",
+  None,
+  "ddpm | ddim | plms | dpm_solver++ | euler | euler_ancestral | heun | lms (default: the config's sample.sampler).",
+  flag_values=FLAGS,
 )
 flags.DEFINE_integer("steps", None, "Sampling steps S (default: the config's sample.steps).", flag_values=FLAGS)
 flags.DEFINE_integer("num", 1000, "Number of samples (>= 2).", flag_values=FLAGS)
 flags.DEFINE_float("eta", None, "DDIM eta (default: the config's sample.eta).", flag_values=FLAGS)
+common.define_sigmas(FLAGS)
 flags.DEFINE_string("features", "digits", "Feature network: digits | inception.", flag_values=FLAGS)
 flags.DEFINE_string(
   "inception_weights",
@@ -72,6 +76,7 @@ def main(argv: list[str]) -> int:
   if sampler_name not in samplers.NAMES:
     raise ValueError(f"--sampler: must be one of {samplers.NAMES}, got {sampler_name!r}")
   common.check_eta_sampler(eta, sampler_name)
+  grid = common.check_sigmas(FLAGS, sampler_name)
   steps = steps if steps is not None else defaults.get("steps", 50)
   eta = eta if eta is not None else defaults.get("eta", 0.0)
   step = checkpoint.resolve_step(workdir, checkpoint_step)
@@ -110,7 +115,7 @@ def main(argv: list[str]) -> int:
     raise ValueError(f"data: the training images are {source.image_shape}, the model makes {(size, size, ch)}")
 
   which = "ema_params" if FLAGS.use_ema else "params"
-  s = restore.for_sampling(workdir, sampler_name, steps, eta=eta, which=which, step=step, config=cfg)
+  s = restore.for_sampling(workdir, sampler_name, steps, eta=eta, which=which, step=step, config=cfg, sigmas=grid)
   t0 = time.time()
   ref = quality.reference_for_source(net, source, cache_dir=cache_dir, dataset=dataset, split=split, batch=batch)
   t_ref = time.time() - t0
@@ -137,6 +142,7 @@ def main(argv: list[str]) -> int:
     "step": s.step,
     "sampler": sampler_name,
     "steps": steps,
+    "sigmas": grid,
     "eta": eta,
     "num": num,
     "seed": seed,

@@ -26,11 +26,15 @@ HELP = "sample from a workdir's checkpoint: --workdir=... [--sampler --steps --n
 FLAGS = flags.FlagValues()
 common.define_workdir(FLAGS)
 flags.DEFINE_string(
-  "sampler", None, "ddpm | ddim | plms | dpm_solver++ (default: the config's sample.sampler).", flag_values=FLAGS
+  "sampler",
+  None,
+  "ddpm | ddim | plms | dpm_solver++ | euler | euler_ancestral | heun | lms (default: the config's sample.sampler).",
+  flag_values=FLAGS,
 )
 flags.DEFINE_integer("steps", None, "Sampling steps S (default: the config's sample.steps).", flag_values=FLAGS)
 flags.DEFINE_integer("num", None, "Number of samples (default: the config's sample.num).", flag_values=FLAGS)
 flags.DEFINE_float("eta", None, "DDIM eta (default: the config's sample.eta).", flag_values=FLAGS)
+common.define_sigmas(FLAGS)
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (class-conditional models).", flag_values=FLAGS)
 flags.DEFINE_integer("label", None, "Class label of every sample (default: cycle 0..num_classes-1).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "PRNG seed.", flag_values=FLAGS)
@@ -71,6 +75,7 @@ def main(argv: list[str]) -> int:
   if sampler_name not in samplers.NAMES:
     raise ValueError(f"sample.sampler: must be one of {samplers.NAMES}, got {sampler_name!r} (workdir config)")
   common.check_eta_sampler(eta, sampler_name)
+  grid = common.check_sigmas(FLAGS, sampler_name)
   T = cfg["diffusion"].get("num_timesteps", 1000)
   if steps is not None and steps > T:
     raise ValueError(f"--steps: must be <= {T} (the model's diffusion.num_timesteps), got {steps}")
@@ -92,7 +97,7 @@ def main(argv: list[str]) -> int:
 
   which = "ema_params" if FLAGS.use_ema else "params"
   s = restore.for_sampling(
-    workdir, sampler_name, steps, eta=eta, which=which, step=step, guidance_scale=scale, config=cfg
+    workdir, sampler_name, steps, eta=eta, which=which, step=step, guidance_scale=scale, config=cfg, sigmas=grid
   )
   labels = restore.labels_for(cfg, num, label)
   t0 = time.time()
@@ -104,7 +109,7 @@ def main(argv: list[str]) -> int:
     )
   dt = time.time() - t0
   if jax.process_index() == 0:
-    name = f"sample_{s.step:08d}_{sampler_name.replace('+', 'p')}{steps}"
+    name = f"sample_{s.step:08d}_{sampler_name.replace('+', 'p')}{steps}" + (f"_{grid}" if grid else "")
     prefix = FLAGS.out if FLAGS.out is not None else os.path.join(workdir, "samples", name)
     png, npz = images.save_samples(prefix, x, labels, scale=max(1, 128 // x.shape[1]))
     print(f"wrote {png} and {npz} ({num} samples, {sampler_name} {steps} steps, {dt:.1f}s incl. compile)")
