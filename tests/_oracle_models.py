@@ -43,6 +43,7 @@ from diffusers import (
   HeunDiscreteScheduler,
   LMSDiscreteScheduler,
   PNDMScheduler,
+  UniPCMultistepScheduler,
 )
 from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
 
@@ -439,6 +440,8 @@ DPM_DEFAULTS = dict(
   thresholding=False,
   threshold_max=1.5,
   timesteps=None,
+  algorithm="ode",
+  sigmas=None,
 )
 
 
@@ -446,10 +449,18 @@ def dpm_case(**kw) -> dict:
   return _case(DPM_DEFAULTS, kw)
 
 
+def _float_sigma_timesteps(sch):
+  """diffusers rounds t(σ) to an integer on the Karras grid and truncates it on the others;
+  ddx gives the model the exact t(σ) (docs/samplers.md §7): so does this reference."""
+  table = np.log(((1 - sch.alphas_cumprod) / sch.alphas_cumprod).numpy() ** 0.5)
+  t = [sch._sigma_to_t(s, table) for s in sch.sigmas[:-1].numpy()]
+  sch.timesteps = torch.from_numpy(np.asarray(t, np.float32))
+
+
 def dpm_scheduler(c: dict) -> DPMSolverMultistepScheduler:
   sch = DPMSolverMultistepScheduler(
     **diffusers_sched_kwargs(c["schedule"]),
-    algorithm_type="dpmsolver++",
+    algorithm_type={"ode": "dpmsolver++", "sde": "sde-dpmsolver++"}[c["algorithm"]],
     solver_order=c["solver_order"],
     solver_type=c["solver_type"],
     final_sigmas_type=c["final_sigmas_type"],
@@ -459,11 +470,14 @@ def dpm_scheduler(c: dict) -> DPMSolverMultistepScheduler:
     prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
     thresholding=c["thresholding"],
     sample_max_value=c["threshold_max"],
+    **({_SIGMA_GRID_FLAGS[c["sigmas"]]: True} if c["sigmas"] else {}),
   )
   if c["timesteps"] is not None:
     sch.set_timesteps(timesteps=list(c["timesteps"]))
   else:
     sch.set_timesteps(c["S"])
+  if c["sigmas"] is not None:
+    _float_sigma_timesteps(sch)
   return sch
 
 
@@ -474,8 +488,9 @@ def dpm_reference(c: dict, key=None, dtype=torch.float32) -> list:
   sch = dpm_scheduler(c)
   x = _ref_inputs(dtype)
   traj = []
-  for t in sch.timesteps:
-    x = sch.step(torch_model(x, t), t, x).prev_sample
+  for i, t in enumerate(sch.timesteps):
+    kw = {"variance_noise": to_torch(ddx_noise(key, i))} if c["algorithm"] == "sde" else {}
+    x = sch.step(torch_model(x, t), t, x, **kw).prev_sample
     traj.append(from_torch(x))
   return traj
 
@@ -495,11 +510,85 @@ def dpm_sampler(c: dict):
     prediction=c["prediction"],
     thresholding=c["thresholding"],
     threshold_max=c["threshold_max"],
+    algorithm=c["algorithm"],
+    sigmas=c["sigmas"],
   )
 
 
 def dpm_ddx(c: dict, key=None) -> dict:
-  return run_ddx(dpm_sampler(c), None)
+  return run_ddx(dpm_sampler(c), key)
+
+
+# --------------------------------------------------------------------------------------------
+# UniPC = UniPCMultistepScheduler(predict_x0=True)
+# --------------------------------------------------------------------------------------------
+
+UNIPC_DEFAULTS = dict(
+  schedule="scaled_linear",
+  spacing="linspace",
+  S=20,
+  solver_order=2,
+  solver_type="bh2",
+  disable_corrector=(),
+  lower_order_final=True,
+  final_sigmas_type="zero",
+  prediction="eps",
+  thresholding=False,
+  threshold_max=1.5,
+  sigmas=None,
+)
+
+
+def unipc_case(**kw) -> dict:
+  return _case(UNIPC_DEFAULTS, kw)
+
+
+def unipc_reference(c: dict, key=None, dtype=torch.float32) -> list:
+  assert dtype == torch.float32
+  sch = UniPCMultistepScheduler(
+    **diffusers_sched_kwargs(c["schedule"]),
+    solver_order=c["solver_order"],
+    solver_type=c["solver_type"],
+    disable_corrector=list(c["disable_corrector"]),
+    lower_order_final=c["lower_order_final"],
+    final_sigmas_type=c["final_sigmas_type"],
+    timestep_spacing=c["spacing"],
+    prediction_type=DIFFUSERS_PREDICTION[c["prediction"]],
+    thresholding=c["thresholding"],
+    sample_max_value=c["threshold_max"],
+    **({_SIGMA_GRID_FLAGS[c["sigmas"]]: True} if c["sigmas"] else {}),
+  )
+  sch.set_timesteps(c["S"])
+  if c["sigmas"] is not None:
+    _float_sigma_timesteps(sch)
+  x = _ref_inputs(dtype)
+  traj = []
+  for t in sch.timesteps:
+    x = sch.step(torch_model(x, t), t, x).prev_sample
+    traj.append(from_torch(x))
+  return traj
+
+
+def unipc_sampler(c: dict):
+  return ddx.samplers.make(
+    "unipc",
+    ddx_schedule(c["schedule"]),
+    c["S"],
+    solver_order=c["solver_order"],
+    solver_type=c["solver_type"],
+    disable_corrector=c["disable_corrector"],
+    lower_order_final=c["lower_order_final"],
+    final_sigma=c["final_sigmas_type"],
+    spacing=c["spacing"],
+    prediction=c["prediction"],
+    thresholding=c["thresholding"],
+    threshold_max=c["threshold_max"],
+    sigmas=c["sigmas"],
+  )
+
+
+def unipc_ddx(c: dict, key=None) -> dict:
+  return run_ddx(unipc_sampler(c), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,6 +670,7 @@ RUNNERS = {
   "ddpm": (ddpm_ddx, ddpm_reference),
   "plms": (plms_ddx, plms_reference),
   "dpm_solver++": (dpm_ddx, dpm_reference),
+  "unipc": (unipc_ddx, unipc_reference),
   **{kind: _sigma_runners(kind) for kind in SIGMA_SCHEDULERS},
 }
 
@@ -787,6 +877,49 @@ def _cases():
   for schedule in ("linear", "cosine"):
     for final in ("zero", "sigma_min"):
       add("dpm_solver++", g, dpm_case(schedule=schedule, final_sigmas_type=final))
+  g = "third order (ODE) x final sigma x lower_order_final x S"
+  for final in ("zero", "sigma_min"):
+    for lof in (True, False):
+      for S in (5, 10, 20):
+        add("dpm_solver++", g, dpm_case(solver_order=3, final_sigmas_type=final, lower_order_final=lof, S=S))
+  add("dpm_solver++", g, dpm_case(solver_order=3, prediction="v", S=12))
+  g = "SDE (injected variance_noise) x order 1, 2 x solver_type"
+  for order, st in ((1, "midpoint"), (2, "midpoint"), (2, "heun")):
+    for S in (10, 20):
+      add("dpm_solver++", g, dpm_case(algorithm="sde", solver_order=order, solver_type=st, S=S))
+  add("dpm_solver++", g, dpm_case(algorithm="sde", final_sigmas_type="sigma_min", S=10))
+  add("dpm_solver++", g, dpm_case(algorithm="sde", prediction="v", spacing="trailing", S=10))
+  g = "sigmas (karras / exponential / beta) x order x ODE/SDE"
+  for grid in ("karras", "exponential", "beta"):
+    for order in (2, 3):
+      add("dpm_solver++", g, dpm_case(sigmas=grid, solver_order=order, S=10))
+    add("dpm_solver++", g, dpm_case(sigmas=grid, algorithm="sde", S=20))
+  add("dpm_solver++", g, dpm_case(sigmas="karras", prediction="v", final_sigmas_type="sigma_min", S=25))
+
+  # ---- UniPC (bh1 ends at sigma_min: with a final σ of 0 diffusers' bh1 returns NaN,
+  # test_unipc_bh1_final_zero) ----
+  g = "order x solver_type x S"
+  for order in (1, 2, 3):
+    for st, final in (("bh2", "zero"), ("bh1", "sigma_min")):
+      for S in (5, 10, 20):
+        add("unipc", g, unipc_case(solver_order=order, solver_type=st, final_sigmas_type=final, S=S))
+  g = "corrector off / partly, lower_order_final off (sigma_min)"
+  add("unipc", g, unipc_case(disable_corrector=tuple(range(20))))
+  add("unipc", g, unipc_case(disable_corrector=(0, 3, 7), solver_order=3))
+  for order in (2, 3):
+    add("unipc", g, unipc_case(solver_order=order, lower_order_final=False, final_sigmas_type="sigma_min"))
+  g = "prediction x thresholding, spacing, schedule"
+  for pred in ("eps", "x0", "v"):
+    for thr in (False, True):
+      add("unipc", g, unipc_case(prediction=pred, thresholding=thr, solver_order=3, S=12))
+  for spacing in ("leading", "trailing"):
+    add("unipc", g, unipc_case(spacing=spacing, solver_order=3))
+  for schedule in ("linear", "cosine"):
+    add("unipc", g, unipc_case(schedule=schedule, solver_order=3))
+  g = "sigmas (karras / exponential / beta)"
+  for grid in ("karras", "exponential", "beta"):
+    add("unipc", g, unipc_case(sigmas=grid, solver_order=3, S=10))
+  add("unipc", g, unipc_case(sigmas="karras", S=25, prediction="v"))
 
   # ---- σ-space samplers (diffusers supports: final_sigmas_type and zero-SNR only in Euler,
   # zero-SNR in Euler ancestral, the re-spaced grids in all but Euler ancestral; Euler
@@ -822,6 +955,7 @@ DEFAULTS = {
   "ddpm": DDPM_DEFAULTS,
   "plms": PLMS_DEFAULTS,
   "dpm_solver++": DPM_DEFAULTS,
+  "unipc": UNIPC_DEFAULTS,
   **{kind: SIGMA_DEFAULTS for kind in SIGMA_SCHEDULERS},
 }
 CASES = _cases()

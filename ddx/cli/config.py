@@ -21,8 +21,8 @@ from ddx.cli import limits
 from ddx.data.sources import DATASETS
 from ddx.eval import inception, quality
 from ddx.models.configs import AutoencoderConfig, UNetConfig
+from ddx.samplers import GRID_NAMES as SIGMA_SAMPLERS
 from ddx.samplers import NAMES as SAMPLER_NAMES
-from ddx.samplers import SIGMA_NAMES as SIGMA_SAMPLERS
 from ddx.training import autoencoder as autoencoder_train
 from ddx.training import checkpoint, loop
 from ddx.training import step as train_lib
@@ -418,7 +418,7 @@ def sampler_kwargs(
   kw: dict[str, Any] = {"prediction": diffusion["prediction"]}
   if sigmas is not None:
     if sampler not in SIGMA_SAMPLERS:
-      raise ValueError(f"--sigmas: only the σ-space samplers {SIGMA_SAMPLERS} take a noise-level grid, got {sampler}")
+      raise ValueError(f"--sigmas: only the samplers {SIGMA_SAMPLERS} take a noise-level grid, got {sampler}")
     kw["sigmas"] = sigmas
   if sampler == "ddpm":
     kw["variance"] = diffusion.get("variance", "fixed_large")

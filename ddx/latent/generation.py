@@ -58,13 +58,15 @@ SD_SCHEDULE = dict(name="scaled_linear", num_timesteps=1000, beta_start=0.00085,
 
 def sd_sampler(name: str, num_steps: int, *, prediction: str = "eps", **kwargs):
   """A ddx sampler with Stable Diffusion's settings: scaled_linear 0.00085 / 0.012, leading
-  spacing with ``steps_offset=1``, ``set_alpha_to_one=False``, no x0 clipping."""
+  spacing with ``steps_offset=1`` (also for the σ-space samplers), ``set_alpha_to_one=False``,
+  no x0 clipping."""
   sched = schedules.make(**SD_SCHEDULE)
   defaults = {
     "ddim": dict(steps_offset=1, set_alpha_to_one=False, clip_sample=False),
     "plms": dict(steps_offset=1, set_alpha_to_one=False),
     "ddpm": dict(steps_offset=1, clip_sample=False),
     "dpm_solver++": dict(),
+    **{n: dict(steps_offset=1, spacing="leading") for n in samplers.SIGMA_NAMES},
   }
   key = samplers.canonical(name)
   return samplers.make(name, sched, num_steps, prediction=prediction, **{**defaults.get(key, {}), **kwargs})

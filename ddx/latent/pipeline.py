@@ -98,7 +98,7 @@ class Pipeline:
       beta_end=d["beta_end"],
       rescale_zero_snr=d["rescale_zero_snr"],
     )
-    key = {"pndm": "plms", "dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++"}.get(name, name)
+    key = samplers.canonical(name)
     grid = dict(spacing=s.get("timestep_spacing", "leading"), steps_offset=int(s.get("steps_offset", 0)))
     extra = {
       "ddim": dict(
@@ -106,6 +106,9 @@ class Pipeline:
       ),
       "plms": dict(grid, set_alpha_to_one=bool(s.get("set_alpha_to_one", False))),
       "ddpm": dict(grid, clip_sample=bool(s.get("clip_sample", False))),
+      # the σ-space samplers on the folder's timestep grid, as diffusers' Euler-family
+      # schedulers built from this scheduler config would be
+      **{n: dict(grid) for n in samplers.SIGMA_NAMES},
     }.get(key, {})
     if extra.get("spacing") != "leading":
       extra.pop("steps_offset", None)
@@ -144,16 +147,17 @@ class Pipeline:
     width: int | None = None,
     x_T: jax.Array | None = None,
     eta: float | None = None,
+    sigmas: str | None = None,
   ):
     """Generate one image per prompt; returns float32 [B, H, W, 3] in about [-1, 1].
 
     The initial latents are ``normal(fold_in(key, 0))`` unless ``x_T`` is given; stochastic
     samplers draw their noise from ``fold_in(key, 1)``. ``guidance=1`` skips the
-    unconditional branch.
+    unconditional branch. ``sigmas`` picks a noise-level grid for the samplers that take one.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
-    kw = {} if eta is None else {"eta": eta}
+    kw = ({} if eta is None else {"eta": eta}) | ({} if sigmas is None else {"sigmas": sigmas})
     smp = self.sampler(sampler, steps, **kw)  # bad names / steps fail before any model work
     context, uncond = self.contexts(prompts, negative_prompt, guidance)
     if x_T is None:

@@ -2,16 +2,19 @@
 
     sampler = ddx.samplers.make("ddim", sched, num_steps=50, eta=0.0)
 
-Names: "ddpm", "ddim", "plms", "dpm_solver++" (alias "dpmpp_2m"), and the σ-space samplers
-"euler", "euler_ancestral", "heun", "lms" (`sigmas`). Keyword arguments go to
+Names: "ddpm", "ddim", "plms", "dpm_solver++" (alias "dpmpp_2m") and its presets
+"dpm_solver++_3m", "dpm_solver++_sde", "dpm_solver++_3m_sde" (aliases "dpmpp_3m",
+"dpmpp_2m_sde", "dpmpp_3m_sde"), "unipc", and the σ-space samplers "euler", "euler_ancestral",
+"heun", "lms" (`sigmas`). Keyword arguments go to
 the sampler's own ``make``; unknown ones raise a ValueError naming them.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
-from ddx.samplers import base, ddim, ddpm, dpm_solver, euler, grids, heun, lms, plms, sigmas  # noqa: F401 -- ddx.samplers.<module>
+from ddx.samplers import base, ddim, ddpm, dpm_solver, euler, grids, heun, lms, plms, sigmas, unipc  # noqa: F401 -- ddx.samplers.<module>
 from ddx.samplers.base import Sampler, X0Processing
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
@@ -20,6 +23,7 @@ from ddx.samplers.euler import Euler
 from ddx.samplers.heun import Heun
 from ddx.samplers.lms import LMS
 from ddx.samplers.plms import PLMS
+from ddx.samplers.unipc import UniPC
 
 # name -> (maker, sampler class)
 _SAMPLERS = {
@@ -27,17 +31,32 @@ _SAMPLERS = {
   "ddim": (ddim.make, DDIM),
   "plms": (plms.make, PLMS),
   "dpm_solver++": (dpm_solver.make, DPMSolverPP),
+  # the presets users know as DPM++ 3M, DPM++ 2M SDE and DPM++ 3M SDE (knobs still overridable)
+  "dpm_solver++_3m": (functools.partial(dpm_solver.make, solver_order=3), DPMSolverPP),
+  "dpm_solver++_sde": (functools.partial(dpm_solver.make, algorithm="sde"), DPMSolverPP),
+  "dpm_solver++_3m_sde": (functools.partial(dpm_solver.make, solver_order=3, algorithm="sde"), DPMSolverPP),
+  "unipc": (unipc.make, UniPC),
   "euler": (euler.make, Euler),
   "euler_ancestral": (euler.make_ancestral, Euler),
   "heun": (heun.make, Heun),
   "lms": (lms.make, LMS),
 }
-_ALIASES = {"dpmpp_2m": "dpm_solver++", "dpm++": "dpm_solver++", "pndm": "plms", "euler_a": "euler_ancestral"}
+_ALIASES = {
+  "dpmpp_2m": "dpm_solver++",
+  "dpm++": "dpm_solver++",
+  "dpmpp_3m": "dpm_solver++_3m",
+  "dpmpp_2m_sde": "dpm_solver++_sde",
+  "dpmpp_3m_sde": "dpm_solver++_3m_sde",
+  "pndm": "plms",
+  "euler_a": "euler_ancestral",
+}
 NAMES = tuple(_SAMPLERS)
 # the samplers a run may start mid-grid with or revisit calls of (the editors' choices)
 SINGLE_STEP_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if cls.single_step)
-# the samplers that integrate in σ space and take a noise-level grid (``sigmas=``)
+# the samplers that integrate in σ space
 SIGMA_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if issubclass(cls, sigmas.SigmaCommon))
+# the samplers that take a noise-level grid (``sigmas="karras"`` ...)
+GRID_NAMES = tuple(n for n, (mk, _) in _SAMPLERS.items() if "sigmas" in inspect.signature(mk).parameters)
 
 
 def canonical(name: str) -> str:
@@ -70,6 +89,7 @@ __all__ = [
   "NAMES",
   "SINGLE_STEP_NAMES",
   "SIGMA_NAMES",
+  "GRID_NAMES",
   "Sampler",
   "X0Processing",
   "DDPM",
@@ -79,4 +99,5 @@ __all__ = [
   "Euler",
   "Heun",
   "LMS",
+  "UniPC",
 ]

@@ -469,7 +469,7 @@ FLAG_CASES = {
     *_eta_cases("ddpm"),
     (["--eta=1.5"], "--eta: must be <= 1.0, got 1.5"),
     (["--sigmas=polyexponential"], "--sigmas: must be one of ('karras', 'exponential', 'beta'), got 'polyexponential'"),
-    (["--sigmas=karras", "--sampler=ddim"], "--sigmas: only the σ-space samplers"),
+    (["--sigmas=karras", "--sampler=ddim"], "--sigmas: only the samplers ('dpm_solver++',"),
     (["--guidance=-1"], "--guidance: must be >= 0.0, got -1.0"),
     (["--guidance=1e30"], "--guidance: must be <= 100.0, got 1e+30"),
     (["--guidance=nan"], "--guidance: must be a finite number, got nan"),

@@ -397,3 +397,52 @@ def test_sigma_grids_match_diffusers():
         g = ddx.samplers.sigmas.make(sched, S, spacing=spacing, steps_offset=off, sigmas=grid)
         np.testing.assert_allclose(g.sigmas, sch.sigmas.numpy(), rtol=2e-5, err_msg=f"{spacing} {grid} {S}")
         np.testing.assert_allclose(g.timesteps, sch.timesteps.numpy(), atol=2e-3, err_msg=f"{spacing} {grid} {S}")
+
+
+def _exact_third_order_sde(self, model_output_list, *args, sample=None, noise=None, **kwargs):
+  """diffusers' third-order SDE-DPM-Solver++ update with the D2 weight of the exact integral,
+  ``alpha_t (0.5 - (e^{-2h} - 1 + 2h) / (2h)^2)`` (stock: ``... - 0.5`` with the other sign
+  convention, which tends to -alpha_t as h -> 0)."""
+  k = self.step_index
+  sig = [self._sigma_to_alpha_sigma_t(self.sigmas[j]) for j in (k + 1, k, k - 1, k - 2)]
+  lam = [torch.log(a) - torch.log(s) for a, s in sig]
+  (alpha_t, sigma_t), (_, sigma_s0) = sig[0], sig[1]
+  m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+  h, h_0, h_1 = lam[0] - lam[1], lam[1] - lam[2], lam[2] - lam[3]
+  r0, r1 = h_0 / h, h_1 / h
+  d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+  d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+  d2 = (d1_0 - d1_1) / (r0 + r1)
+  e = torch.exp(-2.0 * h)
+  return (
+    (sigma_t / sigma_s0 * torch.exp(-h)) * sample
+    + alpha_t * (1.0 - e) * m0
+    + alpha_t * ((1.0 - e) / (-2.0 * h) + 1.0) * d1
+    + alpha_t * (0.5 - (e - 1.0 + 2.0 * h) / (2.0 * h) ** 2) * d2
+    + sigma_t * torch.sqrt(1.0 - e) * noise
+  )
+
+
+@pytest.mark.parametrize("S", [8, 20])
+def test_third_order_sde_differs_from_diffusers_only_by_the_d2_weight(S, monkeypatch):
+  """docs/samplers.md §7: stock diffusers' third-order SDE update is far from ddx's; with
+  only its D2 weight replaced by the exact integral the trajectories agree to 1e-5."""
+  c = om.dpm_case(algorithm="sde", solver_order=3, S=S)
+  key = jax.random.key(1)
+  ours = om.dpm_ddx(c, key)
+  assert om.compare(ours, om.dpm_reference(c, key))["final"] > 1e-3
+  monkeypatch.setattr(DPMSolverMultistepScheduler, "multistep_dpm_solver_third_order_update", _exact_third_order_sde)
+  res = om.compare(ours, om.dpm_reference(c, key))
+  assert res["final"] <= om.TOL and res["traj"] <= om.TOL, res
+
+
+def test_unipc_bh1_final_zero():
+  """With a final σ of 0, diffusers' bh1 predictor multiplies B(h) = -h = -inf by a zero
+  correction and returns NaN; ddx's last step returns the data prediction exactly (as every
+  ddx multistep solver's), and every sample before it equals diffusers'."""
+  c = om.unipc_case(solver_type="bh1", solver_order=3, S=10)
+  ref = om.unipc_reference(c)
+  assert not np.all(np.isfinite(ref[-1])), "diffusers' bh1 is finite at σ = 0 now: compare the whole run"
+  ours = om.unipc_ddx(c)
+  chex.assert_tree_all_finite(ours["final"])
+  assert max(om.rel_err(a, b) for a, b in zip(ours["traj"][:-1], ref[:-1])) <= om.TOL

@@ -105,14 +105,18 @@ def diffusers_loop(c, scheduler):
 
 @pytest.mark.slow
 @pytest.mark.torch
-@pytest.mark.parametrize("name", ["ddim", "plms"])
+@pytest.mark.parametrize("name", ["ddim", "plms", "euler", "heun"])
 def test_generate_matches_diffusers_pipeline_loop(components, name):
   _, diffusers, _ = refs()
   c = components
   if name == "ddim":
     ref_sched = diffusers.DDIMScheduler(**SD_SCHED, clip_sample=False)
-  else:
+  elif name == "plms":
     ref_sched = diffusers.PNDMScheduler(**SD_SCHED, skip_prk_steps=True)
+  else:  # SD's leading spacing: diffusers' init_noise_sigma is sqrt(σ_0² + 1), as ddx's
+    cls = {"euler": diffusers.EulerDiscreteScheduler, "heun": diffusers.HeunDiscreteScheduler}[name]
+    kw = {k: v for k, v in SD_SCHED.items() if k not in ("set_alpha_to_one", "skip_prk_steps")}
+    ref_sched = cls(**kw, timestep_spacing="leading")
   ref_img, ref_lat = diffusers_loop(c, ref_sched)
   sampler = latent.sd_sampler(name, STEPS)
   np.testing.assert_array_equal(np.asarray(sampler.timesteps)[-STEPS:], ref_sched.timesteps.numpy()[-STEPS:])

@@ -140,6 +140,8 @@ def test_bad_pipeline_folder(sd_folder, tmp_path, edit, err, msg):
     (["--prompt=x"], "--pipeline: required"),
     (["--pipeline=/nonexistent", "--prompt=x", "--sampler=k_euler"], "--sampler: must be one of"),
     (["--pipeline=/nonexistent", "--prompt=x", "--steps=0"], "--steps: must be >= 1"),
+    (["--pipeline=/nonexistent", "--prompt=x", "--sigmas=karras"], r"--sigmas: only the samplers \('dpm_solver\+\+',"),
+    (["--pipeline=/nonexistent", "--prompt=x", "--sampler=heun", "--sigmas=rho"], "--sigmas: must be one of"),
     (["--pipeline=/nonexistent", "--prompt=x"], "pipeline: folder not found: /nonexistent"),
   ],
 )

@@ -141,7 +141,7 @@ def test_nnx_module_and_partial_are_traced_arguments():
     (("ddim", SCHED, 3), {"spacing": "compvis_uniform"}, "num_steps"),  # CompVis index T
     (("ddim", SCHED, 10), {"timesteps": [5, 9, 1]}, "timesteps"),
     (("ddim", SCHED, 10), {"timesteps": [1000, 5]}, "timesteps"),
-    (("dpm_solver++", SCHED, 10), {"solver_order": 3}, "solver_order"),
+    (("dpm_solver++", SCHED, 10), {"solver_order": 4}, "solver_order"),
     (("dpm_solver++", SCHED, 10), {"final_sigma": "none"}, "final_sigma"),
     (("ddim", SCHED, 10), {"threshold_ratio": 1.5}, "threshold_ratio"),
     (("ddim", SCHED, 10), {"spacing": "trailing", "steps_offset": 1}, "steps_offset"),

@@ -111,7 +111,7 @@ def define_sigmas(fv) -> None:
   flags.DEFINE_string(
     "sigmas",
     None,
-    "Noise-level grid of the σ-space samplers (euler, euler_ancestral, heun, lms): karras | exponential | beta "
+    "Noise-level grid (the euler family and dpm_solver++): karras | exponential | beta "
     "(default: the timestep spacing's own).",
     flag_values=fv,
   )
@@ -125,7 +125,7 @@ def check_sigmas(fv, sampler: str) -> str | None:
   if value not in samplers.sigmas.GRIDS:
     raise ValueError(f"--sigmas: must be one of {samplers.sigmas.GRIDS}, got {value!r}")
   if sampler not in config_lib.SIGMA_SAMPLERS:
-    raise ValueError(f"--sigmas: only the σ-space samplers {config_lib.SIGMA_SAMPLERS} take it, got {sampler}")
+    raise ValueError(f"--sigmas: only the samplers {config_lib.SIGMA_SAMPLERS} take it, got {sampler}")
   return value
 
 

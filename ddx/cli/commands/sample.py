@@ -28,7 +28,8 @@ common.define_workdir(FLAGS)
 flags.DEFINE_string(
   "sampler",
   None,
-  "ddpm | ddim | plms | dpm_solver++ | euler | euler_ancestral | heun | lms (default: the config's sample.sampler).",
+  "ddpm | ddim | plms | dpm_solver++[_3m][_sde] | unipc | euler | euler_ancestral | heun | lms (default: the config's "
+  "sample.sampler).",
   flag_values=FLAGS,
 )
 flags.DEFINE_integer("steps", None, "Sampling steps S (default: the config's sample.steps).", flag_values=FLAGS)

@@ -48,6 +48,7 @@ flags.DEFINE_string(
 flags.DEFINE_integer("steps", 50, "Sampling steps.", flag_values=FLAGS)
 flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1 = no unconditional branch).", flag_values=FLAGS)
 flags.DEFINE_float("eta", None, "DDIM eta (ddim only).", flag_values=FLAGS)
+common.define_sigmas(FLAGS)
 flags.DEFINE_integer("num", 1, "Images per prompt.", flag_values=FLAGS)
 flags.DEFINE_integer(
   "height", None, "Image height (default: the U-Net's sample_size x the VAE factor).", flag_values=FLAGS
@@ -94,6 +95,7 @@ def main(argv: list[str]) -> int:
   guidance = common.check_float(FLAGS, "guidance", lo=limits.MIN_GUIDANCE, hi=limits.MAX_GUIDANCE)
   eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
   common.check_eta_sampler(eta, sampler)
+  grid = common.check_sigmas(FLAGS, sampler)
   seed = common.check_int(FLAGS, "seed", lo=0, hi=limits.MAX_SEED)
   strength = common.check_float(FLAGS, "strength")
   if strength is not None and not 0.0 < strength <= 1.0:
@@ -141,6 +143,8 @@ def main(argv: list[str]) -> int:
     key=jax.random.key(seed),
     eta=eta if sampler == "ddim" else None,
   )
+  if grid is not None:
+    kw["sigmas"] = grid
   extra = {}
   if init is None:
     kind = "txt2img"
