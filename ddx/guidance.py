@@ -19,6 +19,8 @@ from ddx import diffusion
 __all__ = [
   "conditional",
   "classifier_free",
+  "rescaled",
+  "interval",
   "classifier",
   "text_conditional",
   "classifier_free_context",
@@ -39,13 +41,33 @@ def _split(out, x):
   return out, None
 
 
-def _cfg(model, y, null, scale, x, t):
+def rescaled(guided, cond, phi):
+  """CFG rescale (Lin et al. 2024, §3.4): ``phi * guided * std(cond) / std(guided) + (1 - phi)
+  * guided``, the standard deviations per sample over all other axes (unbiased, as diffusers'
+  ``rescale_noise_cfg``). It undoes the variance that a large guidance scale adds."""
+  axes = tuple(range(1, guided.ndim))
+  ratio = jnp.std(cond, axis=axes, keepdims=True, ddof=1) / jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+  return phi * (guided * ratio) + (1.0 - phi) * guided
+
+
+def _combine(u, c, scale, rescale):
+  guided = u + scale * (c - u)
+  return guided if rescale is None else rescaled(guided, c, rescale)
+
+
+def _cfg(model, y, null, scale, rescale, x, t):
   # one batched call on [uncond; cond] (the usual layout), then out_u + w (out_c - out_u)
   b = x.shape[0]
   out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([jnp.full_like(y, null), y]))
   (u, _), (c, var) = _split(out[:b], x), _split(out[b:], x)
-  guided = u + scale * (c - u)
+  guided = _combine(u, c, scale, rescale)
   return guided if var is None else jnp.concatenate([guided, var], axis=-1)
+
+
+def _check_rescale(rescale: float) -> float | None:
+  if not (np.isfinite(rescale) and 0.0 <= rescale <= 1.0):
+    raise ValueError(f"rescale: must be in [0, 1], got {rescale!r}")
+  return None if rescale == 0 else float(rescale)
 
 
 def conditional(model, labels) -> jax.tree_util.Partial:
@@ -53,22 +75,65 @@ def conditional(model, labels) -> jax.tree_util.Partial:
   return jax.tree_util.Partial(_conditional, model, labels)
 
 
-def classifier_free(model, labels, null_label: int, scale: float) -> jax.tree_util.Partial:
+def classifier_free(model, labels, null_label: int, scale: float, *, rescale: float = 0.0) -> jax.tree_util.Partial:
   """Classifier-free guidance ``out_u + scale (out_c - out_u)`` for any scale (1 = conditional only,
-  0 = unconditional; unlike diffusers' pipelines, scales in (0, 1] are not silently ignored).
-  Learned-variance channels come from the conditional branch, unguided."""
-  return jax.tree_util.Partial(_cfg, model, jnp.asarray(labels, jnp.int32), int(null_label), jnp.float32(scale))
+  0 = unconditional; unlike diffusers' pipelines, scales in (0, 1] are not silently ignored),
+  optionally `rescaled` by ``rescale`` (phi in [0, 1]). Learned-variance channels come from
+  the conditional branch, unguided."""
+  phi = _check_rescale(rescale)
+  return jax.tree_util.Partial(
+    _cfg,
+    model,
+    jnp.asarray(labels, jnp.int32),
+    int(null_label),
+    jnp.float32(scale),
+    None if phi is None else jnp.float32(phi),
+  )
 
 
-def for_labels(model, num_classes: int | None, num: int, labels=None, guidance_scale: float = 1.0):
+def _interval(guided_fn, cond_fn, log_sigmas, lo, hi, x, t):
+  # σ of this call's timestep (the same for the whole batch), log-linear between integer t
+  tf = t[0].astype(jnp.float32)
+  sigma = jnp.exp(jnp.interp(tf, jnp.arange(log_sigmas.shape[0], dtype=jnp.float32), log_sigmas))
+  return jax.lax.cond((sigma >= lo) & (sigma <= hi), guided_fn, cond_fn, x, t)
+
+
+def interval(guided_fn, cond_fn, sched, lo: float, hi: float) -> jax.tree_util.Partial:
+  """Guidance only where it helps (Kynkäänniemi et al. 2024): ``guided_fn(x, t)`` at the calls
+  whose noise level ``σ = sqrt((1 - ab[t]) / ab[t])`` lies in [lo, hi], ``cond_fn(x, t)``
+  (one model evaluation, not two) elsewhere. ``sched`` is the model's `ddx.Schedule`."""
+  if not (np.isfinite(lo) and lo >= 0):
+    raise ValueError(f"interval: the low σ must be a finite number >= 0, got {lo!r}")
+  if not hi > lo:
+    raise ValueError(f"interval: the high σ must exceed the low one ({lo}), got {hi!r}")
+  ab = np.clip(sched.f64.alphas_cumprod, 2.0**-24, None)
+  log_sigmas = jnp.asarray(0.5 * np.log((1.0 - ab) / ab), jnp.float32)
+  return jax.tree_util.Partial(_interval, guided_fn, cond_fn, log_sigmas, jnp.float32(lo), jnp.float32(min(hi, 3e38)))
+
+
+def for_labels(
+  model,
+  num_classes: int | None,
+  num: int,
+  labels=None,
+  guidance_scale: float = 1.0,
+  *,
+  rescale: float = 0.0,
+  guidance_interval: tuple[float, float] | None = None,
+  sched=None,
+):
   """``model_fn(x, t)`` for a batch of ``num`` of a possibly class-conditional ``model(x, t, y)``:
   unconditional (``num_classes`` None or 0), class-conditional (``labels`` int [num]; None = the
-  null label ``num_classes``), or classifier-free guided when ``guidance_scale != 1``."""
+  null label ``num_classes``), or classifier-free guided when ``guidance_scale != 1`` (with
+  ``rescale`` and, given ``sched``, a σ ``guidance_interval``)."""
   if not num_classes:
     return conditional(model, None)
   y = jnp.full((num,), num_classes, jnp.int32) if labels is None else jnp.asarray(labels, jnp.int32)
   if guidance_scale != 1.0:
-    return classifier_free(model, y, num_classes, guidance_scale)
+    guided = classifier_free(model, y, num_classes, guidance_scale, rescale=rescale)
+    if guidance_interval is None:
+      return guided
+    return interval(guided, conditional(model, y), sched, *guidance_interval)
   return conditional(model, y)
 
 
@@ -86,12 +151,11 @@ def _text_conditional(model, context, x, t):
   return model(x, t, context)
 
 
-def _cfg_context(model, context, uncond, scale, x, t):
+def _cfg_context(model, context, uncond, scale, rescale, x, t):
   # one batched call on [uncond; cond], as the Stable Diffusion pipelines do
   b = x.shape[0]
   out = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([uncond, context]))
-  u, c = out[:b], out[b:]
-  return u + scale * (c - u)
+  return _combine(out[:b], out[b:], scale, rescale)
 
 
 def text_conditional(model, context) -> jax.tree_util.Partial:
@@ -99,12 +163,21 @@ def text_conditional(model, context) -> jax.tree_util.Partial:
   return jax.tree_util.Partial(_text_conditional, model, jnp.asarray(context, jnp.float32))
 
 
-def classifier_free_context(model, context, uncond_context, scale: float) -> jax.tree_util.Partial:
+def classifier_free_context(
+  model, context, uncond_context, scale: float, *, rescale: float = 0.0
+) -> jax.tree_util.Partial:
   """Classifier-free guidance over text contexts: ``out_u + scale (out_c - out_u)`` with
   ``out_c = model(x, t, context)`` and ``out_u = model(x, t, uncond_context)`` (both [B, L, D];
-  the unconditional one is usually the empty prompt's embedding), evaluated as one batch of 2B."""
+  the unconditional one is usually the empty prompt's embedding), evaluated as one batch of 2B,
+  optionally `rescaled` by ``rescale`` (diffusers' ``guidance_rescale``)."""
+  phi = _check_rescale(rescale)
   return jax.tree_util.Partial(
-    _cfg_context, model, jnp.asarray(context, jnp.float32), jnp.asarray(uncond_context, jnp.float32), jnp.float32(scale)
+    _cfg_context,
+    model,
+    jnp.asarray(context, jnp.float32),
+    jnp.asarray(uncond_context, jnp.float32),
+    jnp.float32(scale),
+    None if phi is None else jnp.float32(phi),
   )
 
 

@@ -356,17 +356,37 @@ def initial_noise(key, *, shape, sharding):
   return jax.lax.with_sharding_constraint(jax.random.normal(key, shape, jnp.float32), sharding)
 
 
-def make_sample_fn(graphdef, sampler, num_classes: int | None, mesh, guidance_scale: float = 1.0):
+def make_sample_fn(
+  graphdef,
+  sampler,
+  num_classes: int | None,
+  mesh,
+  guidance_scale: float = 1.0,
+  *,
+  guidance_rescale: float = 0.0,
+  guidance_interval: tuple[float, float] | None = None,
+  sched=None,
+):
   """``fn(params, key, shape, labels=None) -> samples [shape]``, batch sharded over ``mesh``.
 
   ``graphdef`` / ``params``: an ``nnx.split`` model ``model(x, t[, y])``. ``labels`` int [N]
   (class-conditional models; None = the null label) select the classes; ``guidance_scale != 1``
-  applies classifier-free guidance. x_T comes from ``fold_in(key, 0)`` and the sampler's
+  applies classifier-free guidance (with ``guidance_rescale`` and a σ ``guidance_interval`` on
+  ``sched``, `ddx.guidance.for_labels`). x_T comes from ``fold_in(key, 0)`` and the sampler's
   noise from ``fold_in(key, 1)``. A batch that the mesh does not divide is replicated.
   """
 
   def fn(params, key, shape, labels=None):
-    model_fn = guidance.for_labels(nnx.merge(graphdef, params), num_classes, shape[0], labels, guidance_scale)
+    model_fn = guidance.for_labels(
+      nnx.merge(graphdef, params),
+      num_classes,
+      shape[0],
+      labels,
+      guidance_scale,
+      rescale=guidance_rescale,
+      guidance_interval=guidance_interval,
+      sched=sched,
+    )
     sharding = parallel.batch_sharding(mesh) if shape[0] % mesh.devices.size == 0 else parallel.replicated(mesh)
     x_T = initial_noise(jax.random.fold_in(key, 0), shape=tuple(shape), sharding=sharding)
     return sample(model_fn, sampler, x_T, jax.random.fold_in(key, 1))

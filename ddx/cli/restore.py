@@ -160,19 +160,30 @@ def for_sampling(
   config: dict | None = None,
   mesh: jax.sharding.Mesh | None = None,
   sigmas: str | None = None,
+  guidance_rescale: float = 0.0,
+  guidance_interval: tuple[float, float] | None = None,
 ) -> Sampling:
   """Restore the workdir's weights ``which`` at ``step`` (default: the latest), build its
   sampler (x0 clipping from the config's ``sample.clip_sample``) and a sharded sample function
   over ``mesh`` (default: every device); decode with the autoencoder the config names."""
   config = checkpoint.read_config(workdir) if config is None else config
   clip = (config.get("sample") or {}).get("clip_sample", True)
-  _, sampler = make_sampler(config, sampler_name, steps, eta=eta, clip_sample=clip, sigmas=sigmas)
+  sched, sampler = make_sampler(config, sampler_name, steps, eta=eta, clip_sample=clip, sigmas=sigmas)
   model, _, step = load_model(workdir, which=which, step=step)
   graphdef, params = nnx.split(model, nnx.Param)
   mesh = parallel.data_mesh() if mesh is None else mesh
   params = parallel.replicate(params, mesh)  # restored onto one device; the batch spans them all
   num_classes = config["model"].get("num_classes")
-  fn = make_sample_fn(graphdef, sampler, num_classes, mesh, guidance_scale)
+  fn = make_sample_fn(
+    graphdef,
+    sampler,
+    num_classes,
+    mesh,
+    guidance_scale,
+    guidance_rescale=guidance_rescale,
+    guidance_interval=guidance_interval,
+    sched=sched,
+  )
   size, ch = config["model"]["image_size"], config["model"]["in_channels"]
   decoder = load_latent_decoder(config)
   image_shape = (size, size, ch)

@@ -118,6 +118,9 @@ def generate(
   guidance_scale: float = 7.5,
   *,
   return_latents: bool = False,
+  guidance_rescale: float = 0.0,
+  guidance_interval: tuple[float, float] | None = None,
+  sched=None,
 ):
   """Sample latents with classifier-free guidance and decode them.
 
@@ -133,6 +136,9 @@ def generate(
     guidance_scale: w in ``eps_u + w (eps_c - eps_u)``; every value is applied as given
       (1 = conditional only, with the cost of the unconditional half).
     return_latents: also return the final latents.
+    guidance_rescale: CFG rescale phi in [0, 1] (`ddx.guidance.rescaled`; 0 = off).
+    guidance_interval: ``(σ_lo, σ_hi)``: guide only the calls whose noise level lies in it
+      (`ddx.guidance.interval`; needs ``sched``, the U-Net's `ddx.Schedule`).
 
   Returns:
     images float32 [B, h*f, w*f, C_img] (f the VAE's downscale), or ``(images, latents)``;
@@ -142,17 +148,22 @@ def generate(
   uncond = None if uncond_context is None else jnp.asarray(uncond_context, jnp.float32)
   x_T = jnp.asarray(x_T, jnp.float32)
   check_inputs(unet, vae, context, uncond, x_T)
-  latents = sample(_guided(unet, context, uncond, guidance_scale), sampler, x_T, key)
+  model_fn = _guided(unet, context, uncond, guidance_scale, guidance_rescale)
+  if guidance_interval is not None and uncond is not None:
+    if sched is None:
+      raise ValueError("sched: required with guidance_interval (the σ of each timestep)")
+    model_fn = guidance.interval(model_fn, guidance.text_conditional(unet, context), sched, *guidance_interval)
+  latents = sample(model_fn, sampler, x_T, key)
   if vae is None:
     return latents
   images = decode(vae, latents)
   return (images, latents) if return_latents else images
 
 
-def _guided(unet, context, uncond, guidance_scale):
+def _guided(unet, context, uncond, guidance_scale, rescale=0.0):
   if uncond is None:
     return guidance.text_conditional(unet, context)
-  return guidance.classifier_free_context(unet, context, uncond, guidance_scale)
+  return guidance.classifier_free_context(unet, context, uncond, guidance_scale, rescale=rescale)
 
 
 # --- editing in latent space ----------------------------------------------------------------

@@ -88,16 +88,21 @@ class Pipeline:
     self.text_encoder.check_ids(jnp.asarray(ids))
     return _encode(*nnx.split(self.text_encoder), jnp.asarray(ids, jnp.int32))
 
-  def sampler(self, name: str, steps: int, **kwargs):
-    """A ddx sampler on this pipeline's schedule and its scheduler's grid settings."""
-    d, s = self.diffusion, self.scheduler
-    sched = schedules.make(
+  def schedule(self) -> schedules.Schedule:
+    """The U-Net's training schedule, from the scheduler config."""
+    d = self.diffusion
+    return schedules.make(
       d["beta_schedule"],
       d["num_timesteps"],
       beta_start=d["beta_start"],
       beta_end=d["beta_end"],
       rescale_zero_snr=d["rescale_zero_snr"],
     )
+
+  def sampler(self, name: str, steps: int, **kwargs):
+    """A ddx sampler on this pipeline's schedule and its scheduler's grid settings."""
+    d, s = self.diffusion, self.scheduler
+    sched = self.schedule()
     key = samplers.canonical(name)
     grid = dict(spacing=s.get("timestep_spacing", "leading"), steps_offset=int(s.get("steps_offset", 0)))
     extra = {
@@ -148,12 +153,15 @@ class Pipeline:
     x_T: jax.Array | None = None,
     eta: float | None = None,
     sigmas: str | None = None,
+    guidance_rescale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
   ):
     """Generate one image per prompt; returns float32 [B, H, W, 3] in about [-1, 1].
 
     The initial latents are ``normal(fold_in(key, 0))`` unless ``x_T`` is given; stochastic
     samplers draw their noise from ``fold_in(key, 1)``. ``guidance=1`` skips the
-    unconditional branch. ``sigmas`` picks a noise-level grid for the samplers that take one.
+    unconditional branch. ``sigmas`` picks a noise-level grid for the samplers that take one;
+    ``guidance_rescale`` and ``guidance_interval`` as for `ddx.latent.generate`.
     """
     if isinstance(prompts, str):
       prompts = [prompts]
@@ -163,7 +171,17 @@ class Pipeline:
     if x_T is None:
       x_T = jax.random.normal(jax.random.fold_in(key, 0), self.latent_shape(len(prompts), height, width), jnp.float32)
     return latent.generate(
-      self.unet, self.vae, context, uncond, smp, x_T, jax.random.fold_in(key, 1), guidance_scale=guidance
+      self.unet,
+      self.vae,
+      context,
+      uncond,
+      smp,
+      x_T,
+      jax.random.fold_in(key, 1),
+      guidance_scale=guidance,
+      guidance_rescale=guidance_rescale,
+      guidance_interval=guidance_interval,
+      sched=self.schedule(),
     )
 
   def img2img(self, prompts: Sequence[str], image, *, strength: float = 0.75, key: jax.Array, **kwargs):

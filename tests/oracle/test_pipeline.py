@@ -58,6 +58,17 @@ def test_txt2img_matches_diffusers_pipeline(sd_folder, tmp_path):
   ours01 = np.clip(ours / 2 + 0.5, 0, 1)
   assert ours01.shape == ref.shape == (2, 16, 16, 3)
   assert np.abs(ours01 - ref).max() < 1e-5
+  # CFG rescale: diffusers' guidance_rescale
+  ref = tpipe(
+    PROMPTS,
+    num_inference_steps=STEPS,
+    guidance_scale=7.5,
+    guidance_rescale=0.7,
+    latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy()),
+    output_type="np",
+  ).images
+  rescaled = np.asarray(pipe.txt2img(PROMPTS, sampler="plms", steps=STEPS, guidance=7.5, key=key, guidance_rescale=0.7))
+  assert np.abs(np.clip(rescaled / 2 + 0.5, 0, 1) - ref).max() < 1e-5 and np.abs(rescaled - ours).max() > 1e-3
 
   # the command writes the same images (its initial latents come from --seed the same way)
   code = cli.main(

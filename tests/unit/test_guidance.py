@@ -116,3 +116,66 @@ def test_bad_guidance_args():
     ddx.guidance.classifier(lambda x, t: x, _linear_classifier(jnp.ones((4, 2))), [0], 1.0, SCHED, prediction="e")
   with pytest.raises(ValueError, match="^labels:"):
     clf_lib.train(np.zeros((4, 3)), np.array([0, 1, 2, 3]), SCHED, jax.random.key(0), num_classes=3)
+
+
+def _plain_model(x, t, y):
+  yf = y.astype(jnp.float32)[:, None, None, None]
+  tf = t.astype(jnp.float32)[:, None, None, None] / 1000.0
+  return jnp.tanh(x * (1.0 + 0.3 * yf)) * (1.0 + tf) + 0.05 * yf
+
+
+def test_cfg_rescale_matches_diffusers():
+  """`guidance.rescaled` = diffusers' ``rescale_noise_cfg`` (unbiased per-sample std)."""
+  torch = pytest.importorskip("torch")
+  sd = pytest.importorskip("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion")
+  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
+  t = jnp.array([900, 900, 900], jnp.int32)
+  y = jnp.array([1, 4, 8], jnp.int32)
+  u = _plain_model(x, t, jnp.full_like(y, 10))
+  c = _plain_model(x, t, y)
+  for phi in (0.0, 0.3, 0.7, 1.0):
+    ours = ddx.guidance.classifier_free(_plain_model, y, 10, 5.0, rescale=phi)(x, t)
+    g = torch.from_numpy(np.asarray(u + 5.0 * (c - u)))
+    ref = sd.rescale_noise_cfg(g, torch.from_numpy(np.asarray(c)), guidance_rescale=phi).numpy()
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=2e-5, atol=2e-6)
+  # the rescaled output has the conditional output's per-sample std
+  full = np.asarray(ddx.guidance.classifier_free(_plain_model, y, 10, 5.0, rescale=1.0)(x, t))
+  np.testing.assert_allclose(full.reshape(3, -1).std(1, ddof=1), np.asarray(c).reshape(3, -1).std(1, ddof=1), rtol=1e-5)
+
+
+def test_guidance_interval_guides_only_inside():
+  sigmas = np.sqrt((1.0 - SCHED.f64.alphas_cumprod) / SCHED.f64.alphas_cumprod)
+  y = jnp.array([2, 5], jnp.int32)
+  guided = ddx.guidance.classifier_free(_plain_model, y, 10, 3.0)
+  cond = ddx.guidance.conditional(_plain_model, y)
+  lo, hi = float(sigmas[299] + sigmas[300]) / 2, float(sigmas[700] + sigmas[701]) / 2
+  fn = jax.jit(ddx.guidance.interval(guided, cond, SCHED, lo, hi))
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
+  for t, inside in ((100, False), (299, False), (300, True), (500, True), (700, True), (701, False), (999, False)):
+    tt = jnp.full((2,), t, jnp.int32)
+    want = guided(x, tt) if inside else cond(x, tt)
+    np.testing.assert_allclose(np.asarray(fn(x, tt)), np.asarray(want), rtol=1e-5, atol=1e-6, err_msg=str(t))
+  # float timesteps (the σ-space samplers') interpolate σ
+  t_f = jnp.full((2,), 300.4)
+  np.testing.assert_allclose(np.asarray(fn(x, t_f)), np.asarray(guided(x, t_f)), rtol=1e-5, atol=1e-6)
+  # sampling: an interval holding every level is plain CFG, one holding none is conditional
+  smp = ddx.samplers.make("ddim", SCHED, 8)
+  x_T = jax.random.normal(jax.random.key(2), (2, 4, 4, 3))
+  every = ddx.guidance.for_labels(_plain_model, 10, 2, y, 3.0, guidance_interval=(0.0, float("inf")), sched=SCHED)
+  none = ddx.guidance.for_labels(_plain_model, 10, 2, y, 3.0, guidance_interval=(1e3, 1e4), sched=SCHED)
+  np.testing.assert_allclose(ddx.sample(every, smp, x_T), ddx.sample(guided, smp, x_T), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ddx.sample(none, smp, x_T), ddx.sample(cond, smp, x_T), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "call,msg",
+  [
+    (lambda: ddx.guidance.classifier_free(_plain_model, [1], 10, 2.0, rescale=1.5), "rescale: must be in [0, 1]"),
+    (lambda: ddx.guidance.classifier_free(_plain_model, [1], 10, 2.0, rescale=float("nan")), "rescale: must be"),
+    (lambda: ddx.guidance.interval(None, None, SCHED, -1.0, 2.0), "interval: the low σ"),
+    (lambda: ddx.guidance.interval(None, None, SCHED, 2.0, 2.0), "interval: the high σ"),
+  ],
+)
+def test_guidance_option_errors(call, msg):
+  with pytest.raises(ValueError, match="^" + msg.replace("[", r"\[").replace("]", r"\]")):
+    call()

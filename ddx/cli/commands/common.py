@@ -117,6 +117,37 @@ def define_sigmas(fv) -> None:
   )
 
 
+def define_guidance_options(fv) -> None:
+  flags.DEFINE_float(
+    "guidance_rescale", None, "CFG rescale phi in [0, 1] (0 = off; needs --guidance != 1).", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "guidance_interval",
+    None,
+    "LO,HI: apply guidance only at noise levels σ in [LO, HI] (conditional elsewhere; needs --guidance != 1).",
+    flag_values=fv,
+  )
+
+
+def check_guidance_options(fv, guided: bool) -> tuple[float, tuple[float, float] | None]:
+  """(--guidance_rescale or 0, --guidance_interval as (lo, hi) or None): one line for a bad value,
+  or for either without guidance."""
+  rescale = check_float(fv, "guidance_rescale", lo=0.0, hi=1.0)
+  interval = None
+  if fv.guidance_interval is not None:
+    try:
+      lo, hi = (float(v) for v in fv.guidance_interval.split(","))
+    except ValueError:
+      raise ValueError(f"--guidance_interval: expected LO,HI (two numbers), got {fv.guidance_interval!r}") from None
+    if not (math.isfinite(lo) and lo >= 0 and hi > lo):
+      raise ValueError(f"--guidance_interval: needs 0 <= LO < HI (HI may be inf), got {fv.guidance_interval!r}")
+    interval = (lo, hi)
+  for name, value in (("guidance_rescale", rescale), ("guidance_interval", interval)):
+    if value and not guided:  # a rescale of 0 is off, whatever the guidance
+      raise ValueError(f"--{name}: only applies with classifier-free guidance (--guidance != 1)")
+  return rescale or 0.0, interval
+
+
 def check_sigmas(fv, sampler: str) -> str | None:
   """--sigmas: a known grid, and a σ-space sampler to take it (one line, before anything is read)."""
   value = fv.sigmas

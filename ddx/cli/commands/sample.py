@@ -36,6 +36,7 @@ flags.DEFINE_integer("steps", None, "Sampling steps S (default: the config's sam
 flags.DEFINE_integer("num", None, "Number of samples (default: the config's sample.num).", flag_values=FLAGS)
 flags.DEFINE_float("eta", None, "DDIM eta (default: the config's sample.eta).", flag_values=FLAGS)
 common.define_sigmas(FLAGS)
+common.define_guidance_options(FLAGS)
 flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (class-conditional models).", flag_values=FLAGS)
 flags.DEFINE_integer("label", None, "Class label of every sample (default: cycle 0..num_classes-1).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "PRNG seed.", flag_values=FLAGS)
@@ -91,6 +92,7 @@ def main(argv: list[str]) -> int:
     raise ValueError(f"--label: must be in [0, {num_classes}] ({num_classes} = unconditional), got {label}")
   if scale != 1.0 and not num_classes:
     raise ValueError("--guidance: classifier-free guidance needs a class-conditional model")
+  rescale, interval = common.check_guidance_options(FLAGS, scale != 1.0)
   step = checkpoint.resolve_step(workdir, checkpoint_step)
   if latent_ae:
     checkpoint.read_trained_config(latent_ae, "autoencoder", name="latent.autoencoder_workdir (workdir config)")
@@ -98,7 +100,17 @@ def main(argv: list[str]) -> int:
 
   which = "ema_params" if FLAGS.use_ema else "params"
   s = restore.for_sampling(
-    workdir, sampler_name, steps, eta=eta, which=which, step=step, guidance_scale=scale, config=cfg, sigmas=grid
+    workdir,
+    sampler_name,
+    steps,
+    eta=eta,
+    which=which,
+    step=step,
+    guidance_scale=scale,
+    config=cfg,
+    sigmas=grid,
+    guidance_rescale=rescale,
+    guidance_interval=interval,
   )
   labels = restore.labels_for(cfg, num, label)
   t0 = time.time()

@@ -49,6 +49,7 @@ flags.DEFINE_integer("steps", 50, "Sampling steps.", flag_values=FLAGS)
 flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1 = no unconditional branch).", flag_values=FLAGS)
 flags.DEFINE_float("eta", None, "DDIM eta (ddim only).", flag_values=FLAGS)
 common.define_sigmas(FLAGS)
+common.define_guidance_options(FLAGS)
 flags.DEFINE_integer("num", 1, "Images per prompt.", flag_values=FLAGS)
 flags.DEFINE_integer(
   "height", None, "Image height (default: the U-Net's sample_size x the VAE factor).", flag_values=FLAGS
@@ -93,6 +94,7 @@ def main(argv: list[str]) -> int:
   height = common.check_int(FLAGS, "height", lo=1, hi=limits.MAX_IMAGE_SIZE)
   width = common.check_int(FLAGS, "width", lo=1, hi=limits.MAX_IMAGE_SIZE)
   guidance = common.check_float(FLAGS, "guidance", lo=limits.MIN_GUIDANCE, hi=limits.MAX_GUIDANCE)
+  rescale, interval = common.check_guidance_options(FLAGS, guidance != 1.0)
   eta = common.check_float(FLAGS, "eta", lo=0.0, hi=limits.MAX_ETA)
   common.check_eta_sampler(eta, sampler)
   grid = common.check_sigmas(FLAGS, sampler)
@@ -112,6 +114,9 @@ def main(argv: list[str]) -> int:
     for name in ("height", "width"):
       if FLAGS[name].value is not None:
         raise ValueError(f"--{name}: not used with --init_image (the image's size is the output size)")
+    for name in ("guidance_rescale", "guidance_interval"):
+      if FLAGS[name].value is not None:
+        raise ValueError(f"--{name}: applies to txt2img, not to an --init_image edit")
     if FLAGS.mask is not None:
       mask_path = common.check_paths(FLAGS, "mask", 1)[0]
       if strength is not None:
@@ -145,6 +150,8 @@ def main(argv: list[str]) -> int:
   )
   if grid is not None:
     kw["sigmas"] = grid
+  if rescale or interval:
+    kw.update(guidance_rescale=rescale, guidance_interval=interval)
   extra = {}
   if init is None:
     kind = "txt2img"
