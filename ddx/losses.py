@@ -11,6 +11,10 @@
   sampled t as ``T * L_t`` in bits per dimension (so ``vlb_weight = 1e-3``, T = 1000 gives the
   paper's weighting).
 
+* Flow matching (rectified flow, Lipman et al. 2023; Liu et al. 2023; SD3): ``x_σ =
+  (1 - σ) x0 + σ eps`` with σ in (0, 1) drawn uniform, logit-normal or shifted (`flow_draw`),
+  and the velocity ``eps - x0`` regressed from the model given ``σ T`` (`flow_loss`).
+
 Everything is per example: functions return [B] losses; reduce them where you shard.
 """
 
@@ -36,9 +40,43 @@ __all__ = [
   "vlb_terms",
   "normal_kl",
   "discretized_gaussian_log_likelihood",
+  "KINDS",
+  "FLOW_TIMESTEPS",
+  "flow_draw",
+  "flow_loss",
 ]
 
 WEIGHTINGS = ("uniform", "min_snr")
+KINDS = ("ddpm", "flow")  # the training objectives: noise prediction on the VP process, flow matching
+FLOW_TIMESTEPS = ("uniform", "logit_normal")
+
+
+def flow_draw(
+  x0: jax.Array, key: jax.Array, *, timesteps: str = "uniform", mean: float = 0.0, std: float = 1.0, shift: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+  """σ [B] and eps (x0's shape) for flow matching, from ``fold_in(key, 0)`` and ``fold_in(key, 1)``:
+  σ uniform in (0, 1) or ``sigmoid(mean + std n)`` (logit-normal, SD3's default 0 / 1), then
+  SD3's shift ``shift σ / (1 + (shift - 1) σ)`` (1 = none; > 1 spends more training at high noise)."""
+  b = x0.shape[0]
+  k_t = jax.random.fold_in(key, 0)
+  if timesteps == "uniform":
+    # the open interval: σ = 0 and σ = 1 are single points of no use to the model
+    u = jax.random.uniform(k_t, (b,), jnp.float32, minval=1e-5, maxval=1.0 - 1e-5)
+  elif timesteps == "logit_normal":
+    u = jax.nn.sigmoid(mean + std * jax.random.normal(k_t, (b,), jnp.float32))
+  else:
+    raise ValueError(f"timesteps: unknown flow timestep distribution {timesteps!r}; expected one of {FLOW_TIMESTEPS}")
+  sigma = shift * u / (1.0 + (shift - 1.0) * u)
+  eps = jax.random.normal(jax.random.fold_in(key, 1), x0.shape, jnp.float32)
+  return sigma, eps
+
+
+def flow_loss(model_fn: Callable, x0: jax.Array, sigma: jax.Array, eps: jax.Array, num_train: int) -> jax.Array:
+  """Per-example ``|model(x_σ, σ T) - (eps - x0)|²`` (mean over the non-batch axes)."""
+  s = sigma.reshape((-1,) + (1,) * (x0.ndim - 1))
+  x = (1.0 - s) * x0 + s * eps
+  out = model_fn(x, sigma * num_train).astype(jnp.float32)
+  return _mean_flat((out - (eps - x0)) ** 2)
 
 
 def _mean_flat(x: jax.Array) -> jax.Array:

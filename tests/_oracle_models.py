@@ -40,6 +40,8 @@ from diffusers import (
   DPMSolverMultistepScheduler,
   EulerAncestralDiscreteScheduler,
   EulerDiscreteScheduler,
+  FlowMatchEulerDiscreteScheduler,
+  FlowMatchHeunDiscreteScheduler,
   HeunDiscreteScheduler,
   LMSDiscreteScheduler,
   PNDMScheduler,
@@ -665,6 +667,37 @@ def _sigma_runners(kind):
   )
 
 
+# --------------------------------------------------------------------------------------------
+# rectified flow = FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler
+# --------------------------------------------------------------------------------------------
+
+FLOW_DEFAULTS = dict(S=28, shift=1.0, T=T)
+FLOW_SCHEDULERS = {"flow_euler": FlowMatchEulerDiscreteScheduler, "flow_heun": FlowMatchHeunDiscreteScheduler}
+
+
+def flow_case(**kw) -> dict:
+  return _case(FLOW_DEFAULTS, kw)
+
+
+def flow_reference(kind: str, c: dict, key=None, dtype=torch.float32) -> list:
+  sch = FLOW_SCHEDULERS[kind](num_train_timesteps=c["T"], shift=c["shift"])
+  sch.set_timesteps(c["S"])
+  sch.sigmas = sch.sigmas.to(dtype)  # float64: the arithmetic only (the σ stay float32-rounded)
+  x = _ref_inputs(dtype)
+  traj = []
+  for t in sch.timesteps:
+    x = sch.step(torch_model(x, t).to(dtype), t, x).prev_sample
+    traj.append(from_torch(x))
+  return traj
+
+
+def _flow_runners(kind):
+  return (
+    lambda c, key=None: run_ddx(ddx.samplers.make(kind, None, c["S"], shift=c["shift"], num_train=c["T"]), None),
+    lambda c, key=None, dtype=torch.float32: flow_reference(kind, c, key, dtype),
+  )
+
+
 RUNNERS = {
   "ddim": (ddim_ddx, ddim_reference),
   "ddpm": (ddpm_ddx, ddpm_reference),
@@ -672,6 +705,7 @@ RUNNERS = {
   "dpm_solver++": (dpm_ddx, dpm_reference),
   "unipc": (unipc_ddx, unipc_reference),
   **{kind: _sigma_runners(kind) for kind in SIGMA_SCHEDULERS},
+  **{kind: _flow_runners(kind) for kind in FLOW_SCHEDULERS},
 }
 
 
@@ -737,6 +771,8 @@ SIGMA_F64_CASES = [
   ("lms", sigma_case(schedule="linear", prediction="x0", S=10)),
   ("heun", sigma_case(sigmas="karras", prediction="v", S=10)),
   ("lms", sigma_case(sigmas="exponential", spacing="leading", steps_offset=1, S=10)),
+  ("flow_heun", {**FLOW_DEFAULTS, "S": 2}),
+  ("flow_heun", {**FLOW_DEFAULTS, "S": 4, "shift": 3.0}),
 ]
 
 
@@ -947,6 +983,15 @@ def _cases():
   g = "final sigma_min"
   for grid in (None, "karras"):
     add("euler", g, sigma_case(final_sigma="sigma_min", sigmas=grid, S=10))
+
+  # ---- rectified flow ----
+  for kind in FLOW_SCHEDULERS:
+    g = "S x shift (SD3: 3), T"
+    for S in (28, 1, 2, 4, 10):
+      for shift in (1.0, 3.0):
+        # Heun's second call at σ = s(1/T) divides by it in diffusers (TOL_SIGMA_DIFFUSERS_F32)
+        add(kind, g, flow_case(S=S, shift=shift), TOL_SIGMA_DIFFUSERS_F32 if kind == "flow_heun" else TOL)
+    add(kind, g, flow_case(S=10, shift=1.5, T=100))
   return out
 
 
@@ -957,6 +1002,7 @@ DEFAULTS = {
   "dpm_solver++": DPM_DEFAULTS,
   "unipc": UNIPC_DEFAULTS,
   **{kind: SIGMA_DEFAULTS for kind in SIGMA_SCHEDULERS},
+  **{kind: FLOW_DEFAULTS for kind in FLOW_SCHEDULERS},
 }
 CASES = _cases()
 HAS_F64 = ("ddim", "ddpm", "plms")  # DPMSolverMultistepScheduler computes in float32 only

@@ -21,6 +21,7 @@ from ddx.cli import limits
 from ddx.data.sources import DATASETS
 from ddx.eval import inception, quality
 from ddx.models.configs import AutoencoderConfig, UNetConfig
+from ddx.samplers import FLOW_NAMES as FLOW_SAMPLERS
 from ddx.samplers import GRID_NAMES as SIGMA_SAMPLERS
 from ddx.samplers import NAMES as SAMPLER_NAMES
 from ddx.training import autoencoder as autoencoder_train
@@ -155,6 +156,20 @@ def validate(config) -> dict:
   _choice(cfg, "diffusion.loss_weighting", losses.WEIGHTINGS)
   _num(cfg, "diffusion.min_snr_gamma", 0, lo_open=True)
   _num(cfg, "diffusion.vlb_weight", 0)
+  _choice(cfg, "diffusion.kind", losses.KINDS)
+  _choice(cfg, "diffusion.flow_timesteps", losses.FLOW_TIMESTEPS)
+  _num(cfg, "diffusion.flow_logit_mean", -10, 10)
+  _num(cfg, "diffusion.flow_logit_std", 0, 10, lo_open=True)
+  _num(cfg, "diffusion.flow_shift", 0, 100, lo_open=True)
+  flow = cfg["diffusion"]["kind"] == "flow"
+  if flow and cfg["model"]["learn_sigma"]:
+    raise ValueError("diffusion.kind: a flow-matching model has no learned variance (model.learn_sigma=False)")
+  for key in ("sample.sampler", "eval.sampler"):
+    section, field = key.split(".")
+    name = (cfg.get(section) or {}).get(field)
+    if name is not None and (name in FLOW_SAMPLERS) != flow:
+      want = f"one of {FLOW_SAMPLERS}" if flow else f"not one of {FLOW_SAMPLERS}"
+      raise ValueError(f"{key}: a diffusion.kind={cfg['diffusion']['kind']!r} model samples with {want}, got {name!r}")
   if cfg["diffusion"]["rescale_zero_snr"] and cfg["diffusion"]["prediction"] == "eps":
     raise ValueError("diffusion.prediction: 'eps' cannot be used with rescale_zero_snr (use 'v')")
   if (cfg["diffusion"]["variance"] == "learned_range") != bool(cfg["model"]["learn_sigma"]):
@@ -407,6 +422,11 @@ def loss_spec(cfg: Mapping) -> train_lib.LossSpec:
     min_snr_gamma=d["min_snr_gamma"],
     learned_variance=bool(cfg["model"]["learn_sigma"]),
     vlb_weight=d["vlb_weight"],
+    kind=d.get("kind", "ddpm"),
+    flow_timesteps=d.get("flow_timesteps", "uniform"),
+    flow_mean=float(d.get("flow_logit_mean", 0.0)),
+    flow_std=float(d.get("flow_logit_std", 1.0)),
+    flow_shift=float(d.get("flow_shift", 1.0)),
   )
 
 
@@ -415,6 +435,16 @@ def sampler_kwargs(
 ) -> dict:
   """Keyword arguments of `ddx.samplers.make` for a trained model's diffusion section;
   ``sigmas`` (a noise-level grid) only for the σ-space samplers."""
+  flow = diffusion.get("kind", "ddpm") == "flow"
+  if flow != (sampler in FLOW_SAMPLERS):
+    want = f"one of {FLOW_SAMPLERS}" if flow else f"not one of {FLOW_SAMPLERS}"
+    raise ValueError(
+      f"--sampler: this {'flow-matching' if flow else 'diffusion'} model samples with {want}, got {sampler}"
+    )
+  if flow:
+    if sigmas is not None:
+      raise ValueError(f"--sigmas: the flow samplers use their own grid (diffusion.flow_shift), got {sigmas}")
+    return {"shift": float(diffusion.get("flow_shift", 1.0)), "num_train": int(diffusion["num_timesteps"])}
   kw: dict[str, Any] = {"prediction": diffusion["prediction"]}
   if sigmas is not None:
     if sampler not in SIGMA_SAMPLERS:

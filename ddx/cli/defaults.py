@@ -76,6 +76,14 @@ def get_config():
   c.diffusion.loss_weighting = "uniform"  # uniform | min_snr
   c.diffusion.min_snr_gamma = 5.0
   c.diffusion.vlb_weight = 1e-3  # hybrid loss weight (learn_sigma models)
+  # "ddpm": the variance-preserving process above; "flow": flow matching (rectified flow,
+  # x = (1 - σ) x0 + σ eps, the velocity eps - x0 regressed; β schedule and prediction unused;
+  # sample with flow_euler / flow_heun)
+  c.diffusion.kind = "ddpm"
+  c.diffusion.flow_timesteps = "uniform"  # uniform | logit_normal (SD3)
+  c.diffusion.flow_logit_mean = 0.0
+  c.diffusion.flow_logit_std = 1.0
+  c.diffusion.flow_shift = 1.0  # SD3's timestep shift, in training and sampling (SD3: 3.0)
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 128
@@ -115,7 +123,7 @@ def get_config():
   c.optim.grad_clip = 1.0
 
   c.sample = ml_collections.ConfigDict()
-  c.sample.sampler = "ddim"  # ddpm | ddim | plms | dpm_solver++
+  c.sample.sampler = "ddim"  # ddpm | ddim | plms | dpm_solver++ | unipc | euler | heun | ... | flow_euler (flows)
   c.sample.steps = 50
   c.sample.eta = 0.0
   c.sample.num = 64

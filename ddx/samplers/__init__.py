@@ -4,8 +4,8 @@
 
 Names: "ddpm", "ddim", "plms", "dpm_solver++" (alias "dpmpp_2m") and its presets
 "dpm_solver++_3m", "dpm_solver++_sde", "dpm_solver++_3m_sde" (aliases "dpmpp_3m",
-"dpmpp_2m_sde", "dpmpp_3m_sde"), "unipc", and the σ-space samplers "euler", "euler_ancestral",
-"heun", "lms" (`sigmas`). Keyword arguments go to
+"dpmpp_2m_sde", "dpmpp_3m_sde"), "unipc", the σ-space samplers "euler", "euler_ancestral",
+"heun", "lms" (`sigmas`), and "flow_euler", "flow_heun" for rectified-flow models. Keyword arguments go to
 the sampler's own ``make``; unknown ones raise a ValueError naming them.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from ddx.samplers import base, ddim, ddpm, dpm_solver, euler, grids, heun, lms, plms, sigmas, unipc  # noqa: F401 -- ddx.samplers.<module>
+from ddx.samplers import base, ddim, ddpm, dpm_solver, euler, flow, grids, heun, lms, plms, sigmas, unipc  # noqa: F401 -- ddx.samplers.<module>
 from ddx.samplers.base import Sampler, X0Processing
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
@@ -40,6 +40,9 @@ _SAMPLERS = {
   "euler_ancestral": (euler.make_ancestral, Euler),
   "heun": (heun.make, Heun),
   "lms": (lms.make, LMS),
+  # for rectified-flow models (diffusion.kind = "flow")
+  "flow_euler": (flow.make_euler, Euler),
+  "flow_heun": (flow.make_heun, Heun),
 }
 _ALIASES = {
   "dpmpp_2m": "dpm_solver++",
@@ -53,8 +56,11 @@ _ALIASES = {
 NAMES = tuple(_SAMPLERS)
 # the samplers a run may start mid-grid with or revisit calls of (the editors' choices)
 SINGLE_STEP_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if cls.single_step)
-# the samplers that integrate in σ space
-SIGMA_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if issubclass(cls, sigmas.SigmaCommon))
+# the samplers of rectified-flow models, and the σ-space samplers of the others
+FLOW_NAMES = ("flow_euler", "flow_heun")
+SIGMA_NAMES = tuple(
+  n for n, (_, cls) in _SAMPLERS.items() if issubclass(cls, sigmas.SigmaCommon) and n not in FLOW_NAMES
+)
 # the samplers that take a noise-level grid (``sigmas="karras"`` ...)
 GRID_NAMES = tuple(n for n, (mk, _) in _SAMPLERS.items() if "sigmas" in inspect.signature(mk).parameters)
 
@@ -89,6 +95,7 @@ __all__ = [
   "NAMES",
   "SINGLE_STEP_NAMES",
   "SIGMA_NAMES",
+  "FLOW_NAMES",
   "GRID_NAMES",
   "Sampler",
   "X0Processing",

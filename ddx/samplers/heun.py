@@ -86,24 +86,37 @@ def make(
     sched, num_steps, spacing=spacing, steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_sigma=final_sigma
   )
   s_hat, t_hat, pre = sg.churn(grid, sched, s_churn, s_tmin, s_tmax, s_noise)
-  t_next = np.concatenate([grid.timesteps[1:], [0.0]])
   log_table = np.log(sg.schedule_sigmas(sched))
+  return from_grid(
+    grid, prediction, s_hat=s_hat, t_hat=t_hat, pre=pre, t_of_sigma=lambda s: sg.sigma_to_t(s, log_table)
+  )
+
+
+def from_grid(grid: sg.Grid, prediction: str, *, s_hat=None, t_hat=None, pre=None, t_of_sigma=None, flow=False) -> Heun:
+  """The Heun tables of a σ grid (``s_hat``, ``t_hat``, ``pre``: the churn of `sigmas.churn`, none
+  by default; ``t_of_sigma``: the model timestep of the final level if it is not 0). ``flow``:
+  a rectified-flow grid (`ddx.samplers.flow`): the model sees x itself, from x_T unscaled."""
+  n = grid.num_steps
+  s_hat = grid.sigmas[:-1] if s_hat is None else s_hat
+  t_hat = grid.timesteps if t_hat is None else t_hat
+  pre = np.zeros(n) if pre is None else pre
+  t_next = np.concatenate([grid.timesteps[1:], [0.0]])
   rows = []  # (t, σ_eval, second, pre, dt)
-  for k in range(grid.num_steps):
+  for k in range(n):
     s_next = grid.sigmas[k + 1]
     rows.append((t_hat[k], s_hat[k], False, pre[k], s_next - s_hat[k]))
     if s_next > 0:
-      t_b = t_next[k] if k + 1 < grid.num_steps else sg.sigma_to_t(s_next, log_table)
+      t_b = t_next[k] if k + 1 < n else t_of_sigma(s_next)
       rows.append((t_b, s_next, True, 0.0, s_next - s_hat[k]))
   t, s_eval, second, pre_c, dt = (np.asarray(c) for c in zip(*rows))
   return Heun(
+    init_sigma=base.f32(1.0 if flow else sg.init_sigma(grid)),
     timesteps=base.f32(t),
-    c_in=base.f32(sg.c_in(s_eval)),
+    c_in=base.f32(np.ones_like(s_eval) if flow else sg.c_in(s_eval)),
     sigma_eval=base.f32(s_eval),
     second=jnp.asarray(second.astype(bool)),
     pre=base.f32(pre_c),
     dt=base.f32(dt),
-    init_sigma=base.f32(sg.init_sigma(grid)),
     prediction=prediction,
     stochastic=bool(np.any(pre > 0)),
   )

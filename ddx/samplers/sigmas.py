@@ -143,8 +143,10 @@ def make(
 
 
 def to_x0(out: jax.Array, x: jax.Array, sigma, prediction: str) -> jax.Array:
-  """x0 from a model output at noise level σ, for a σ-space sample ``x = x0 + σ eps``."""
-  if prediction == "eps":
+  """x0 from a model output at noise level σ, for a σ-space sample ``x = x0 + σ eps`` (or, with
+  ``prediction="flow"``, a rectified-flow sample ``x = (1 - σ) x0 + σ eps`` and the velocity
+  ``eps - x0``)."""
+  if prediction in ("eps", "flow"):
     return x - sigma * out
   if prediction == "x0":
     return out
@@ -156,7 +158,7 @@ def derivative(out: jax.Array, x: jax.Array, x0: jax.Array, sigma, prediction: s
   """The ODE derivative ``d = (x - x0) / σ``, written per prediction so that float32 does not
   lose it to cancellation at small σ: eps gives ``d = eps`` and v gives
   ``d = σ x / (σ² + 1) + v / sqrt(σ² + 1)`` exactly; only x0 prediction divides a difference."""
-  if prediction == "eps":
+  if prediction in ("eps", "flow"):  # dx/dσ of the flow is its velocity
     return out
   if prediction == "v":
     return sigma * x / (sigma * sigma + 1.0) + out / jnp.sqrt(sigma * sigma + 1.0)

@@ -71,6 +71,12 @@ class LossSpec:
   min_snr_gamma: float = 5.0
   learned_variance: bool = False
   vlb_weight: float = 1e-3
+  # flow matching (kind "flow"): the velocity objective, σ drawn by `losses.flow_draw`
+  kind: str = "ddpm"
+  flow_timesteps: str = "uniform"
+  flow_mean: float = 0.0
+  flow_std: float = 1.0
+  flow_shift: float = 1.0
 
 
 def learning_rate_fn(spec: OptimizerSpec) -> optax.Schedule:
@@ -287,11 +293,23 @@ def train_step(
       drop = jax.random.bernoulli(jax.random.fold_in(key, 2), label_dropout, y.shape)
       y = jnp.where(drop, num_classes, y)
   dropout_key = jax.random.fold_in(key, 3) if use_dropout else None
-  t, eps = losses.draw_noise(sched, x0, jax.random.fold_in(key, 1))
+  if loss.kind == "flow":
+    t, eps = losses.flow_draw(
+      x0,
+      jax.random.fold_in(key, 1),
+      timesteps=loss.flow_timesteps,
+      mean=loss.flow_mean,
+      std=loss.flow_std,
+      shift=loss.flow_shift,
+    )
+  else:
+    t, eps = losses.draw_noise(sched, x0, jax.random.fold_in(key, 1))
 
   def loss_fn(params, part, dropout_key):
     model = nnx.merge(graphdef, params)
     model_fn = lambda x, t: model(x, t, part["y"], dropout_key=dropout_key)
+    if loss.kind == "flow":  # t holds σ here
+      return jnp.mean(losses.flow_loss(model_fn, part["x0"], part["t"], part["eps"], sched.num_timesteps))
     per_example = losses.noised_loss(
       model_fn,
       sched,
