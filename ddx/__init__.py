@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 
-from ddx import diffusion, edit, guidance, images, losses, parallel, samplers, sampling, schedules
+from ddx import diffusion, edit, edm, guidance, images, losses, parallel, samplers, sampling, schedules
 from ddx.sampling import sample
 from ddx.schedules import Schedule
 
@@ -39,6 +39,7 @@ __all__ = [
   "sampling",
   "Schedule",
   "diffusion",
+  "edm",
   "losses",
   "guidance",
   "edit",

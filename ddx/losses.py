@@ -11,6 +11,9 @@
   sampled t as ``T * L_t`` in bits per dimension (so ``vlb_weight = 1e-3``, T = 1000 gives the
   paper's weighting).
 
+* EDM (Karras et al. 2022): ln σ ~ N(P_mean, P_std²), ``x = x0 + σ n``, and the
+  preconditioned network's own target (`ddx.edm`), i.e. ``λ(σ) |D(x; σ) - x0|²`` with
+  ``λ = (σ² + σ_d²) / (σ σ_d)²`` (`edm_loss`).
 * Flow matching (rectified flow, Lipman et al. 2023; Liu et al. 2023; SD3): ``x_σ =
   (1 - σ) x0 + σ eps`` with σ in (0, 1) drawn uniform, logit-normal or shifted (`flow_draw`),
   and the velocity ``eps - x0`` regressed from the model given ``σ T`` (`flow_loss`).
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddx import diffusion
+from ddx import diffusion, edm
 from ddx.schedules import Schedule
 
 __all__ = [
@@ -42,12 +45,14 @@ __all__ = [
   "discretized_gaussian_log_likelihood",
   "KINDS",
   "FLOW_TIMESTEPS",
+  "edm_draw",
+  "edm_loss",
   "flow_draw",
   "flow_loss",
 ]
 
 WEIGHTINGS = ("uniform", "min_snr")
-KINDS = ("ddpm", "flow")  # the training objectives: noise prediction on the VP process, flow matching
+KINDS = ("ddpm", "flow", "edm")  # the objectives: VP noise prediction, flow matching, EDM
 FLOW_TIMESTEPS = ("uniform", "logit_normal")
 
 
@@ -226,3 +231,18 @@ def training_loss(
   """`draw_noise` from ``key``, then `noised_loss`: the per-example loss [B] of one batch."""
   t, eps = draw_noise(sched, x0, key)
   return noised_loss(model_fn, sched, x0, t, eps, **loss_kwargs)
+
+
+def edm_draw(x0: jax.Array, key: jax.Array, *, p_mean: float = -1.2, p_std: float = 1.2) -> tuple[jax.Array, jax.Array]:
+  """σ [B] (log-normal, EDM's P_mean / P_std) and n (x0's shape), from ``fold_in(key, 0 / 1)``."""
+  sigma = jnp.exp(p_mean + p_std * jax.random.normal(jax.random.fold_in(key, 0), (x0.shape[0],), jnp.float32))
+  return sigma, jax.random.normal(jax.random.fold_in(key, 1), x0.shape, jnp.float32)
+
+
+def edm_loss(net_fn: Callable, x0: jax.Array, sigma: jax.Array, n: jax.Array, sigma_data: float) -> jax.Array:
+  """Per-example ``|F(c_in x, c_noise) - (x0 - c_skip x) / c_out|²`` for ``x = x0 + σ n``: EDM's
+  ``λ(σ) |D - x0|²`` with its weighting folded in (both sides have unit variance)."""
+  c_skip, c_out, c_in, c_noise = (c.reshape((-1,) + (1,) * (x0.ndim - 1)) for c in edm.coefficients(sigma, sigma_data))
+  x = x0 + sigma.reshape(c_in.shape) * n
+  out = net_fn(x * c_in, c_noise.reshape(-1)).astype(jnp.float32)
+  return _mean_flat((out - (x0 - c_skip * x) / c_out) ** 2)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ddx import guidance, parallel
+from ddx import edm, guidance, parallel
 from ddx.samplers.base import Sampler
 
 
@@ -366,19 +366,24 @@ def make_sample_fn(
   guidance_rescale: float = 0.0,
   guidance_interval: tuple[float, float] | None = None,
   sched=None,
+  edm_sigma_data: float | None = None,
 ):
   """``fn(params, key, shape, labels=None) -> samples [shape]``, batch sharded over ``mesh``.
 
   ``graphdef`` / ``params``: an ``nnx.split`` model ``model(x, t[, y])``. ``labels`` int [N]
   (class-conditional models; None = the null label) select the classes; ``guidance_scale != 1``
   applies classifier-free guidance (with ``guidance_rescale`` and a σ ``guidance_interval`` on
-  ``sched``, `ddx.guidance.for_labels`). x_T comes from ``fold_in(key, 0)`` and the sampler's
+  ``sched``, `ddx.guidance.for_labels`); ``edm_sigma_data``: the network is EDM-preconditioned
+  (`ddx.edm.precondition`), for the edm samplers. x_T comes from ``fold_in(key, 0)`` and the sampler's
   noise from ``fold_in(key, 1)``. A batch that the mesh does not divide is replicated.
   """
 
   def fn(params, key, shape, labels=None):
+    model = nnx.merge(graphdef, params)
+    if edm_sigma_data is not None:
+      model = edm.precondition(model, edm_sigma_data)
     model_fn = guidance.for_labels(
-      nnx.merge(graphdef, params),
+      model,
       num_classes,
       shape[0],
       labels,

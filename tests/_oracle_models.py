@@ -38,6 +38,7 @@ from diffusers import (
   DDIMScheduler,
   DDPMScheduler,
   DPMSolverMultistepScheduler,
+  EDMEulerScheduler,
   EulerAncestralDiscreteScheduler,
   EulerDiscreteScheduler,
   FlowMatchEulerDiscreteScheduler,
@@ -698,6 +699,49 @@ def _flow_runners(kind):
   )
 
 
+# --------------------------------------------------------------------------------------------
+# EDM = EDMEulerScheduler, on ddx.edm.precondition's denoiser of the same network
+# --------------------------------------------------------------------------------------------
+
+EDM_DEFAULTS = dict(S=18, schedule="karras", final_sigma="zero", sigma_min=0.002, sigma_max=80.0, rho=7.0)
+
+
+def edm_case(**kw) -> dict:
+  return _case(EDM_DEFAULTS, kw)
+
+
+def edm_reference(c: dict, key=None, dtype=torch.float32) -> list:
+  assert dtype == torch.float32
+  sch = EDMEulerScheduler(
+    sigma_min=c["sigma_min"],
+    sigma_max=c["sigma_max"],
+    rho=c["rho"],
+    sigma_schedule=c["schedule"],
+    final_sigmas_type=c["final_sigma"],
+  )
+  sch.set_timesteps(c["S"])
+  x = _ref_inputs(dtype) * sch.init_noise_sigma
+  traj = []
+  for t in sch.timesteps:
+    x = sch.step(torch_model(sch.scale_model_input(x, t), t), t, x).prev_sample
+    traj.append(from_torch(x))
+  return traj
+
+
+def edm_ddx(c: dict, key=None) -> dict:
+  smp = ddx.samplers.make("edm_euler", None, c["S"], **{k: v for k, v in c.items() if k != "S"})
+  final = np.asarray(ddx.sample(ddx.edm.precondition(jax_model, 0.5), smp, x_T()))
+  # the step-by-step run of run_ddx, with the preconditioned model
+  state = smp.init(x_T())
+  traj = []
+  model = jax.jit(ddx.edm.precondition(jax_model, 0.5))
+  for i in range(smp.num_calls):
+    x_in, t = _jit_input(smp, state, jnp.int32(i), None)
+    state = _jit_step(smp, state, model(x_in, jnp.broadcast_to(t, (SHAPE[0],))), jnp.int32(i), None)
+    traj.append(np.asarray(state.x))
+  return dict(final=final, traj=traj)
+
+
 RUNNERS = {
   "ddim": (ddim_ddx, ddim_reference),
   "ddpm": (ddpm_ddx, ddpm_reference),
@@ -706,6 +750,7 @@ RUNNERS = {
   "unipc": (unipc_ddx, unipc_reference),
   **{kind: _sigma_runners(kind) for kind in SIGMA_SCHEDULERS},
   **{kind: _flow_runners(kind) for kind in FLOW_SCHEDULERS},
+  "edm_euler": (edm_ddx, edm_reference),
 }
 
 
@@ -992,6 +1037,17 @@ def _cases():
         # Heun's second call at σ = s(1/T) divides by it in diffusers (TOL_SIGMA_DIFFUSERS_F32)
         add(kind, g, flow_case(S=S, shift=shift), TOL_SIGMA_DIFFUSERS_F32 if kind == "flow_heun" else TOL)
     add(kind, g, flow_case(S=10, shift=1.5, T=100))
+
+  # ---- EDM (S = 1 on the exponential grid: test_edm_single_exponential_step) ----
+  # S <= 2 jumps from x ~ σ_max = 80 to O(1) in one or two float32 steps, cancelling
+  # ~80 2^-24 per operation on both sides: 4.6e-5 measured, tolerance 1e-4 there.
+  g = "S x schedule x final sigma, σ range, ρ"
+  for S in (18, 2, 4, 40):
+    for sched in ("karras", "exponential"):
+      for final in ("zero", "sigma_min"):
+        add("edm_euler", g, edm_case(S=S, schedule=sched, final_sigma=final), 1e-4 if S <= 2 else TOL)
+  add("edm_euler", g, edm_case(S=1), 1e-4)
+  add("edm_euler", g, edm_case(S=10, sigma_min=0.02, sigma_max=20.0, rho=5.0))
   return out
 
 
@@ -1003,6 +1059,7 @@ DEFAULTS = {
   "unipc": UNIPC_DEFAULTS,
   **{kind: SIGMA_DEFAULTS for kind in SIGMA_SCHEDULERS},
   **{kind: FLOW_DEFAULTS for kind in FLOW_SCHEDULERS},
+  "edm_euler": EDM_DEFAULTS,
 }
 CASES = _cases()
 HAS_F64 = ("ddim", "ddpm", "plms")  # DPMSolverMultistepScheduler computes in float32 only

@@ -21,6 +21,7 @@ from ddx.cli import limits
 from ddx.data.sources import DATASETS
 from ddx.eval import inception, quality
 from ddx.models.configs import AutoencoderConfig, UNetConfig
+from ddx.samplers import EDM_NAMES as EDM_SAMPLERS
 from ddx.samplers import FLOW_NAMES as FLOW_SAMPLERS
 from ddx.samplers import GRID_NAMES as SIGMA_SAMPLERS
 from ddx.samplers import NAMES as SAMPLER_NAMES
@@ -161,15 +162,17 @@ def validate(config) -> dict:
   _num(cfg, "diffusion.flow_logit_mean", -10, 10)
   _num(cfg, "diffusion.flow_logit_std", 0, 10, lo_open=True)
   _num(cfg, "diffusion.flow_shift", 0, 100, lo_open=True)
-  flow = cfg["diffusion"]["kind"] == "flow"
-  if flow and cfg["model"]["learn_sigma"]:
-    raise ValueError("diffusion.kind: a flow-matching model has no learned variance (model.learn_sigma=False)")
+  _num(cfg, "diffusion.edm_sigma_data", 0, 100, lo_open=True)
+  _num(cfg, "diffusion.edm_p_mean", -10, 10)
+  _num(cfg, "diffusion.edm_p_std", 0, 10, lo_open=True)
+  kind = cfg["diffusion"]["kind"]
+  if kind != "ddpm" and cfg["model"]["learn_sigma"]:
+    raise ValueError(f"diffusion.kind: a {kind!r} model has no learned variance (model.learn_sigma=False)")
   for key in ("sample.sampler", "eval.sampler"):
     section, field = key.split(".")
     name = (cfg.get(section) or {}).get(field)
-    if name is not None and (name in FLOW_SAMPLERS) != flow:
-      want = f"one of {FLOW_SAMPLERS}" if flow else f"not one of {FLOW_SAMPLERS}"
-      raise ValueError(f"{key}: a diffusion.kind={cfg['diffusion']['kind']!r} model samples with {want}, got {name!r}")
+    if name is not None:
+      _check_sampler_kind(kind, name, key)
   if cfg["diffusion"]["rescale_zero_snr"] and cfg["diffusion"]["prediction"] == "eps":
     raise ValueError("diffusion.prediction: 'eps' cannot be used with rescale_zero_snr (use 'v')")
   if (cfg["diffusion"]["variance"] == "learned_range") != bool(cfg["model"]["learn_sigma"]):
@@ -427,7 +430,27 @@ def loss_spec(cfg: Mapping) -> train_lib.LossSpec:
     flow_mean=float(d.get("flow_logit_mean", 0.0)),
     flow_std=float(d.get("flow_logit_std", 1.0)),
     flow_shift=float(d.get("flow_shift", 1.0)),
+    edm_sigma_data=float(d.get("edm_sigma_data", 0.5)),
+    edm_p_mean=float(d.get("edm_p_mean", -1.2)),
+    edm_p_std=float(d.get("edm_p_std", 1.2)),
   )
+
+
+# the samplers of each diffusion.kind: flow and EDM models have their own
+_KIND_SAMPLERS = {"flow": FLOW_SAMPLERS, "edm": EDM_SAMPLERS}
+
+
+def _check_sampler_kind(kind: str, sampler: str, name: str) -> None:
+  own = _KIND_SAMPLERS.get(kind)
+  if own is not None and sampler not in own:
+    raise ValueError(f"{name}: a diffusion.kind={kind!r} model samples with one of {own}, got {sampler!r}")
+  if own is None and sampler in FLOW_SAMPLERS + EDM_SAMPLERS:
+    raise ValueError(f"{name}: {sampler!r} is for diffusion.kind 'flow' / 'edm' models; this one is {kind!r}")
+
+
+def edm_sigma_data(diffusion: Mapping) -> float | None:
+  """σ_d of an EDM model's preconditioning (`ddx.edm`), None for the other kinds."""
+  return float(diffusion.get("edm_sigma_data", 0.5)) if diffusion.get("kind") == "edm" else None
 
 
 def sampler_kwargs(
@@ -435,16 +458,14 @@ def sampler_kwargs(
 ) -> dict:
   """Keyword arguments of `ddx.samplers.make` for a trained model's diffusion section;
   ``sigmas`` (a noise-level grid) only for the σ-space samplers."""
-  flow = diffusion.get("kind", "ddpm") == "flow"
-  if flow != (sampler in FLOW_SAMPLERS):
-    want = f"one of {FLOW_SAMPLERS}" if flow else f"not one of {FLOW_SAMPLERS}"
-    raise ValueError(
-      f"--sampler: this {'flow-matching' if flow else 'diffusion'} model samples with {want}, got {sampler}"
-    )
-  if flow:
-    if sigmas is not None:
-      raise ValueError(f"--sigmas: the flow samplers use their own grid (diffusion.flow_shift), got {sigmas}")
+  kind = diffusion.get("kind", "ddpm")
+  _check_sampler_kind(kind, sampler, "--sampler")
+  if kind != "ddpm" and sigmas is not None:
+    raise ValueError(f"--sigmas: the {kind} samplers use their own grid, got {sigmas}")
+  if kind == "flow":
     return {"shift": float(diffusion.get("flow_shift", 1.0)), "num_train": int(diffusion["num_timesteps"])}
+  if kind == "edm":
+    return {}
   kw: dict[str, Any] = {"prediction": diffusion["prediction"]}
   if sigmas is not None:
     if sampler not in SIGMA_SAMPLERS:

@@ -84,6 +84,11 @@ def get_config():
   c.diffusion.flow_logit_mean = 0.0
   c.diffusion.flow_logit_std = 1.0
   c.diffusion.flow_shift = 1.0  # SD3's timestep shift, in training and sampling (SD3: 3.0)
+  # "edm": EDM's preconditioned network (ddx.edm), ln σ ~ N(edm_p_mean, edm_p_std²); sample
+  # with edm_euler / edm_heun
+  c.diffusion.edm_sigma_data = 0.5
+  c.diffusion.edm_p_mean = -1.2
+  c.diffusion.edm_p_std = 1.2
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 128

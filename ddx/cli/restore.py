@@ -183,6 +183,7 @@ def for_sampling(
     guidance_rescale=guidance_rescale,
     guidance_interval=guidance_interval,
     sched=sched,
+    edm_sigma_data=config_lib.edm_sigma_data(config["diffusion"]),
   )
   size, ch = config["model"]["image_size"], config["model"]["in_channels"]
   decoder = load_latent_decoder(config)

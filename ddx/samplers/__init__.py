@@ -5,7 +5,8 @@
 Names: "ddpm", "ddim", "plms", "dpm_solver++" (alias "dpmpp_2m") and its presets
 "dpm_solver++_3m", "dpm_solver++_sde", "dpm_solver++_3m_sde" (aliases "dpmpp_3m",
 "dpmpp_2m_sde", "dpmpp_3m_sde"), "unipc", the σ-space samplers "euler", "euler_ancestral",
-"heun", "lms" (`sigmas`), and "flow_euler", "flow_heun" for rectified-flow models. Keyword arguments go to
+"heun", "lms" (`sigmas`), "flow_euler", "flow_heun" for rectified-flow models and "edm_euler",
+"edm_heun" for EDM-preconditioned ones. Keyword arguments go to
 the sampler's own ``make``; unknown ones raise a ValueError naming them.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 
-from ddx.samplers import base, ddim, ddpm, dpm_solver, euler, flow, grids, heun, lms, plms, sigmas, unipc  # noqa: F401 -- ddx.samplers.<module>
+from ddx.samplers import base, ddim, ddpm, dpm_solver, edm, euler, flow, grids, heun, lms, plms, sigmas, unipc  # noqa: F401 -- ddx.samplers.<module>
 from ddx.samplers.base import Sampler, X0Processing
 from ddx.samplers.ddim import DDIM
 from ddx.samplers.ddpm import DDPM
@@ -43,6 +44,9 @@ _SAMPLERS = {
   # for rectified-flow models (diffusion.kind = "flow")
   "flow_euler": (flow.make_euler, Euler),
   "flow_heun": (flow.make_heun, Heun),
+  # for EDM-preconditioned models (diffusion.kind = "edm"; the model is ddx.edm.precondition's D)
+  "edm_euler": (edm.make_euler, Euler),
+  "edm_heun": (edm.make_heun, Heun),
 }
 _ALIASES = {
   "dpmpp_2m": "dpm_solver++",
@@ -58,8 +62,9 @@ NAMES = tuple(_SAMPLERS)
 SINGLE_STEP_NAMES = tuple(n for n, (_, cls) in _SAMPLERS.items() if cls.single_step)
 # the samplers of rectified-flow models, and the σ-space samplers of the others
 FLOW_NAMES = ("flow_euler", "flow_heun")
+EDM_NAMES = ("edm_euler", "edm_heun")
 SIGMA_NAMES = tuple(
-  n for n, (_, cls) in _SAMPLERS.items() if issubclass(cls, sigmas.SigmaCommon) and n not in FLOW_NAMES
+  n for n, (_, cls) in _SAMPLERS.items() if issubclass(cls, sigmas.SigmaCommon) and n not in FLOW_NAMES + EDM_NAMES
 )
 # the samplers that take a noise-level grid (``sigmas="karras"`` ...)
 GRID_NAMES = tuple(n for n, (mk, _) in _SAMPLERS.items() if "sigmas" in inspect.signature(mk).parameters)
@@ -96,6 +101,7 @@ __all__ = [
   "SINGLE_STEP_NAMES",
   "SIGMA_NAMES",
   "FLOW_NAMES",
+  "EDM_NAMES",
   "GRID_NAMES",
   "Sampler",
   "X0Processing",

@@ -58,15 +58,16 @@ def _grid(sched, num_steps, spacing, steps_offset, sigma_grid, rho, final_sigma,
   )
 
 
-def from_grid(grid: sg.Grid, prediction: str, *, flow: bool = False) -> Euler:
+def from_grid(grid: sg.Grid, prediction: str, *, flow: bool = False, scale_input: bool = True) -> Euler:
   """Deterministic Euler on a σ grid. ``flow``: a rectified-flow grid (`ddx.samplers.flow`):
-  the model sees x itself, from x_T unscaled."""
+  the model sees x itself, from x_T unscaled; ``scale_input=False``: the model sees x itself
+  (EDM's preconditioned denoiser scales its own input)."""
   s = grid.sigmas[:-1]
   zeros = np.zeros(grid.num_steps)
   return Euler(
     init_sigma=base.f32(1.0 if flow else sg.init_sigma(grid)),
     timesteps=base.f32(grid.timesteps),
-    c_in=base.f32(np.ones_like(s) if flow else sg.c_in(s)),
+    c_in=base.f32(sg.c_in(s) if scale_input and not flow else np.ones_like(s)),
     sigma_hat=base.f32(s),
     pre=base.f32(zeros),
     dt=base.f32(grid.sigmas[1:] - s),

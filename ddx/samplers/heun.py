@@ -92,10 +92,13 @@ def make(
   )
 
 
-def from_grid(grid: sg.Grid, prediction: str, *, s_hat=None, t_hat=None, pre=None, t_of_sigma=None, flow=False) -> Heun:
+def from_grid(
+  grid: sg.Grid, prediction: str, *, s_hat=None, t_hat=None, pre=None, t_of_sigma=None, flow=False, scale_input=True
+) -> Heun:
   """The Heun tables of a σ grid (``s_hat``, ``t_hat``, ``pre``: the churn of `sigmas.churn`, none
   by default; ``t_of_sigma``: the model timestep of the final level if it is not 0). ``flow``:
-  a rectified-flow grid (`ddx.samplers.flow`): the model sees x itself, from x_T unscaled."""
+  a rectified-flow grid (`ddx.samplers.flow`): the model sees x itself, from x_T unscaled;
+  ``scale_input=False``: the model sees x itself (EDM's preconditioned denoiser)."""
   n = grid.num_steps
   s_hat = grid.sigmas[:-1] if s_hat is None else s_hat
   t_hat = grid.timesteps if t_hat is None else t_hat
@@ -112,7 +115,7 @@ def from_grid(grid: sg.Grid, prediction: str, *, s_hat=None, t_hat=None, pre=Non
   return Heun(
     init_sigma=base.f32(1.0 if flow else sg.init_sigma(grid)),
     timesteps=base.f32(t),
-    c_in=base.f32(np.ones_like(s_eval) if flow else sg.c_in(s_eval)),
+    c_in=base.f32(sg.c_in(s_eval) if scale_input and not flow else np.ones_like(s_eval)),
     sigma_eval=base.f32(s_eval),
     second=jnp.asarray(second.astype(bool)),
     pre=base.f32(pre_c),

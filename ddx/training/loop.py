@@ -190,14 +190,16 @@ def run(
       num_classes=num_classes,
       use_dropout=use_dropout,
     )
+    # an EDM model samples through its preconditioning (ddx.edm)
+    edm_sigma_data = loss.edm_sigma_data if getattr(loss, "kind", "ddpm") == "edm" else None
     sample_fn = None
     if loop.sample_every:
       sampler = samplers.make(sample.sampler, sched, sample.steps, **sample.sampler_kwargs)
-      sample_fn = make_sample_fn(graphdef, sampler, num_classes, mesh, sample.guidance)
+      sample_fn = make_sample_fn(graphdef, sampler, num_classes, mesh, sample.guidance, edm_sigma_data=edm_sigma_data)
     eval_fn = None
     if loop.eval_every:
       eval_sampler = samplers.make(evaluation.sampler, sched, evaluation.steps, **evaluation.sampler_kwargs)
-      eval_fn = make_sample_fn(graphdef, eval_sampler, num_classes, mesh)
+      eval_fn = make_sample_fn(graphdef, eval_sampler, num_classes, mesh, edm_sigma_data=edm_sigma_data)
     p_index, p_count = data.process_slice(mesh, loop.global_batch_size)
     batches = data.make_batches(
       source,

@@ -77,6 +77,10 @@ class LossSpec:
   flow_mean: float = 0.0
   flow_std: float = 1.0
   flow_shift: float = 1.0
+  # EDM (kind "edm"): the preconditioned objective, ln σ ~ N(edm_p_mean, edm_p_std²)
+  edm_sigma_data: float = 0.5
+  edm_p_mean: float = -1.2
+  edm_p_std: float = 1.2
 
 
 def learning_rate_fn(spec: OptimizerSpec) -> optax.Schedule:
@@ -302,6 +306,8 @@ def train_step(
       std=loss.flow_std,
       shift=loss.flow_shift,
     )
+  elif loss.kind == "edm":
+    t, eps = losses.edm_draw(x0, jax.random.fold_in(key, 1), p_mean=loss.edm_p_mean, p_std=loss.edm_p_std)
   else:
     t, eps = losses.draw_noise(sched, x0, jax.random.fold_in(key, 1))
 
@@ -310,6 +316,8 @@ def train_step(
     model_fn = lambda x, t: model(x, t, part["y"], dropout_key=dropout_key)
     if loss.kind == "flow":  # t holds σ here
       return jnp.mean(losses.flow_loss(model_fn, part["x0"], part["t"], part["eps"], sched.num_timesteps))
+    if loss.kind == "edm":  # t holds σ, eps the noise n
+      return jnp.mean(losses.edm_loss(model_fn, part["x0"], part["t"], part["eps"], loss.edm_sigma_data))
     per_example = losses.noised_loss(
       model_fn,
       sched,

@@ -446,3 +446,14 @@ def test_unipc_bh1_final_zero():
   ours = om.unipc_ddx(c)
   chex.assert_tree_all_finite(ours["final"])
   assert max(om.rel_err(a, b) for a, b in zip(ours["traj"][:-1], ref[:-1])) <= om.TOL
+
+
+def test_edm_single_exponential_step():
+  """diffusers' EDM exponential grid with one step is ``linspace(ln σ_min, ln σ_max, 1)``, i.e.
+  σ_min alone: it starts its single step at the end. ddx's starts at σ_max like every other
+  S (docs/samplers.md §7); for S >= 2 the two grids agree (the trajectory cases)."""
+  sch = om.EDMEulerScheduler(sigma_schedule="exponential")
+  sch.set_timesteps(1)
+  assert float(sch.sigmas[0]) == pytest.approx(0.002), "diffusers starts at σ_max now: test S = 1 as a case"
+  smp = ddx.samplers.make("edm_euler", None, 1, schedule="exponential")
+  assert float(smp.sigma_hat[0]) == pytest.approx(80.0)

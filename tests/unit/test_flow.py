@@ -90,7 +90,8 @@ def _config(**overrides):
     (dict(diffusion__kind="rectified"), "diffusion.kind: must be one of"),
     (dict(sample__sampler="ddim"), "sample.sampler: a diffusion.kind='flow' model samples with one of"),
     (dict(eval__sampler="heun"), "eval.sampler: a diffusion.kind='flow' model samples with one of"),
-    (dict(diffusion__kind="ddpm"), "sample.sampler: a diffusion.kind='ddpm' model samples with not one of"),
+    (dict(diffusion__kind="ddpm"), "sample.sampler: 'flow_euler' is for diffusion.kind 'flow' / 'edm' models"),
+    (dict(diffusion__kind="edm"), "sample.sampler: a diffusion.kind='edm' model samples with one of"),
     (dict(diffusion__flow_shift=0.0), "diffusion.flow_shift: must be > 0"),
     (dict(diffusion__flow_logit_std=-1.0), "diffusion.flow_logit_std: must be > 0"),
     (dict(diffusion__flow_timesteps="cosine"), "diffusion.flow_timesteps: must be one of"),
@@ -125,4 +126,72 @@ def test_flow_model_trains_and_samples(tmp_path, ddx_cli):
   x = np.load(os.path.join(wd, "samples", name))["samples"]
   assert x.shape == (8, 8, 8, 1) and np.all(np.isfinite(x))
   code, _, err = ddx_cli("sample", f"--workdir={wd}", "--sampler=ddim", "--steps=4", "--num=8")
-  assert code == 1 and err.strip().endswith("model samples with one of ('flow_euler', 'flow_heun'), got ddim"), err
+  assert code == 1 and err.strip().endswith("model samples with one of ('flow_euler', 'flow_heun'), got 'ddim'"), err
+
+
+# --- EDM ------------------------------------------------------------------------------------
+
+
+def test_edm_preconditioning_of_the_exact_network_is_the_exact_denoiser():
+  """For Gaussian data N(0, σ_d²), the network whose target EDM defines is known; then D is
+  the exact denoiser x σ_d² / (σ_d² + σ²) and the EDM loss is 0."""
+  sd = 0.5
+  sigma = jnp.asarray([0.01, 0.3, 2.0, 50.0])
+  x0 = jax.random.normal(jax.random.key(0), (4, 8)) * sd
+  n = jax.random.normal(jax.random.key(1), (4, 8))
+
+  def net(x_in, c_noise):  # F*(c_in x) = (D* - c_skip x) / c_out, with x = x_in / c_in
+    s = jnp.exp(4.0 * c_noise)[:, None]
+    c_skip, c_out, c_in, _ = ddx.edm.coefficients(s, sd)
+    x = x_in / c_in
+    return (x * sd**2 / (sd**2 + s**2) - c_skip * x) / c_out
+
+  D = ddx.edm.precondition(net, sd)
+  x = x0 + sigma[:, None] * n
+  np.testing.assert_allclose(np.asarray(D(x, sigma)), np.asarray(x * sd**2 / (sd**2 + sigma[:, None] ** 2)), rtol=1e-5)
+  # EDM's loss of that network is its irreducible part only: the posterior variance term
+  # (its minimum over F): compare with λ E|D* - x0|² computed directly
+  got = np.asarray(losses.edm_loss(net, x0, sigma, n, sd))
+  d_star = x * sd**2 / (sd**2 + sigma[:, None] ** 2)
+  lam = (sigma**2 + sd**2) / (sigma * sd) ** 2
+  np.testing.assert_allclose(got, np.asarray(lam * jnp.mean((d_star - x0) ** 2, axis=1)), rtol=1e-4)
+
+
+def test_edm_heun_is_algorithm_2():
+  """edm_heun on EDM's grid with the exact Gaussian denoiser = Karras et al.'s Algorithm 2 in
+  float64 (without churn), from x_T sqrt(σ_max² + 1)."""
+  from tests.unit.test_sigma_samplers import S2, _algorithm2
+
+  def model(x, t):  # the x0 prediction at σ = t
+    return x * S2 / (S2 + t[:, None] ** 2)
+
+  smp = ddx.samplers.make("edm_heun", None, 12)
+  x_T = jax.random.normal(jax.random.key(4), (4, 64), jnp.float32)
+  out = np.asarray(ddx.sample(model, smp, x_T), np.float64)
+  grid = np.r_[ddx.samplers.sigmas.karras(0.002, 80.0, 12), 0.0]
+  x = np.asarray(x_T, np.float64) * np.sqrt(80.0**2 + 1)
+  ref = _algorithm2(grid, x, [np.zeros_like(x)] * 12, 0.0, 0.0, np.inf, 1.0, heun=True)
+  assert np.max(np.abs(out - ref)) / np.max(np.abs(ref)) < 2e-5
+
+
+@pytest.mark.slow
+def test_edm_model_trains_and_samples(tmp_path, ddx_cli):
+  wd = str(tmp_path / "edm")
+  flags = [f for f in TRAIN_FLAGS if not f.startswith("--config=")]
+  code, out, err = ddx_cli(
+    "train",
+    f"--workdir={wd}",
+    f"--config={ROOT}/configs/digits_edm.py",
+    *flags,
+    "--config.train.total_steps=60",
+    "--config.train.checkpoint_every=60",
+    "--config.optim.learning_rate=3e-3",
+  )
+  assert code == 0, err[-2000:]
+  rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+  assert np.mean([r["loss"] for r in rows[-3:]]) < 0.8 * rows[0]["loss"], rows
+  code, out, err = ddx_cli("sample", f"--workdir={wd}", "--sampler=edm_euler", "--steps=6", "--num=8")
+  assert code == 0 and "wrote" in out, err[-2000:]
+  (name,) = [n for n in os.listdir(os.path.join(wd, "samples")) if n.endswith("_edm_euler6.npz")]
+  x = np.load(os.path.join(wd, "samples", name))["samples"]
+  assert x.shape == (8, 8, 8, 1) and np.all(np.isfinite(x)) and x.std() > 0.05
