@@ -5,7 +5,8 @@ the exact posterior-mean predictors are, with ``v_k = a s_k^2 + 1 - a``,
 ``r_k ∝ w_k N(x; sqrt(a) mu_k, v_k I)``,
 ``eps*(x) = sum_k r_k sqrt(1-a) (x - sqrt(a) mu_k) / v_k`` and
 ``x0*(x) = sum_k r_k [mu_k + sqrt(a) s_k^2 (x - sqrt(a) mu_k) / v_k]``.
-A single component is the Gaussian oracle; s_k = 0 gives point masses.
+A single component is the Gaussian oracle; s_k = 0 gives point masses. A float timestep (the
+σ-space samplers') is the level whose log σ interpolates linearly between integer timesteps.
 """
 
 import jax
@@ -18,12 +19,20 @@ class Mixture:
 
   def __init__(self, sched, weights, means, stds):
     self.ab = sched.alphas_cumprod
+    ab = np.clip(sched.f64.alphas_cumprod, 2.0**-24, None)
+    self.log_sigmas = jnp.asarray(0.5 * np.log((1.0 - ab) / ab), jnp.float32)
     self.w = jnp.asarray(weights, jnp.float32)
     self.mu = jnp.asarray(means, jnp.float32).reshape(len(weights), -1)  # [K, d]
     self.s2 = jnp.asarray(stds, jnp.float32) ** 2  # [K]
 
+  def _alpha(self, t):
+    if jnp.issubdtype(t.dtype, jnp.integer):
+      return self.ab[t]
+    s = jnp.exp(jnp.interp(t, jnp.arange(self.log_sigmas.shape[0], dtype=jnp.float32), self.log_sigmas))
+    return 1.0 / (1.0 + s * s)
+
   def _parts(self, x, t):
-    a = self.ab[t][:, None, None]  # [B, 1, 1]
+    a = self._alpha(t)[:, None, None]  # [B, 1, 1]
     d = x.shape[-1]
     diff = x[:, None, :] - jnp.sqrt(a) * self.mu[None]  # [B, K, d]
     v = a * self.s2[None, :, None] + 1 - a  # [B, K, 1]
@@ -40,7 +49,7 @@ class Mixture:
     return jnp.sum(r * (self.mu[None] + jnp.sqrt(a) * self.s2[None, :, None] * diff / v), axis=1)
 
   def v(self, x, t):
-    a = self.ab[t][:, None]
+    a = self._alpha(t)[:, None]
     return jnp.sqrt(a) * self.eps(x, t) - jnp.sqrt(1 - a) * self.x0(x, t)
 
   def fn(self, prediction):

@@ -137,7 +137,7 @@ def make(
     raise ValueError(f"num_steps: the {sigmas or spacing} grid with S={num_steps} repeats a noise level")
   # final_sigma="sigma_min" after a grid that ends at σ(t=0) repeats that level: a step of
   # length 0 (the model is called, x does not move), as in the reference.
-  if s[-1] < last:
+  if s[-1] < last * (1.0 - 1e-9):  # the Karras formula lands on σ_min up to round-off
     raise ValueError(f"final_sigma: {final_sigma!r} ({last:.4g}) is above the grid's last level {s[-1]:.4g}")
   return Grid(sigmas=np.concatenate([s, [last]]), timesteps=ts)
 
