@@ -112,8 +112,8 @@ def test_flow_model_trains_and_samples(tmp_path, ddx_cli):
     f"--workdir={wd}",
     f"--config={ROOT}/configs/digits_flow.py",
     *flags,
-    "--config.train.total_steps=60",
-    "--config.train.checkpoint_every=60",
+    "--config.train.total_steps=30",
+    "--config.train.checkpoint_every=30",
     "--config.optim.learning_rate=3e-3",
   )
   assert code == 0, err[-2000:]
@@ -183,8 +183,8 @@ def test_edm_model_trains_and_samples(tmp_path, ddx_cli):
     f"--workdir={wd}",
     f"--config={ROOT}/configs/digits_edm.py",
     *flags,
-    "--config.train.total_steps=60",
-    "--config.train.checkpoint_every=60",
+    "--config.train.total_steps=30",
+    "--config.train.checkpoint_every=30",
     "--config.optim.learning_rate=3e-3",
   )
   assert code == 0, err[-2000:]
