@@ -7,7 +7,10 @@ Table 1 experiment, run on a ddx workdir.
 
 Rows: ``ddpm`` = DDPM ancestral sampling with fixed_large variance on the respaced grid (the
 DDIM paper's σ̂ row), ``ddim0`` / ``ddim1`` = DDIM η = 0 / 1, ``plms``, ``dpm_solver++`` (2M);
-S = 1000 only for ddpm and ddim (as in the paper). Every sampler uses what ``ddx sample`` /
+S = 1000 only for ddpm and ddim (as in the paper). These five are the default; the rows
+``dpm_solver++_karras``, ``dpm_solver++_3m``, ``unipc``, ``unipc_karras``, ``euler_karras``,
+``heun_karras`` (2S - 1 model calls) and ``lms_karras`` add the samplers of docs/samplers.md
+§6-§10 for a quality-per-model-call study. Every sampler uses what ``ddx sample`` /
 ``ddx eval`` use for this workdir: the EMA weights, the config's per-step x0 handling
 (``sample.clip_sample``; DDIM then re-derives eps from the clipped x0) and the default
 (leading) grid. For each seed, every (sampler, S) starts from the same x_T
@@ -38,13 +41,24 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 # label, sampler name, eta, diffusion overrides
+# row -> (label, sampler, eta, diffusion-section overrides, noise-level grid or None)
 ROWS = {
-  "ddpm": ("ddpm σ̂ (fixed_large)", "ddpm", 0.0, {"variance": "fixed_large"}),
-  "ddim0": ("ddim η=0", "ddim", 0.0, {}),
-  "ddim1": ("ddim η=1", "ddim", 1.0, {}),
-  "plms": ("plms", "plms", 0.0, {}),
-  "dpm_solver++": ("dpm_solver++ (2M)", "dpm_solver++", 0.0, {}),
+  "ddpm": ("ddpm σ̂ (fixed_large)", "ddpm", 0.0, {"variance": "fixed_large"}, None),
+  "ddim0": ("ddim η=0", "ddim", 0.0, {}, None),
+  "ddim1": ("ddim η=1", "ddim", 1.0, {}, None),
+  "plms": ("plms", "plms", 0.0, {}, None),
+  "dpm_solver++": ("dpm_solver++ (2M)", "dpm_solver++", 0.0, {}, None),
+  # the samplers of docs/samplers.md §6-§10, for the quality-per-model-call study (Heun makes
+  # 2S - 1 model calls, the others S)
+  "dpm_solver++_karras": ("dpm_solver++ 2M, Karras", "dpm_solver++", 0.0, {}, "karras"),
+  "dpm_solver++_3m": ("dpm_solver++ 3M", "dpm_solver++_3m", 0.0, {}, None),
+  "unipc": ("unipc 2 (bh2)", "unipc", 0.0, {}, None),
+  "unipc_karras": ("unipc 2, Karras", "unipc", 0.0, {}, "karras"),
+  "euler_karras": ("euler, Karras", "euler", 0.0, {}, "karras"),
+  "heun_karras": ("heun, Karras (2S - 1 calls)", "heun", 0.0, {}, "karras"),
+  "lms_karras": ("lms, Karras", "lms", 0.0, {}, "karras"),
 }
+DEFAULT_ROWS = ("ddpm", "ddim0", "ddim1", "plms", "dpm_solver++")
 FULL_CHAIN_ONLY = ("ddpm", "ddim0", "ddim1")  # the rows that also run S = T
 STEPS = (10, 20, 50, 100, 1000)
 # DDIM paper (Song et al. 2021), Table 1, CIFAR-10 FID, S = 10, 20, 50, 100, 1000
@@ -170,7 +184,7 @@ def main(argv=None) -> int:
   ap.add_argument("--num", type=int, default=1000, help="samples per (sampler, S, seed)")
   ap.add_argument("--seeds", default="0", help="comma-separated seeds")
   ap.add_argument("--steps", default=",".join(map(str, STEPS)), help="comma-separated S")
-  ap.add_argument("--samplers", default=",".join(ROWS), help=f"comma-separated rows of {tuple(ROWS)}")
+  ap.add_argument("--samplers", default=",".join(DEFAULT_ROWS), help=f"comma-separated rows of {tuple(ROWS)}")
   ap.add_argument("--features", default="digits", help="digits | inception")
   ap.add_argument("--inception_weights", default=None)
   ap.add_argument("--batch", type=int, default=250)
@@ -276,8 +290,10 @@ def main(argv=None) -> int:
   todo = plan(rows, steps, T)
   t0 = time.time()
   for i, (r, S) in enumerate(todo):
-    _, name, eta, overrides = ROWS[r]
-    kw = config_lib.sampler_kwargs({**cfg["diffusion"], **overrides}, sampler=name, eta=eta, clip_sample=clip)
+    _, name, eta, overrides, grid = ROWS[r]
+    kw = config_lib.sampler_kwargs(
+      {**cfg["diffusion"], **overrides}, sampler=name, eta=eta, clip_sample=clip, sigmas=grid
+    )
     fn = ddx.sampling.make_sample_fn(graphdef, ddx.samplers.make(name, sched, S, **kw), num_classes, mesh)
     for seed in seeds:
       if (r, S, seed) in kept:
