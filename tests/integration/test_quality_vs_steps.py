@@ -49,8 +49,10 @@ def workdir(tmp_path_factory):
 
 def test_plan_runs_the_full_chain_only_for_ddpm_and_ddim():
   mod = _script()
-  todo = mod.plan(list(mod.ROWS), mod.STEPS, 1000)
+  todo = mod.plan(list(mod.DEFAULT_ROWS), mod.STEPS, 1000)
   assert len(todo) == 3 * 5 + 2 * 4
+  every = mod.plan(list(mod.ROWS), mod.STEPS, 1000)
+  assert len(every) == 3 * 5 + (len(mod.ROWS) - 3) * 4 and ("heun_karras", 1000) not in every
   assert ("plms", 1000) not in todo and ("dpm_solver++", 1000) not in todo and ("ddpm", 1000) in todo
 
 
