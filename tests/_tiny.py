@@ -287,3 +287,16 @@ def run_processes(script: str, *args: str, num: int = 2, devices: int = 1, timeo
       if p.poll() is None:
         p.kill()
         p.wait()
+
+
+def config(name: str, **overrides):
+  """``configs/<name>.py``'s ConfigDict with ``section__field=value`` overrides."""
+  import importlib  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  sys.path.insert(0, ROOT)
+  c = importlib.import_module(f"configs.{name}").get_config()
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c

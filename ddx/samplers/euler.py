@@ -51,29 +51,25 @@ class Euler(sg.SigmaCommon):
     return base.State(x=x_next, x0=x0)
 
 
-def _grid(sched, num_steps, spacing, steps_offset, sigma_grid, rho, final_sigma, prediction):
-  base.check_prediction(prediction)
-  return sg.make(
-    sched, num_steps, spacing=spacing, steps_offset=steps_offset, sigmas=sigma_grid, rho=rho, final_sigma=final_sigma
-  )
-
-
-def from_grid(grid: sg.Grid, prediction: str, *, flow: bool = False, scale_input: bool = True) -> Euler:
-  """Deterministic Euler on a σ grid. ``flow``: a rectified-flow grid (`ddx.samplers.flow`):
-  the model sees x itself, from x_T unscaled; ``scale_input=False``: the model sees x itself
-  (EDM's preconditioned denoiser scales its own input)."""
-  s = grid.sigmas[:-1]
-  zeros = np.zeros(grid.num_steps)
+def from_grid(
+  grid: sg.Grid, prediction: str, *, s_hat=None, t_hat=None, pre=None, flow: bool = False, scale_input: bool = True
+) -> Euler:
+  """Euler on a σ grid (``s_hat``, ``t_hat``, ``pre``: the churn of `sigmas.churn`, none by
+  default). ``flow``: a rectified-flow grid (`ddx.samplers.flow`): the model sees x itself,
+  from x_T unscaled; ``scale_input=False``: the model sees x itself (EDM's preconditioned
+  denoiser scales its own input)."""
+  s_hat = grid.sigmas[:-1] if s_hat is None else s_hat
+  pre = np.zeros(grid.num_steps) if pre is None else pre
   return Euler(
     init_sigma=base.f32(1.0 if flow else sg.init_sigma(grid)),
-    timesteps=base.f32(grid.timesteps),
-    c_in=base.f32(sg.c_in(s) if scale_input and not flow else np.ones_like(s)),
-    sigma_hat=base.f32(s),
-    pre=base.f32(zeros),
-    dt=base.f32(grid.sigmas[1:] - s),
-    post=base.f32(zeros),
+    timesteps=base.f32(grid.timesteps if t_hat is None else t_hat),
+    c_in=base.f32(sg.c_in(s_hat) if scale_input and not flow else np.ones_like(s_hat)),
+    sigma_hat=base.f32(s_hat),
+    pre=base.f32(pre),
+    dt=base.f32(grid.sigmas[1:] - s_hat),
+    post=base.f32(np.zeros(grid.num_steps)),
     prediction=prediction,
-    stochastic=False,
+    stochastic=bool(np.any(pre > 0)),
   )
 
 
@@ -94,20 +90,18 @@ def make(
 ) -> Euler:
   """Euler (deterministic unless ``s_churn > 0``) with S model calls; defaults as diffusers'
   EulerDiscreteScheduler (linspace spacing, final σ 0)."""
-  grid = _grid(sched, num_steps, spacing, steps_offset, sigmas, rho, final_sigma, prediction)
-  s_hat, t_hat, pre = sg.churn(grid, sched, s_churn, s_tmin, s_tmax, s_noise)
-  zeros = np.zeros(grid.num_steps)
-  return Euler(
-    timesteps=base.f32(t_hat),
-    c_in=base.f32(sg.c_in(s_hat)),
-    sigma_hat=base.f32(s_hat),
-    pre=base.f32(pre),
-    dt=base.f32(grid.sigmas[1:] - s_hat),
-    post=base.f32(zeros),
-    init_sigma=base.f32(sg.init_sigma(grid)),
+  grid = sg.make(
+    sched,
+    num_steps,
+    spacing=spacing,
+    steps_offset=steps_offset,
+    sigmas=sigmas,
+    rho=rho,
+    final_sigma=final_sigma,
     prediction=prediction,
-    stochastic=bool(np.any(pre > 0)),
   )
+  s_hat, t_hat, pre = sg.churn(grid, sched, s_churn, s_tmin, s_tmax, s_noise)
+  return from_grid(grid, prediction, s_hat=s_hat, t_hat=t_hat, pre=pre)
 
 
 def make_ancestral(
@@ -129,7 +123,16 @@ def make_ancestral(
     raise ValueError(f"eta: must be a finite number >= 0, got {eta!r}")
   if not (np.isfinite(s_noise) and s_noise > 0):
     raise ValueError(f"s_noise: must be a finite number > 0, got {s_noise!r}")
-  grid = _grid(sched, num_steps, spacing, steps_offset, sigmas, rho, final_sigma, prediction)
+  grid = sg.make(
+    sched,
+    num_steps,
+    spacing=spacing,
+    steps_offset=steps_offset,
+    sigmas=sigmas,
+    rho=rho,
+    final_sigma=final_sigma,
+    prediction=prediction,
+  )
   s, s_next = grid.sigmas[:-1], grid.sigmas[1:]
   up = np.minimum(s_next, eta * np.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
   down = np.sqrt(np.maximum(s_next**2 - up**2, 0.0))

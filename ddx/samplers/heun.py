@@ -81,9 +81,15 @@ def make(
   s_noise: float = 1.0,
 ) -> Heun:
   """Heun with S steps (2S - 1 model calls); defaults as diffusers' HeunDiscreteScheduler."""
-  base.check_prediction(prediction)
   grid = sg.make(
-    sched, num_steps, spacing=spacing, steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_sigma=final_sigma
+    sched,
+    num_steps,
+    spacing=spacing,
+    steps_offset=steps_offset,
+    sigmas=sigmas,
+    rho=rho,
+    final_sigma=final_sigma,
+    prediction=prediction,
   )
   s_hat, t_hat, pre = sg.churn(grid, sched, s_churn, s_tmin, s_tmax, s_noise)
   log_table = np.log(sg.schedule_sigmas(sched))

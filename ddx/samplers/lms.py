@@ -91,9 +91,15 @@ def make(
   """LMS of ``order`` (1 to 4; 4 as diffusers' LMSDiscreteScheduler.step default) with S calls."""
   if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or not 1 <= order <= MAX_ORDER:
     raise ValueError(f"order: must be an integer in [1, {MAX_ORDER}], got {order!r}")
-  base.check_prediction(prediction)
   grid = sg.make(
-    sched, num_steps, spacing=spacing, steps_offset=steps_offset, sigmas=sigmas, rho=rho, final_sigma=final_sigma
+    sched,
+    num_steps,
+    spacing=spacing,
+    steps_offset=steps_offset,
+    sigmas=sigmas,
+    rho=rho,
+    final_sigma=final_sigma,
+    prediction=prediction,
   )
   s = grid.sigmas[:-1]
   return LMS(

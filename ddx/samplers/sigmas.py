@@ -113,8 +113,12 @@ def make(
   sigmas: str | None = None,
   rho: float = 7.0,
   final_sigma: str = "zero",
+  prediction: str | None = None,
 ) -> Grid:
-  """The σ grid of S = ``num_steps`` steps for ``sched`` (see the module docstring)."""
+  """The σ grid of S = ``num_steps`` steps for ``sched`` (see the module docstring);
+  ``prediction``, if given, is checked too (the σ-space samplers' one entry point)."""
+  if prediction is not None:
+    base.check_prediction(prediction)
   if sigmas is not None and sigmas not in GRIDS:
     raise ValueError(f"sigmas: unknown noise-level grid {sigmas!r}; expected None or one of {GRIDS}")
   if final_sigma not in FINAL_SIGMAS:

@@ -20,6 +20,7 @@ from ddx import data, parallel
 from ddx.cli import config as config_lib
 from ddx.training import loop
 from ddx.training import step as train_lib
+from tests import _tiny as tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -143,14 +144,7 @@ def test_train_command_translates_the_eval_section(tmp_path):
 
 
 def _config(**overrides):
-  sys.path.insert(0, ROOT)
-  from configs import digits
-
-  c = digits.get_config()
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
-  return c
+  return tiny.config("digits", **overrides)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ FlowMatchHeunDiscreteScheduler) are in tests/oracle/test_conformance.py."""
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import pytest
 import ddx
 from ddx import losses
 from ddx.cli import config as config_lib
+from tests import _tiny as tiny
 from tests._tiny import ROOT, TRAIN_FLAGS
 
 S = 0.6  # data std: x0 ~ N(0, S² I)
@@ -74,14 +74,7 @@ def test_flow_samplers_map_noise_to_gaussian_data(name, floor, bound):
 
 
 def _config(**overrides):
-  sys.path.insert(0, ROOT)
-  from configs import digits_flow
-
-  c = digits_flow.get_config()
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    c[section][field] = value
-  return c
+  return tiny.config("digits_flow", **overrides)
 
 
 @pytest.mark.parametrize(
